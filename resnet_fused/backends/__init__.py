@@ -1,0 +1,189 @@
+"""The implementations of ``conv_bias_act`` and the choice among them.
+
+Every implementation ("backend") computes the same function,
+``relu?(conv2d(x, weight) + bias + residual?)``, and says up front which calls it
+can take. The op asks :func:`select` for one; a backend that refuses a call (no GPU,
+a dtype or an alignment it does not handle, ...) hands it to the next one in the
+fallback chain, and the reason is logged (logger ``resnet_fused``) and reported by
+:func:`resnet_fused.ops.explain`. The chain always ends in "torch", which takes
+every call on every device.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger("resnet_fused")
+
+#: Every backend name the package knows, whether or not this machine can run it.
+BACKEND_NAMES = ("torch", "triton", "native")
+
+#: What backend="auto" tries, fastest first, by device type.
+AUTO_ORDER = {
+    "cuda": ("native", "triton", "torch"),
+    "cpu": ("native", "torch"),
+}
+
+
+class Backend:
+    """One implementation of the fused op. Subclasses fill in the three methods."""
+
+    name: str = ""
+
+    def unavailable_reason(self) -> Optional[str]:
+        """None when this machine can run the backend at all, else why not."""
+        return None
+
+    def runs_on(self, device_type: str, auto: bool = False) -> bool:
+        """Whether the backend runs tensors of this device type at all. ``auto``:
+        whether backend="auto" should pick it there (it may run somewhere only
+        for testing, like Triton's CPU interpreter)."""
+        return True
+
+    def refuses(
+        self,
+        x: Tensor,
+        weight: Tensor,
+        residual: Optional[Tensor],
+        stride: Sequence[int],
+        padding: Sequence[int],
+        dilation: Sequence[int],
+        groups: int,
+    ) -> Optional[str]:
+        """None when the backend takes this call, else the reason it does not."""
+        return None
+
+    def run(
+        self,
+        x: Tensor,
+        weight: Tensor,
+        bias: Optional[Tensor],
+        residual: Optional[Tensor],
+        stride: Sequence[int],
+        padding: Sequence[int],
+        dilation: Sequence[int],
+        groups: int,
+        relu: bool,
+    ) -> Tensor:
+        raise NotImplementedError
+
+
+_REGISTRY: dict[str, Backend] = {}
+
+
+def register(backend: Backend) -> Backend:
+    if backend.name not in BACKEND_NAMES:
+        raise ValueError(f"unknown backend name {backend.name!r}; expected one of {BACKEND_NAMES}")
+    _REGISTRY[backend.name] = backend
+    return backend
+
+
+def _load_all() -> None:
+    # Import for the side effect of registration; each module registers itself.
+    from . import reference  # noqa: F401
+
+    for optional in ("triton", "native"):
+        try:
+            __import__(f"{__name__}.{optional}_backend")
+        except ImportError as exc:  # the package works without either
+            log.debug("backend %r not importable: %s", optional, exc)
+
+
+def check_name(name: Optional[str]) -> str:
+    """Normalise a user-given backend name; ValueError naming the valid ones."""
+    if name is None:
+        return "auto"
+    if not isinstance(name, str) or (name != "auto" and name not in BACKEND_NAMES):
+        valid = ", ".join(repr(n) for n in ("auto",) + BACKEND_NAMES)
+        raise ValueError(f"unknown backend {name!r}; valid backends are {valid}")
+    return name
+
+
+def get(name: str) -> Backend:
+    check_name(name)
+    if name not in _REGISTRY:
+        _load_all()
+    backend = _REGISTRY.get(name)
+    if backend is None:
+        raise RuntimeError(f"backend {name!r} is not installed in this build of resnet_fused")
+    return backend
+
+
+def unavailable_reason(name: str) -> Optional[str]:
+    """None if this machine can run backend ``name``, else why it cannot."""
+    check_name(name)
+    if name not in _REGISTRY:
+        _load_all()
+    backend = _REGISTRY.get(name)
+    if backend is None:
+        return "not installed in this build"
+    return backend.unavailable_reason()
+
+
+def available_backends(device: Optional[str | torch.device] = None) -> list[str]:
+    """The backends this machine can run, optionally only those for ``device``.
+
+    ``device`` is a device or device type ("cpu", "cuda"); None lists every backend
+    that can run on some device here.
+    """
+    dev_type = None if device is None else torch.device(device).type
+    names = []
+    for name in BACKEND_NAMES:
+        if unavailable_reason(name) is not None:
+            continue
+        if dev_type is not None and not _REGISTRY[name].runs_on(dev_type):
+            continue
+        names.append(name)
+    return names
+
+
+def resolve(name: Optional[str], device: torch.device) -> str:
+    """Turn "auto" (or None) into the fastest backend available for ``device``."""
+    name = check_name(name)
+    if name != "auto":
+        return name
+    for candidate in AUTO_ORDER.get(device.type, ("torch",)):
+        if unavailable_reason(candidate) is None and _REGISTRY[candidate].runs_on(device.type, auto=True):
+            return candidate
+    return "torch"
+
+
+def select(
+    name: str,
+    x: Tensor,
+    weight: Tensor,
+    residual: Optional[Tensor],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+) -> tuple[Backend, list[tuple[str, str]]]:
+    """The backend that will run this call and, for each one passed over, why."""
+    chain = _fallback_chain(resolve(name, x.device), x.device.type)
+    skipped: list[tuple[str, str]] = []
+    for candidate in chain:
+        reason = unavailable_reason(candidate)
+        if reason is None and not _REGISTRY[candidate].runs_on(x.device.type):
+            reason = f"does not run on {x.device.type} tensors"
+        if reason is None:
+            reason = _REGISTRY[candidate].refuses(x, weight, residual, stride, padding, dilation, groups)
+        if reason is None:
+            if skipped and log.isEnabledFor(logging.DEBUG):
+                log.debug(
+                    "conv_bias_act(x=%s %s, weight=%s): %s; running %r",
+                    tuple(x.shape), x.dtype, tuple(weight.shape),
+                    "; ".join(f"{n} skipped: {r}" for n, r in skipped), candidate,
+                )
+            return _REGISTRY[candidate], skipped
+        skipped.append((candidate, reason))
+    raise AssertionError("the torch backend takes every call")  # pragma: no cover
+
+
+def _fallback_chain(first: str, dev_type: str) -> list[str]:
+    order = list(AUTO_ORDER.get(dev_type, ("torch",)))
+    if first in order:
+        return order[order.index(first):]
+    return [first] + [n for n in order if n != first]

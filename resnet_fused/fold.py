@@ -1,0 +1,131 @@
+"""BatchNorm folding: eval-mode ``bn(conv(x))`` as ``conv(x, w') + b'``.
+
+With ``scale = gamma / sqrt(running_var + eps)``:
+``w' = w * scale`` (per output channel) and ``b' = beta + (conv_bias - running_mean) * scale``.
+The arithmetic runs in float32 (float64 for float64 parameters) and the result is cast
+to the conv weight's dtype, so a float16 model gets the rounding of one cast, not of
+four float16 operations.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+__all__ = ["fold_batchnorm", "foldable_batchnorm", "FoldCache"]
+
+
+def fold_batchnorm(
+    conv_weight: Tensor,
+    conv_bias: Optional[Tensor],
+    bn_weight: Optional[Tensor],
+    bn_bias: Optional[Tensor],
+    running_mean: Tensor,
+    running_var: Tensor,
+    eps: float,
+) -> tuple[Tensor, Tensor]:
+    """Fold an eval-mode BatchNorm into the conv before it; returns (weight, bias)."""
+    compute = torch.float64 if conv_weight.dtype == torch.float64 else torch.float32
+    scale = torch.rsqrt(running_var.to(compute) + eps)
+    if bn_weight is not None:
+        scale = scale * bn_weight.to(compute)
+    shift = -running_mean.to(compute)
+    if conv_bias is not None:
+        shift = shift + conv_bias.to(compute)
+    shift = shift * scale
+    if bn_bias is not None:
+        shift = shift + bn_bias.to(compute)
+    weight = conv_weight.to(compute) * scale.reshape(-1, 1, 1, 1)
+    return weight.to(conv_weight.dtype), shift.to(conv_weight.dtype)
+
+
+def foldable_batchnorm(conv: nn.Module, bn: nn.Module) -> Optional[str]:
+    """None when ``bn`` can be folded into ``conv`` in eval mode, else why not."""
+    if type(conv) is not nn.Conv2d:
+        return f"{type(conv).__name__} is not a plain nn.Conv2d"
+    if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        return f"conv padding {conv.padding!r} with padding_mode={conv.padding_mode!r} (needs explicit zero padding)"
+    if isinstance(bn, FrozenBatchNorm2d):
+        channels = bn.weight.shape[0]
+    elif isinstance(bn, nn.BatchNorm2d):
+        if not bn.track_running_stats or bn.running_mean is None:
+            return "BatchNorm2d without running statistics uses batch statistics in eval mode"
+        channels = bn.num_features
+    else:
+        return f"{type(bn).__name__} is not BatchNorm2d or FrozenBatchNorm2d"
+    if channels != conv.out_channels:
+        return f"BatchNorm has {channels} channels, conv has {conv.out_channels} outputs"
+    return None
+
+
+def uses_batch_statistics(bn: nn.Module) -> bool:
+    """True when ``bn`` normalises with the batch's own statistics right now (train mode)."""
+    return isinstance(bn, nn.BatchNorm2d) and bn.training
+
+
+def _bn_tensors(conv: nn.Conv2d, bn: nn.Module) -> tuple:
+    return (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+
+
+def fold_modules(conv: nn.Conv2d, bn: nn.Module) -> tuple[Tensor, Tensor]:
+    """:func:`fold_batchnorm` on the tensors of a conv and its BatchNorm module."""
+    return fold_batchnorm(*_bn_tensors(conv, bn), bn.eps)
+
+
+class FoldCache:
+    """Holds the folded (weight, bias) of one conv+BatchNorm pair.
+
+    :meth:`get` refolds whenever any of the six tensors changed: a new storage
+    (``.to()``, ``.half()``, assignment) changes its data pointer or dtype, and every
+    in-place write (``load_state_dict``, optimizer steps, edits under no_grad) bumps
+    its version counter. So the cache never serves a stale fold. It holds on to the
+    storages it folded from, so no new tensor can reuse their addresses while the
+    key still names them.
+    """
+
+    __slots__ = ("_key", "_value", "_sources")
+
+    def __init__(self) -> None:
+        self.clear()
+
+    def clear(self) -> None:
+        self._key, self._value, self._sources = None, None, None
+
+    def get(self, conv: nn.Conv2d, bn: nn.Module, channels_last: bool) -> tuple[Tensor, Tensor]:
+        tensors = _bn_tensors(conv, bn)
+        key = _state_key(tensors, bn.eps, channels_last)
+        if key is not None and key == self._key:
+            return self._value
+        with torch.no_grad():
+            weight, bias = fold_modules(conv, bn)
+            if channels_last:
+                weight = weight.contiguous(memory_format=torch.channels_last)
+        self._key, self._value = key, (weight, bias)
+        self._sources = None if key is None else tuple(None if t is None else t.detach() for t in tensors)
+        return weight, bias
+
+    def __deepcopy__(self, memo):
+        # A copy's tensors live elsewhere: it starts empty and folds on first use.
+        return FoldCache()
+
+    def __getstate__(self):
+        return None
+
+    def __setstate__(self, state):
+        self.clear()
+
+
+def _state_key(tensors, eps: float, channels_last: bool):
+    key = [eps, channels_last]
+    for t in tensors:
+        if t is None:
+            key.append(None)
+            continue
+        try:
+            version = t._version
+        except RuntimeError:  # inference tensors keep no version counter: never cache
+            return None
+        key.append((t.data_ptr(), version, t.dtype, t.device, tuple(t.shape)))
+    return tuple(key)

@@ -1,0 +1,136 @@
+"""fuse(model) / unfuse(model): swap fused modules into any nn.Module and back.
+
+What :func:`fuse` replaces, walking the module tree:
+
+* a torchvision ``ResNet`` (exactly that class) -> :class:`resnet_fused.models.ResNet`;
+* torchvision ``BasicBlock`` / ``Bottleneck`` -> :class:`FusedBasicBlock` /
+  :class:`FusedBottleneck` (BatchNorm2d or FrozenBatchNorm2d, ReLU activation);
+* a conv -> BatchNorm (-> ReLU) run inside a container whose forward calls its
+  children in order (``nn.Sequential`` and subclasses that keep its forward,
+  torchvision's ``IntermediateLayerGetter``) -> :class:`FusedConvBNAct`.
+
+All of these keep the original submodules; blocks and models keep their names too.
+A conv is fused only where its output feeds its BatchNorm and nothing else: not when
+a container returns it as an intermediate output, and not when a hook watches it.
+"""
+from __future__ import annotations
+
+import copy
+
+from torch import nn
+from torchvision.models import resnet as tv_resnet
+from torchvision.models._utils import IntermediateLayerGetter
+
+from . import backends
+from .fold import foldable_batchnorm
+from .models import ResNet
+from .modules import FoldedAway, FusedBasicBlock, FusedBottleneck, FusedConvBNAct
+
+__all__ = ["fuse", "unfuse"]
+
+_BLOCKS = {tv_resnet.BasicBlock: FusedBasicBlock, tv_resnet.Bottleneck: FusedBottleneck}
+_FUSED = (ResNet, FusedBasicBlock, FusedBottleneck, FusedConvBNAct)
+
+
+def fuse(module: nn.Module, backend: str = "auto", inplace: bool = False) -> nn.Module:
+    """Return ``module`` with its ResNet blocks and conv->BN(->ReLU) runs fused.
+
+    Args:
+        module: any nn.Module (a torchvision ResNet, a detection model, your own).
+        backend: the fused op's backend for every fused module ("auto", "torch",
+            "triton", "native"); ValueError for any other name.
+        inplace: modify ``module`` itself instead of a deep copy of it.
+
+    Outputs match the unfused module in eval mode (within floating-point rounding)
+    and exactly in train mode.
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"fuse expects an nn.Module, got {type(module).__name__}")
+    backend = backends.check_name(backend)
+    if not inplace:
+        module = copy.deepcopy(module)
+    return _fuse(module, backend)
+
+
+def _fuse(module: nn.Module, backend: str) -> nn.Module:
+    if type(module) is tv_resnet.ResNet:
+        module = ResNet.from_torchvision(module, backend)
+    elif type(module) in _BLOCKS and _BLOCKS[type(module)].fusable(module) is None and not _hooked(module):
+        return _BLOCKS[type(module)].from_torchvision(module, backend)
+    elif isinstance(module, (FusedBasicBlock, FusedBottleneck, FusedConvBNAct)):
+        return module
+    for name, child in list(module._modules.items()):
+        if child is not None:
+            new = _fuse(child, backend)
+            if new is not child:
+                module._modules[name] = new
+    if _runs_children_in_order(module):
+        _fuse_runs(module, backend)
+    return module
+
+
+def _hooked(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+def _runs_children_in_order(module: nn.Module) -> bool:
+    if isinstance(module, IntermediateLayerGetter):
+        return True
+    return isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
+
+
+def _fuse_runs(container: nn.Module, backend: str) -> None:
+    """Fuse conv->BN(->ReLU) runs among the children of a sequential container."""
+    returned = set(getattr(container, "return_layers", {}))  # IntermediateLayerGetter outputs
+    names = list(container._modules)
+    i = 0
+    while i + 1 < len(names):
+        conv, bn = container._modules[names[i]], container._modules[names[i + 1]]
+        if (
+            names[i] in returned
+            or foldable_batchnorm(conv, bn) is not None
+            or _hooked(conv)
+            or _hooked(bn)
+        ):
+            i += 1
+            continue
+        act = None
+        if i + 2 < len(names) and names[i + 1] not in returned:
+            candidate = container._modules[names[i + 2]]
+            if type(candidate) is nn.ReLU and not _hooked(candidate):
+                act = candidate
+        fused = FusedConvBNAct(conv, bn, act, backend)
+        container._modules[names[i]] = fused
+        container._modules[names[i + 1]] = FoldedAway()
+        if act is not None:
+            container._modules[names[i + 2]] = FoldedAway()
+        i += 3 if act is not None else 2
+
+
+def unfuse(module: nn.Module, inplace: bool = False) -> nn.Module:
+    """Undo :func:`fuse`: plain torchvision modules with the same parameters and buffers.
+
+    Parameters and buffers come back bit-identical (they are the same tensors when
+    ``inplace=True``, exact copies otherwise); fold caches are dropped.
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"unfuse expects an nn.Module, got {type(module).__name__}")
+    if not inplace:
+        module = copy.deepcopy(module)
+    return _unfuse(module)
+
+
+def _unfuse(module: nn.Module) -> nn.Module:
+    if isinstance(module, (ResNet, FusedBasicBlock, FusedBottleneck)):
+        module = module.to_torchvision()
+    names = list(module._modules)
+    for i, name in enumerate(names):
+        child = module._modules[name]
+        if isinstance(child, FusedConvBNAct):
+            module._modules[name] = child.conv
+            module._modules[names[i + 1]] = child.bn
+            if child.act is not None:
+                module._modules[names[i + 2]] = child.act
+        elif child is not None and not isinstance(child, FoldedAway):
+            module._modules[name] = _unfuse(child)
+    return module

@@ -1,0 +1,181 @@
+"""The torchvision ResNet family, fused.
+
+Each builder takes torchvision's arguments (``weights``, ``progress``, ``num_classes``,
+``zero_init_residual``, ``groups``, ``width_per_group``, ``replace_stride_with_dilation``)
+plus ``backend``; it builds torchvision's own model, so initialisation, the weights API
+(download cache, ``num_classes`` from the weights' categories) and argument errors are
+torchvision's, and then fuses it in place. Parameter names and ``state_dict()`` keys are
+torchvision's: checkpoints load unchanged, in both directions.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Union
+
+import torch
+from torch import Tensor, nn
+from torchvision import models as tv_models
+from torchvision.models import WeightsEnum
+from torchvision.models import resnet as tv_resnet
+
+from . import backends
+from .fold import FoldCache, foldable_batchnorm
+from .modules import FusedBasicBlock, FusedBottleneck, conv_bn_act
+
+__all__ = [
+    "ResNet",
+    "ARCHS",
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "resnet152",
+    "resnext50_32x4d",
+    "resnext101_32x8d",
+    "resnext101_64x4d",
+    "wide_resnet50_2",
+    "wide_resnet101_2",
+    "get_model",
+]
+
+
+class ResNet(nn.Module):
+    """torchvision's ResNet with a fused stem and fused blocks.
+
+    Made from a torchvision ``ResNet`` by :meth:`from_torchvision` (which the
+    builders and :func:`resnet_fused.fuse` call); it has the same attributes
+    (``conv1``, ``bn1``, ``relu``, ``maxpool``, ``layer1``..``layer4``, ``avgpool``,
+    ``fc``). On a CUDA device the activations run channels_last from the stem to
+    the pooling.
+    """
+
+    @classmethod
+    def from_torchvision(cls, model: tv_resnet.ResNet, backend: str = "auto") -> "ResNet":
+        if type(model) is not tv_resnet.ResNet:
+            raise TypeError(f"expected torchvision.models.ResNet, got {type(model).__name__}")
+        fused = cls.__new__(cls)
+        fused.__dict__.update(model.__dict__)
+        fused.__dict__["_modules"] = dict(model._modules)
+        fused.backend = backends.check_name(backend)
+        fused._stem_fold = FoldCache() if foldable_batchnorm(model.conv1, model.bn1) is None else None
+        return fused
+
+    def to_torchvision(self) -> tv_resnet.ResNet:
+        model = tv_resnet.ResNet.__new__(tv_resnet.ResNet)
+        state = dict(self.__dict__)
+        state.pop("backend", None)
+        state.pop("_stem_fold", None)
+        model.__dict__.update(state)
+        model.__dict__["_modules"] = dict(self._modules)
+        return model
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.is_cuda:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if self._stem_fold is not None and type(self.relu) is nn.ReLU:
+            x = conv_bn_act(self.conv1, self.bn1, self._stem_fold, x, relu=True, backend=self.backend)
+        else:
+            x = self.relu(self.bn1(self.conv1(x)))
+        x = self.maxpool(x)
+        x = self.layer1(x)
+        x = self.layer2(x)
+        x = self.layer3(x)
+        x = self.layer4(x)
+        x = self.avgpool(x)
+        x = torch.flatten(x, 1)
+        return self.fc(x)
+
+    def extra_repr(self) -> str:
+        return f"backend={self.backend!r}"
+
+
+def _build(tv_builder: Callable[..., nn.Module], weights, progress: bool, backend: str, kwargs) -> ResNet:
+    from .fuse import fuse
+
+    backend = backends.check_name(backend)
+    model = tv_builder(weights=weights, progress=progress, **kwargs)
+    return fuse(model, backend=backend, inplace=True)
+
+
+_WeightsArg = Optional[Union[WeightsEnum, str]]
+
+
+def resnet18(*, weights: _WeightsArg = None, progress: bool = True, backend: str = "auto", **kwargs: Any) -> ResNet:
+    """ResNet-18 (torchvision ``resnet18``), fused. ``weights``: a ``ResNet18_Weights`` member or its name."""
+    return _build(tv_models.resnet18, weights, progress, backend, kwargs)
+
+
+def resnet34(*, weights: _WeightsArg = None, progress: bool = True, backend: str = "auto", **kwargs: Any) -> ResNet:
+    """ResNet-34 (torchvision ``resnet34``), fused. ``weights``: a ``ResNet34_Weights`` member or its name."""
+    return _build(tv_models.resnet34, weights, progress, backend, kwargs)
+
+
+def resnet50(*, weights: _WeightsArg = None, progress: bool = True, backend: str = "auto", **kwargs: Any) -> ResNet:
+    """ResNet-50 (torchvision ``resnet50``), fused. ``weights``: a ``ResNet50_Weights`` member or its name."""
+    return _build(tv_models.resnet50, weights, progress, backend, kwargs)
+
+
+def resnet101(*, weights: _WeightsArg = None, progress: bool = True, backend: str = "auto", **kwargs: Any) -> ResNet:
+    """ResNet-101 (torchvision ``resnet101``), fused. ``weights``: a ``ResNet101_Weights`` member or its name."""
+    return _build(tv_models.resnet101, weights, progress, backend, kwargs)
+
+
+def resnet152(*, weights: _WeightsArg = None, progress: bool = True, backend: str = "auto", **kwargs: Any) -> ResNet:
+    """ResNet-152 (torchvision ``resnet152``), fused. ``weights``: a ``ResNet152_Weights`` member or its name."""
+    return _build(tv_models.resnet152, weights, progress, backend, kwargs)
+
+
+def resnext50_32x4d(
+    *, weights: _WeightsArg = None, progress: bool = True, backend: str = "auto", **kwargs: Any
+) -> ResNet:
+    """ResNeXt-50 32x4d (torchvision ``resnext50_32x4d``), fused."""
+    return _build(tv_models.resnext50_32x4d, weights, progress, backend, kwargs)
+
+
+def resnext101_32x8d(
+    *, weights: _WeightsArg = None, progress: bool = True, backend: str = "auto", **kwargs: Any
+) -> ResNet:
+    """ResNeXt-101 32x8d (torchvision ``resnext101_32x8d``), fused."""
+    return _build(tv_models.resnext101_32x8d, weights, progress, backend, kwargs)
+
+
+def resnext101_64x4d(
+    *, weights: _WeightsArg = None, progress: bool = True, backend: str = "auto", **kwargs: Any
+) -> ResNet:
+    """ResNeXt-101 64x4d (torchvision ``resnext101_64x4d``), fused."""
+    return _build(tv_models.resnext101_64x4d, weights, progress, backend, kwargs)
+
+
+def wide_resnet50_2(
+    *, weights: _WeightsArg = None, progress: bool = True, backend: str = "auto", **kwargs: Any
+) -> ResNet:
+    """Wide ResNet-50-2 (torchvision ``wide_resnet50_2``), fused."""
+    return _build(tv_models.wide_resnet50_2, weights, progress, backend, kwargs)
+
+
+def wide_resnet101_2(
+    *, weights: _WeightsArg = None, progress: bool = True, backend: str = "auto", **kwargs: Any
+) -> ResNet:
+    """Wide ResNet-101-2 (torchvision ``wide_resnet101_2``), fused."""
+    return _build(tv_models.wide_resnet101_2, weights, progress, backend, kwargs)
+
+
+#: The ten torchvision ResNet architectures, smallest first.
+ARCHS = (
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "resnet152",
+    "resnext50_32x4d",
+    "resnext101_32x8d",
+    "resnext101_64x4d",
+    "wide_resnet50_2",
+    "wide_resnet101_2",
+)
+
+
+def get_model(arch: str, **kwargs: Any) -> ResNet:
+    """The fused builder named ``arch`` called with ``kwargs``; ValueError for an unknown name."""
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; expected one of {', '.join(ARCHS)}")
+    return globals()[arch](**kwargs)

@@ -1,0 +1,206 @@
+"""Fused modules: conv+BatchNorm(+ReLU) pairs and the two ResNet blocks.
+
+Each fused module keeps torchvision's own submodules under torchvision's names
+(``conv1``, ``bn1``, ``downsample.0``, ...), so parameters, buffers and
+``state_dict()`` keys are exactly torchvision's. What changes is ``forward``:
+
+* eval mode: every conv+BN pair is one :func:`resnet_fused.ops.conv_bias_act` call
+  on the folded weights (cached, see :class:`~resnet_fused.fold.FoldCache`); a block's
+  last conv takes the residual add and the ReLU in the same call.
+* train mode: torchvision's forward, op for op (batch statistics, running-stat
+  updates, autograd through everything).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+from torchvision.models import resnet as tv_resnet
+
+from . import backends
+from .fold import FoldCache, fold_modules, foldable_batchnorm, uses_batch_statistics
+from .ops import conv_bias_act
+
+__all__ = ["FusedConvBNAct", "FusedBasicBlock", "FusedBottleneck", "conv_bn_act"]
+
+
+def _fold_needs_grad(conv: nn.Conv2d, bn: nn.Module) -> bool:
+    if not torch.is_grad_enabled():
+        return False
+    return any(t is not None and t.requires_grad for t in (conv.weight, conv.bias, bn.weight, bn.bias))
+
+
+def conv_bn_act(
+    conv: nn.Conv2d,
+    bn: nn.Module,
+    fold: FoldCache,
+    x: Tensor,
+    *,
+    relu: bool,
+    residual: Optional[Tensor] = None,
+    backend: str = "auto",
+) -> Tensor:
+    """``relu?(bn(conv(x)) + residual?)`` with the exact semantics of the modules.
+
+    When ``bn`` normalises with batch statistics (train mode) this runs the modules
+    themselves; otherwise one fused op on the folded weights. The fold comes from
+    ``fold`` (cached) unless it must carry gradients to the parameters or is being
+    traced by torch.compile, where it is recomputed as part of the graph.
+    """
+    if uses_batch_statistics(bn):
+        out = bn(conv(x))
+        if residual is not None:
+            out = out + residual
+        return torch.relu(out) if relu else out
+    if torch.compiler.is_compiling() or _fold_needs_grad(conv, bn):
+        weight, bias = fold_modules(conv, bn)
+    else:
+        weight, bias = fold.get(conv, bn, channels_last=x.is_cuda)
+    return conv_bias_act(
+        x, weight, bias, residual, conv.stride, conv.padding, conv.dilation, conv.groups, relu, backend
+    )
+
+
+class FusedConvBNAct(nn.Module):
+    """A conv followed by its BatchNorm (and optionally a ReLU), run as one op.
+
+    Built by :func:`resnet_fused.fuse` for conv->BN(->ReLU) runs inside sequential
+    containers; it takes the conv's place and the BN and ReLU places hold
+    :class:`FoldedAway` markers, so :func:`resnet_fused.unfuse` can put the original
+    modules back.
+    """
+
+    def __init__(self, conv: nn.Conv2d, bn: nn.Module, act: Optional[nn.ReLU] = None, backend: str = "auto"):
+        super().__init__()
+        reason = foldable_batchnorm(conv, bn)
+        if reason is not None:
+            raise ValueError(f"cannot fuse {type(conv).__name__} with {type(bn).__name__}: {reason}")
+        if act is not None and type(act) is not nn.ReLU:
+            raise ValueError(f"act should be nn.ReLU or None, got {type(act).__name__}")
+        self.conv = conv
+        self.bn = bn
+        self.act = act
+        self.backend = backends.check_name(backend)
+        self._fold = FoldCache()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return conv_bn_act(self.conv, self.bn, self._fold, x, relu=self.act is not None, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"backend={self.backend!r}"
+
+
+class FoldedAway(nn.Identity):
+    """Marks the place of a module that a :class:`FusedConvBNAct` before it absorbed."""
+
+
+class _FusedBlock(nn.Module):
+    """What the two fused blocks share: construction from torchvision and back."""
+
+    tv_class: type = nn.Module
+    _pairs: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def fusable(cls, block: nn.Module) -> Optional[str]:
+        """None if ``block`` (a torchvision block) can be fused, else why not."""
+        if type(block) is not cls.tv_class:
+            return f"{type(block).__name__} is not torchvision's {cls.tv_class.__name__}"
+        if type(getattr(block, "relu", None)) is not nn.ReLU:
+            return "its activation is not nn.ReLU"
+        for conv_name, bn_name in cls._pairs:
+            reason = foldable_batchnorm(getattr(block, conv_name), getattr(block, bn_name))
+            if reason is not None:
+                return f"{conv_name}/{bn_name}: {reason}"
+        return None
+
+    @classmethod
+    def from_torchvision(cls, block: nn.Module, backend: str = "auto"):
+        """The fused twin of a torchvision block, sharing its submodules and attributes."""
+        reason = cls.fusable(block)
+        if reason is not None:
+            raise ValueError(f"cannot fuse this {type(block).__name__}: {reason}")
+        fused = cls.__new__(cls)
+        fused.__dict__.update(block.__dict__)  # submodules in order, hooks, flags, stride
+        fused.__dict__["_modules"] = dict(block._modules)
+        fused._init_fused(backend)
+        return fused
+
+    def _init_fused(self, backend: str) -> None:
+        self.backend = backends.check_name(backend)
+        self._folds = {conv_name: FoldCache() for conv_name, _ in self._pairs}
+        self._downsample_fold = FoldCache() if _is_conv_bn(self.downsample) else None
+
+    def to_torchvision(self) -> nn.Module:
+        """The plain torchvision block, with this block's submodules and attributes."""
+        block = self.tv_class.__new__(self.tv_class)
+        state = dict(self.__dict__)
+        for name in ("backend", "_folds", "_downsample_fold"):
+            state.pop(name, None)
+        block.__dict__.update(state)
+        block.__dict__["_modules"] = dict(self._modules)
+        return block
+
+    def _pair(self, conv_name: str, bn_name: str, x: Tensor, relu: bool, residual: Optional[Tensor] = None):
+        return conv_bn_act(
+            getattr(self, conv_name), getattr(self, bn_name), self._folds[conv_name], x,
+            relu=relu, residual=residual, backend=self.backend,
+        )
+
+    def _identity(self, x: Tensor) -> Tensor:
+        if self.downsample is None:
+            return x
+        if self._downsample_fold is None:
+            return self.downsample(x)
+        conv, bn = self.downsample
+        return conv_bn_act(conv, bn, self._downsample_fold, x, relu=False, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"backend={self.backend!r}"
+
+
+def _is_conv_bn(module: Optional[nn.Module]) -> bool:
+    return (
+        type(module) is nn.Sequential
+        and len(module) == 2
+        and foldable_batchnorm(module[0], module[1]) is None
+        and not module[0]._forward_hooks
+        and not module[1]._forward_pre_hooks
+    )
+
+
+class FusedBasicBlock(_FusedBlock):
+    """torchvision's BasicBlock with each conv+BN pair as one fused op (eval mode)."""
+
+    tv_class = tv_resnet.BasicBlock
+    expansion = 1
+    _pairs = (("conv1", "bn1"), ("conv2", "bn2"))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training:
+            return self._reference_forward(x)
+        identity = self._identity(x)
+        out = self._pair("conv1", "bn1", x, relu=True)
+        return self._pair("conv2", "bn2", out, relu=True, residual=identity)
+
+    def _reference_forward(self, x: Tensor) -> Tensor:
+        return tv_resnet.BasicBlock.forward(self, x)
+
+
+class FusedBottleneck(_FusedBlock):
+    """torchvision's Bottleneck with each conv+BN pair as one fused op (eval mode)."""
+
+    tv_class = tv_resnet.Bottleneck
+    expansion = 4
+    _pairs = (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training:
+            return self._reference_forward(x)
+        identity = self._identity(x)
+        out = self._pair("conv1", "bn1", x, relu=True)
+        out = self._pair("conv2", "bn2", out, relu=True)
+        return self._pair("conv3", "bn3", out, relu=True, residual=identity)
+
+    def _reference_forward(self, x: Tensor) -> Tensor:
+        return tv_resnet.Bottleneck.forward(self, x)

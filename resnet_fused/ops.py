@@ -1,0 +1,215 @@
+"""The fused op: ``relu?(conv2d(x, weight) + bias + residual?)`` in one call.
+
+``torch.ops.resnet_fused.conv_bias_act`` is one torch.library op with a fake (meta)
+implementation and an autograd formula, so ``torch.compile(fullgraph=True)`` and
+``torch.export`` trace through it. Its body hands the call to a backend (see
+:mod:`resnet_fused.backends`); :func:`conv_bias_act` is the Python front that checks
+the arguments, normalises them and picks the backend.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from . import backends
+from ._layout import output_memory_format
+
+__all__ = ["conv_bias_act", "explain", "available_backends", "check_conv_bias_act_args"]
+
+IntOrPair = Union[int, Sequence[int]]
+
+available_backends = backends.available_backends
+
+
+def _pair(value: IntOrPair, name: str) -> list[int]:
+    if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt, tuple, list)):
+        raise TypeError(f"{name} should be an int or a pair of ints, got {type(value).__name__} {value!r}")
+    if isinstance(value, (int, torch.SymInt)):
+        return [value, value]
+    if len(value) != 2 or not all(isinstance(v, (int, torch.SymInt)) and not isinstance(v, bool) for v in value):
+        raise TypeError(f"{name} should be an int or a pair of ints, got {value!r}")
+    return list(value)
+
+
+def _output_hw(x: Tensor, weight: Tensor, stride, padding, dilation) -> tuple[int, int]:
+    out = []
+    for i in range(2):
+        size, k = x.shape[2 + i], weight.shape[2 + i]
+        out.append((size + 2 * padding[i] - dilation[i] * (k - 1) - 1) // stride[i] + 1)
+    return out[0], out[1]
+
+
+def check_conv_bias_act_args(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    residual: Optional[Tensor],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+) -> tuple[int, int, int, int]:
+    """Validate one call; returns the output shape (N, K, P, Q).
+
+    Raises TypeError for non-tensors and ValueError naming what was expected and
+    what came for anything else. Shared by the Python front and the fake kernel.
+    """
+    for name, t in (("x", x), ("weight", weight)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} should be a Tensor, got {type(t).__name__}")
+    for name, t in (("bias", bias), ("residual", residual)):
+        if t is not None and not isinstance(t, Tensor):
+            raise TypeError(f"{name} should be a Tensor or None, got {type(t).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"x should be 4-D (N, C, H, W), got {x.dim()}-D with shape {tuple(x.shape)}")
+    if weight.dim() != 4:
+        raise ValueError(f"weight should be 4-D (K, C/groups, R, S), got {weight.dim()}-D with shape {tuple(weight.shape)}")
+    if not x.dtype.is_floating_point:
+        raise ValueError(f"x should be a floating-point tensor (float32, float16, bfloat16, float64), got {x.dtype}")
+    if weight.dtype != x.dtype:
+        raise ValueError(f"weight dtype should match x ({x.dtype}), got {weight.dtype}")
+    if weight.device != x.device:
+        raise ValueError(f"weight should be on x's device ({x.device}), got {weight.device}")
+    for name, v, low in (("stride", stride, 1), ("padding", padding, 0), ("dilation", dilation, 1)):
+        if len(v) != 2 or any(e < low for e in v):
+            raise ValueError(f"{name} should be two ints >= {low}, got {list(v)}")
+    if isinstance(groups, bool) or not isinstance(groups, (int, torch.SymInt)) or groups < 1:
+        raise ValueError(f"groups should be a positive int, got {groups!r}")
+    n, c = x.shape[0], x.shape[1]
+    k, c_per_group = weight.shape[0], weight.shape[1]
+    if k % groups != 0:
+        raise ValueError(f"weight's output channels ({k}) should be divisible by groups ({groups})")
+    if c != c_per_group * groups:
+        raise ValueError(
+            f"x should have {c_per_group * groups} channels (weight {tuple(weight.shape)} with groups={groups}), "
+            f"got {c} channels in x of shape {tuple(x.shape)}"
+        )
+    p, q = _output_hw(x, weight, stride, padding, dilation)
+    if p < 1 or q < 1:
+        raise ValueError(
+            f"the convolution output would be empty ({p}x{q}): input {tuple(x.shape[2:])}, kernel "
+            f"{tuple(weight.shape[2:])}, stride {list(stride)}, padding {list(padding)}, dilation {list(dilation)}"
+        )
+    out_shape = (n, k, p, q)
+    if bias is not None:
+        if bias.shape != (k,):
+            raise ValueError(f"bias should have shape ({k},), got {tuple(bias.shape)}")
+        if bias.dtype != x.dtype or bias.device != x.device:
+            raise ValueError(f"bias should be {x.dtype} on {x.device}, got {bias.dtype} on {bias.device}")
+    if residual is not None:
+        if tuple(residual.shape) != out_shape:
+            raise ValueError(f"residual should have the output's shape {out_shape}, got {tuple(residual.shape)}")
+        if residual.dtype != x.dtype or residual.device != x.device:
+            raise ValueError(f"residual should be {x.dtype} on {x.device}, got {residual.dtype} on {residual.device}")
+    return out_shape
+
+
+@torch.library.custom_op("resnet_fused::conv_bias_act", mutates_args=())
+def _conv_bias_act(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    residual: Optional[Tensor],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+    relu: bool,
+    backend: str,
+) -> Tensor:
+    impl, _ = backends.select(backend, x, weight, residual, stride, padding, dilation, groups)
+    return impl.run(x, weight, bias, residual, stride, padding, dilation, groups, relu)
+
+
+@_conv_bias_act.register_fake
+def _conv_bias_act_fake(x, weight, bias, residual, stride, padding, dilation, groups, relu, backend):
+    shape = check_conv_bias_act_args(x, weight, bias, residual, stride, padding, dilation, groups)
+    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=output_memory_format(x))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, residual, stride, padding, dilation, groups, relu, _ = inputs
+    ctx.save_for_backward(x, weight, output if relu else None)
+    ctx.conv_args = (list(stride), list(padding), list(dilation), groups)
+    ctx.bias_shape = None if bias is None else list(bias.shape)
+    ctx.has_residual = residual is not None
+
+
+def _backward(ctx, grad):
+    x, weight, out = ctx.saved_tensors
+    stride, padding, dilation, groups = ctx.conv_args
+    if out is not None:
+        grad = torch.where(out > 0, grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
+        grad, x, weight, ctx.bias_shape, stride, padding, dilation, False, [0, 0], groups,
+        [need_x, need_w, need_b and ctx.bias_shape is not None],
+    )
+    grad_residual = grad if ctx.has_residual and ctx.needs_input_grad[3] else None
+    return grad_x, grad_w, grad_b, grad_residual, None, None, None, None, None, None
+
+
+_conv_bias_act.register_autograd(_backward, setup_context=_setup_context)
+
+
+def conv_bias_act(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    residual: Optional[Tensor] = None,
+    stride: IntOrPair = 1,
+    padding: IntOrPair = 0,
+    dilation: IntOrPair = 1,
+    groups: int = 1,
+    relu: bool = True,
+    backend: Optional[str] = None,
+) -> Tensor:
+    """``relu?(conv2d(x, weight, stride, padding, dilation, groups) + bias + residual?)``.
+
+    Args:
+        x: input (N, C, H, W), NCHW or channels_last; the output has x's layout.
+        weight: (K, C/groups, R, S), x's dtype and device (a folded BatchNorm lives here).
+        bias: (K,) or None.
+        residual: a tensor of the output's shape added before the ReLU, or None.
+        stride, padding, dilation: an int or a pair, as in ``torch.nn.functional.conv2d``
+            (string padding such as "same" is not taken).
+        groups: as in conv2d.
+        relu: apply ReLU last.
+        backend: "auto" (None) picks the fastest implementation available for x's
+            device and dtype; "torch", "triton" or "native" name one. A backend that
+            cannot take the call falls back to the next; :func:`explain` says why.
+    """
+    stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
+    if not isinstance(relu, bool):
+        raise TypeError(f"relu should be a bool, got {type(relu).__name__}")
+    check_conv_bias_act_args(x, weight, bias, residual, stride, padding, dilation, groups)
+    name = backends.resolve(backend, x.device)
+    return torch.ops.resnet_fused.conv_bias_act(x, weight, bias, residual, stride, padding, dilation, groups, relu, name)
+
+
+def explain(
+    x: Tensor,
+    weight: Tensor,
+    residual: Optional[Tensor] = None,
+    stride: IntOrPair = 1,
+    padding: IntOrPair = 0,
+    dilation: IntOrPair = 1,
+    groups: int = 1,
+    backend: Optional[str] = None,
+) -> str:
+    """Say which backend a :func:`conv_bias_act` call with these arguments runs on, and why.
+
+    Example: ``explain(x, w, backend="triton")`` ->
+    ``"runs on 'torch'; skipped 'triton': no CUDA device and TRITON_INTERPRET is not set"``.
+    """
+    stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
+    check_conv_bias_act_args(x, weight, None, residual, stride, padding, dilation, groups)
+    impl, skipped = backends.select(
+        backends.resolve(backend, x.device), x, weight, residual, stride, padding, dilation, groups
+    )
+    text = f"runs on {impl.name!r}"
+    if skipped:
+        text += "; " + "; ".join(f"skipped {name!r}: {reason}" for name, reason in skipped)
+    return text
