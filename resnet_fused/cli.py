@@ -1,0 +1,167 @@
+"""The ``resnet-fused`` command line: ``validate`` (and ``bench``)."""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from typing import Optional, Sequence
+
+import torch
+
+from . import __version__, backends
+from .models import ARCHS
+from .testing import parse_dtype
+
+
+def _dtype_arg(text: str) -> torch.dtype:
+    try:
+        return parse_dtype(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _device_arg(text: str) -> str:
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}; expected cpu or cuda[:N]") from None
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"unsupported device {text!r}; expected cpu or cuda[:N]")
+    return str(device)
+
+
+def environment() -> dict:
+    """Versions and devices, recorded beside every result file."""
+    env = {
+        "resnet_fused": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cuda_available": torch.cuda.is_available(),
+        "backends": backends.available_backends(),
+    }
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    if torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name()
+        env["cuda"] = torch.version.cuda
+        env["cudnn"] = torch.backends.cudnn.version()
+    return env
+
+
+def _add_validate(sub) -> None:
+    p = sub.add_parser(
+        "validate",
+        help="compare fused models with a float64 torchvision reference",
+        description="Build each arch with seeded weights and randomized BatchNorm, fuse it, and compare its "
+        "outputs with torchvision's in float64 for every backend x device x dtype available.",
+    )
+    p.add_argument("--arch", nargs="+", choices=ARCHS, default=list(ARCHS), metavar="ARCH",
+                   help=f"architectures (default: all ten: {', '.join(ARCHS)})")
+    p.add_argument("--backend", nargs="+", choices=backends.BACKEND_NAMES, metavar="NAME",
+                   help="backends (default: every one available on each device)")
+    p.add_argument("--device", nargs="+", type=_device_arg, metavar="DEV",
+                   help="devices (default: cpu, and cuda where present)")
+    p.add_argument("--dtype", nargs="+", type=_dtype_arg, metavar="DTYPE",
+                   help="dtypes (default: float32 on cpu; float32 float16 bfloat16 on cuda)")
+    p.add_argument("--batch-size", type=_positive_int, default=2, help="images per forward (default 2)")
+    p.add_argument("--image-size", type=_positive_int, default=64, help="image height and width (default 64)")
+    p.add_argument("--seed", type=int, default=0, help="seed for weights, statistics and images (default 0)")
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_validate)
+
+
+def _fmt(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.2e}"
+
+
+def _cmd_validate(args, parser) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    from .validate import default_devices, plan, run_validation
+
+    devices = args.device
+    if devices and any(d.startswith("cuda") for d in devices) and not torch.cuda.is_available():
+        parser.error("--device cuda was asked for, but torch.cuda.is_available() is False on this machine")
+    if args.image_size < 32:
+        parser.error(f"--image-size should be at least 32 (ResNets downsample by 32), got {args.image_size}")
+    console = Console()
+    if not console.is_terminal:  # a log file or a pipe: don't squeeze the table into 80 columns
+        console = Console(width=max(console.width, 150))
+    total = len(plan(args.arch, args.backend, devices or default_devices(), args.dtype))
+    with Progress(
+        TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TimeElapsedColumn(), console=console, transient=True, disable=args.no_progress,
+    ) as progress:
+        task = progress.add_task("validating", total=total)
+
+        def advance(result):
+            progress.update(task, advance=1, description=f"{result.arch} {result.backend} {result.device} {result.dtype}")
+
+        results = run_validation(
+            archs=args.arch, backend_names=args.backend, devices=devices, dtypes=args.dtype,
+            batch_size=args.batch_size, image_size=args.image_size, seed=args.seed, on_result=advance,
+        )
+    table = Table(title=f"resnet_fused validate (batch {args.batch_size}, {args.image_size}x{args.image_size}, "
+                        "reference: torchvision in float64 on cpu)",
+                  caption="bound: the DESIGN.md tolerance; for float16/bfloat16 models, or 2x torchvision's own error "
+                          "if larger")
+    for col in ("arch", "backend", "device", "dtype", "max abs err", "rel err", "torch rel err", "bound", "result"):
+        table.add_column(col, justify="right" if "err" in col or col == "bound" else "left")
+    for r in results:
+        colour = {"PASS": "green", "FAIL": "bold red", "SKIP": "yellow"}[r.status]
+        status = f"[{colour}]{r.status}[/]" + (f" ({r.note})" if r.note else "")
+        table.add_row(r.arch, r.backend, r.device, r.dtype, _fmt(r.max_abs_err), _fmt(r.rel_err),
+                      _fmt(r.torch_rel_err), _fmt(r.tolerance), status)
+    console.print(table)
+    failed = [r for r in results if r.status == "FAIL"]
+    passed = sum(r.status == "PASS" for r in results)
+    console.print(f"{passed} passed, {len(failed)} failed, {len(results) - passed - len(failed)} skipped")
+    if args.json:
+        payload = {
+            "command": "validate",
+            "args": {"arch": args.arch, "backend": args.backend, "device": devices,
+                     "dtype": [str(d) for d in args.dtype] if args.dtype else None,
+                     "batch_size": args.batch_size, "image_size": args.image_size, "seed": args.seed},
+            "environment": environment(),
+            "results": [r.as_dict() for r in results],
+        }
+        with open(args.json, "w") as f:
+            json.dump(payload, f, indent=2)
+    return 1 if failed else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="resnet-fused", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"resnet_fused {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_validate(sub)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return args.func(args, parser)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
