@@ -1,0 +1,81 @@
+"""``resnet-fused validate``: options, JSON, exit codes and errors."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from resnet_fused import cli
+
+
+def test_validate_writes_json_and_passes(tmp_path, capsys):
+    path = tmp_path / "v.json"
+    code = cli.main(["validate", "--arch", "resnet18", "resnext50_32x4d", "--image-size", "32",
+                     "--batch-size", "1", "--json", str(path), "--no-progress"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "resnet18" in printed and "PASS" in printed and "2 passed, 0 failed, 0 skipped" in printed
+    data = json.loads(path.read_text())
+    assert data["command"] == "validate"
+    assert data["args"]["image_size"] == 32 and data["args"]["batch_size"] == 1
+    assert {"torch", "resnet_fused", "backends"} <= set(data["environment"])
+    rows = data["results"]
+    assert [(r["arch"], r["backend"], r["device"], r["dtype"]) for r in rows] == [
+        ("resnet18", "torch", "cpu", "float32"), ("resnext50_32x4d", "torch", "cpu", "float32")]
+    for r in rows:
+        assert set(r) == {"arch", "backend", "device", "dtype", "max_abs_err", "rel_err", "torch_rel_err",
+                          "tolerance", "status", "note", "seconds"}
+        assert r["status"] == "PASS" and 0 < r["rel_err"] <= r["tolerance"] == 1e-5
+
+
+def test_validate_exits_nonzero_on_failure(monkeypatch, capsys):
+    import resnet_fused.validate as validate
+
+    monkeypatch.setattr(validate, "tolerance", lambda dtype, device: 0.0)  # nothing can pass a zero bound
+    code = cli.main(["validate", "--arch", "resnet18", "--image-size", "32", "--no-progress"])
+    assert code == 1
+    assert "FAIL" in capsys.readouterr().out
+
+
+def test_validate_bfloat16_on_cpu_reports_torchs_own_error(capsys):
+    code = cli.main(["validate", "--arch", "resnet18", "--dtype", "bf16", "--image-size", "32", "--no-progress"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "bfloat16" in out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["validate", "--arch", "resnet9"], "invalid choice: 'resnet9'"),
+        (["validate", "--backend", "cudnn"], "invalid choice: 'cudnn'"),
+        (["validate", "--dtype", "int8"], "unknown dtype 'int8'"),
+        (["validate", "--batch-size", "0"], "expected a positive integer, got 0"),
+        (["validate", "--image-size", "16"], "--image-size should be at least 32"),
+        (["validate", "--device", "tpu"], "expected cpu or cuda"),
+    ],
+)
+def test_bad_options_get_clear_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cuda_without_a_gpu_is_an_error(capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(SystemExit):
+        cli.main(["validate", "--device", "cuda"])
+    assert "torch.cuda.is_available() is False" in capsys.readouterr().err
+
+
+def test_console_script_is_installed():
+    out = subprocess.run([sys.executable, "-m", "resnet_fused.cli", "--version"], capture_output=True, text=True)
+    assert out.returncode == 0 and "resnet_fused" in out.stdout
+    help_text = subprocess.run([sys.executable, "-m", "resnet_fused.cli", "validate", "--help"],
+                               capture_output=True, text=True).stdout
+    for option in ("--arch", "--backend", "--device", "--dtype", "--batch-size", "--image-size", "--json"):
+        assert option in help_text

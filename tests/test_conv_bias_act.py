@@ -1,0 +1,155 @@
+"""The fused op ``conv_bias_act`` and its "torch" implementation, as a specification.
+
+Every case is compared with the float64 reference at the DESIGN.md tolerances.
+"""
+import pytest
+import torch
+
+import resnet_fused
+from resnet_fused import ops
+from resnet_fused.testing import TOLERANCES, reference_conv_bias_act, relative_error
+
+# (why it is here, N, C, H, W, K, R, stride, padding, dilation, groups)
+CONV_KINDS = [
+    ("stem 7x7/2, 3 input channels", 2, 3, 16, 16, 8, 7, 2, 3, 1, 1),
+    ("3x3 stride 1", 2, 16, 9, 9, 16, 3, 1, 1, 1, 1),
+    ("3x3 stride 2 on odd size", 2, 16, 9, 11, 24, 3, 2, 1, 1, 1),
+    ("1x1 stride 1 (plain GEMM)", 2, 32, 8, 8, 16, 1, 1, 0, 1, 1),
+    ("1x1 stride 2 (downsample)", 2, 16, 9, 9, 32, 1, 2, 0, 1, 1),
+    ("grouped 3x3 (ResNeXt)", 2, 32, 8, 8, 32, 3, 1, 1, 1, 8),
+    ("grouped 3x3 stride 2", 1, 16, 7, 7, 32, 3, 2, 1, 1, 4),
+    ("dilation 2", 2, 16, 10, 10, 16, 3, 1, 2, 2, 1),
+    ("dilation 4", 1, 8, 12, 12, 8, 3, 1, 4, 4, 1),
+    ("odd channels", 3, 5, 7, 6, 7, 3, 1, 1, 1, 1),
+]
+DTYPES = [torch.float32, torch.bfloat16, torch.float64]
+
+
+def make_case(gen, n, c, h, w, k, r, stride, padding, dilation, groups, dtype, residual, channels_last=False):
+    x = torch.randn(n, c, h, w, generator=gen).to(dtype)
+    weight = (torch.randn(k, c // groups, r, r, generator=gen) / (c // groups * r * r) ** 0.5).to(dtype)
+    bias = torch.randn(k, generator=gen).to(dtype)
+    p = (h + 2 * padding - dilation * (r - 1) - 1) // stride + 1
+    q = (w + 2 * padding - dilation * (r - 1) - 1) // stride + 1
+    res = torch.randn(n, k, p, q, generator=gen).to(dtype) if residual else None
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+        res = None if res is None else res.contiguous(memory_format=torch.channels_last)
+    return x, weight, bias, res
+
+
+@pytest.mark.parametrize("kind", CONV_KINDS, ids=[k[0] for k in CONV_KINDS])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("residual", [False, True], ids=["no_residual", "residual"])
+@pytest.mark.parametrize("relu", [False, True], ids=["no_relu", "relu"])
+def test_matches_float64_reference(gen, kind, dtype, residual, relu):
+    _, n, c, h, w, k, r, s, p, d, g = kind
+    x, weight, bias, res = make_case(gen, n, c, h, w, k, r, s, p, d, g, dtype, residual)
+    out = ops.conv_bias_act(x, weight, bias, res, stride=s, padding=p, dilation=d, groups=g, relu=relu, backend="torch")
+    ref = reference_conv_bias_act(x, weight, bias, res, s, p, d, g, relu)
+    assert out.dtype == dtype and out.shape == ref.shape
+    assert relative_error(out, ref) <= TOLERANCES[dtype]
+    if relu:
+        assert (out >= 0).all()
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_output_layout_follows_input(gen, channels_last):
+    x, weight, bias, res = make_case(gen, 2, 8, 6, 6, 8, 3, 1, 1, 1, 1, torch.float32, True, channels_last)
+    out = ops.conv_bias_act(x, weight, bias, res, padding=1)
+    assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    assert relative_error(out, reference_conv_bias_act(x, weight, bias, res, 1, 1)) <= TOLERANCES[torch.float32]
+
+
+def test_pair_arguments_and_no_bias(gen):
+    x = torch.randn(1, 4, 9, 7, generator=gen)
+    weight = torch.randn(6, 4, 3, 1, generator=gen)
+    out = ops.conv_bias_act(x, weight, stride=(2, 1), padding=(1, 0), dilation=(1, 2), relu=False)
+    ref = reference_conv_bias_act(x, weight, None, None, (2, 1), (1, 0), (1, 2), 1, False)
+    assert relative_error(out, ref) <= TOLERANCES[torch.float32]
+
+
+def test_registered_as_one_torch_library_op(gen):
+    x, weight, bias, res = make_case(gen, 1, 4, 5, 5, 4, 3, 1, 1, 1, 1, torch.float32, True)
+    out = torch.ops.resnet_fused.conv_bias_act(x, weight, bias, res, [1, 1], [1, 1], [1, 1], 1, True, "torch")
+    assert relative_error(out, reference_conv_bias_act(x, weight, bias, res, 1, 1)) <= TOLERANCES[torch.float32]
+
+
+@pytest.mark.parametrize("residual", [False, True], ids=["no_residual", "residual"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_opcheck(gen, residual, channels_last):
+    x, weight, bias, res = make_case(gen, 2, 8, 7, 7, 8, 3, 2, 1, 1, 2, torch.float32, residual, channels_last)
+    x.requires_grad_(True)
+    weight.requires_grad_(True)
+    torch.library.opcheck(
+        torch.ops.resnet_fused.conv_bias_act.default,
+        (x, weight, bias, res, [2, 2], [1, 1], [1, 1], 2, True, "torch"),
+    )
+
+
+def test_gradients_match_autograd_of_the_reference(gen):
+    x, weight, bias, res = make_case(gen, 2, 4, 6, 6, 6, 3, 1, 1, 1, 2, torch.float64, True)
+    for t in (x, weight, bias, res):
+        t.requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        lambda *a: ops.conv_bias_act(*a, stride=1, padding=1, groups=2, relu=True), (x, weight, bias, res)
+    )
+
+
+def test_backend_auto_and_available_backends():
+    names = resnet_fused.available_backends()
+    assert "torch" in names
+    assert set(names) <= {"torch", "triton", "native"}
+    assert "torch" in resnet_fused.available_backends("cpu")
+
+
+def test_unknown_backend_lists_valid_ones(gen):
+    x, weight, bias, _ = make_case(gen, 1, 4, 5, 5, 4, 3, 1, 1, 1, 1, torch.float32, False)
+    with pytest.raises(ValueError, match=r"unknown backend 'cudnn'.*'auto', 'torch', 'triton', 'native'"):
+        ops.conv_bias_act(x, weight, bias, backend="cudnn")
+
+
+def test_explain_names_the_backend_that_runs(gen):
+    x, weight, _, _ = make_case(gen, 1, 4, 5, 5, 4, 3, 1, 1, 1, 1, torch.float32, False)
+    assert ops.explain(x, weight, padding=1, backend="torch") == "runs on 'torch'"
+    text = resnet_fused.explain(x, weight, padding=1)
+    assert text.startswith("runs on '")
+
+
+def _bad(gen):
+    x = torch.randn(2, 4, 8, 8, generator=gen)
+    w = torch.randn(6, 4, 3, 3, generator=gen)
+    return x, w
+
+
+BAD_INPUTS = [
+    ("non-4D input", lambda x, w: (x[0], w, {}), ValueError, r"x should be 4-D .* got 3-D"),
+    ("non-4D weight", lambda x, w: (x, w[0], {}), ValueError, r"weight should be 4-D .* got 3-D"),
+    ("integer input", lambda x, w: (x.to(torch.int32), w, {}), ValueError, r"floating-point .* got torch.int32"),
+    ("dtype mismatch", lambda x, w: (x, w.double(), {}), ValueError, r"weight dtype should match x \(torch.float32\), got torch.float64"),
+    ("wrong channel count", lambda x, w: (x[:, :3], w, {}), ValueError, r"x should have 4 channels .* got 3 channels"),
+    ("groups do not divide", lambda x, w: (x, w, {"groups": 4}), ValueError, r"divisible by groups"),
+    ("device mismatch", lambda x, w: (x, w.to("meta"), {}), ValueError, r"weight should be on x's device \(cpu\), got meta"),
+    ("bias shape", lambda x, w: (x, w, {"bias": torch.zeros(5)}), ValueError, r"bias should have shape \(6,\), got \(5,\)"),
+    ("bias dtype", lambda x, w: (x, w, {"bias": torch.zeros(6, dtype=torch.float64)}), ValueError, r"bias should be torch.float32"),
+    ("residual shape", lambda x, w: (x, w, {"residual": torch.zeros(2, 6, 8, 8)}), ValueError,
+     r"residual should have the output's shape \(2, 6, 6, 6\), got \(2, 6, 8, 8\)"),
+    ("residual dtype", lambda x, w: (x, w, {"residual": torch.zeros(2, 6, 6, 6, dtype=torch.float16)}), ValueError,
+     r"residual should be torch.float32"),
+    ("negative padding", lambda x, w: (x, w, {"padding": -1}), ValueError, r"padding should be two ints >= 0, got \[-1, -1\]"),
+    ("zero stride", lambda x, w: (x, w, {"stride": 0}), ValueError, r"stride should be two ints >= 1"),
+    ("string padding", lambda x, w: (x, w, {"padding": "same"}), TypeError, r"padding should be an int or a pair"),
+    ("three strides", lambda x, w: (x, w, {"stride": (1, 1, 1)}), TypeError, r"stride should be an int or a pair"),
+    ("empty output", lambda x, w: (x[:, :, :2, :2], w, {}), ValueError, r"output would be empty"),
+    ("not a tensor", lambda x, w: (x.tolist(), w, {}), TypeError, r"x should be a Tensor, got list"),
+    ("relu not bool", lambda x, w: (x, w, {"relu": 1}), TypeError, r"relu should be a bool"),
+]
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
+def test_bad_input_is_named_in_the_error(gen, case):
+    _, make, exc, pattern = case
+    x, w = _bad(gen)
+    x, w, kwargs = make(x, w)
+    with pytest.raises(exc, match=pattern):
+        ops.conv_bias_act(x, w, **kwargs)

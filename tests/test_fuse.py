@@ -1,0 +1,190 @@
+"""fuse()/unfuse() on torchvision models, detection/segmentation backbones and plain containers."""
+import copy
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+from torchvision.models import resnet as tv_resnet
+from torchvision.models._utils import IntermediateLayerGetter
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+import resnet_fused
+from resnet_fused import FusedBasicBlock, FusedBottleneck, FusedConvBNAct
+from resnet_fused.testing import TOLERANCES, randomize_batchnorm_, relative_error, seeded_torchvision_model
+
+FP32 = TOLERANCES[torch.float32]
+FUSED_TYPES = (resnet_fused.ResNet, FusedBasicBlock, FusedBottleneck, FusedConvBNAct)
+
+
+def count(model, types):
+    return sum(isinstance(m, types) for m in model.modules())
+
+
+def assert_same_tensors(a: nn.Module, b: nn.Module):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert list(sa) == list(sb)
+    for k in sa:
+        assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), k
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnext50_32x4d"])
+def test_fuse_then_unfuse_is_bit_exact(arch, gen):
+    tv_model = seeded_torchvision_model(arch, seed=2, calibration_size=32)
+    fused = resnet_fused.fuse(tv_model)
+    assert isinstance(fused, resnet_fused.ResNet) and type(tv_model) is tv_resnet.ResNet  # not in place
+    assert_same_tensors(fused, tv_model)
+    x = torch.randn(2, 3, 32, 32, generator=gen)
+    with torch.no_grad():
+        assert relative_error(fused(x), copy.deepcopy(tv_model).double()(x.double())) <= FP32
+    back = resnet_fused.unfuse(fused)
+    assert count(back, FUSED_TYPES) == 0
+    assert type(back) is tv_resnet.ResNet
+    assert str(back) == str(tv_model)
+    assert_same_tensors(back, tv_model)
+    with torch.no_grad():
+        assert torch.equal(back(x), tv_model(x))
+
+
+def test_fuse_inplace_keeps_the_tensors():
+    tv_model = seeded_torchvision_model("resnet18", seed=3, calibration_size=32)
+    weight = tv_model.layer1[0].conv1.weight
+    fused = resnet_fused.fuse(tv_model, inplace=True)
+    assert fused.layer1[0].conv1.weight is weight
+    back = resnet_fused.unfuse(fused, inplace=True)
+    assert back.layer1[0].conv1.weight is weight
+
+
+def test_fuse_rejects_unknown_backend_and_non_modules():
+    with pytest.raises(ValueError, match=r"unknown backend 'tensorrt'; valid backends are 'auto', 'torch'"):
+        resnet_fused.fuse(torchvision.models.resnet18(), backend="tensorrt")
+    with pytest.raises(TypeError, match="expects an nn.Module, got dict"):
+        resnet_fused.fuse({})
+
+
+def fasterrcnn_resnet50_fpn_frozen(**kwargs):
+    """torchvision's fasterrcnn_resnet50_fpn as built for pretrained weights (FrozenBatchNorm2d
+    backbone), without downloading them: the same calls its builder makes."""
+    from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+    from torchvision.models.detection.faster_rcnn import FasterRCNN
+
+    backbone = torchvision.models.resnet50(norm_layer=FrozenBatchNorm2d)
+    return FasterRCNN(_resnet_fpn_extractor(backbone, 3), **kwargs)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "builder, kwargs",
+    [
+        (torchvision.models.segmentation.fcn_resnet50, {"weights_backbone": None}),
+        (torchvision.models.segmentation.deeplabv3_resnet50, {"weights_backbone": None}),
+        (fasterrcnn_resnet50_fpn_frozen, {"min_size": 96, "max_size": 128}),
+    ],
+    ids=["fcn_resnet50", "deeplabv3_resnet50 (dilated)", "fasterrcnn_resnet50_fpn (FrozenBatchNorm2d)"],
+)
+def test_fuse_torchvision_detection_and_segmentation(builder, kwargs, gen):
+    torch.manual_seed(0)
+    model = builder(num_classes=5, **kwargs)
+    is_detector = "min_size" in kwargs
+    randomize_batchnorm_(model.backbone if is_detector else model, seed=4, calibration_size=64)
+    model.eval()
+    if is_detector:
+        assert count(model, (FrozenBatchNorm2d,)) == 53 and count(model, (nn.BatchNorm2d,)) == 0
+    fused = resnet_fused.fuse(model)
+    assert count(fused, (FusedBottleneck,)) == 16, "every backbone Bottleneck is fused"
+    assert count(fused, (FusedConvBNAct,)) >= 1, "the stem conv->bn->relu is fused"
+    assert_same_tensors(resnet_fused.unfuse(fused), model)
+    x = torch.randn(1, 3, 64, 64, generator=gen)
+    with torch.no_grad():
+        if is_detector:
+            ref_model = copy.deepcopy(model).double()
+            ref = ref_model.backbone(ref_model.transform([x.double()[0]])[0].tensors)
+            out = fused.backbone(fused.transform([x[0]])[0].tensors)
+            for key in ref:
+                assert relative_error(out[key], ref[key]) <= FP32, key
+            # and the whole detector runs end to end on the fused backbone
+            fused([x[0]])
+        else:
+            ref = copy.deepcopy(model).double()(x.double())
+            out = fused(x)
+            for key in ref:
+                assert relative_error(out[key], ref[key]) <= FP32, key
+
+
+def test_sequential_conv_bn_relu_runs_are_fused(gen):
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=True), nn.BatchNorm2d(8), nn.ReLU(),  # conv+bn+relu
+        nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=2, bias=False), nn.BatchNorm2d(8),  # conv+bn, no relu
+        nn.Conv2d(8, 4, 1), FrozenBatchNorm2d(4), nn.ReLU(inplace=True),  # frozen BN
+        nn.Conv2d(4, 4, 3, padding=1), nn.GroupNorm(2, 4),  # not a BatchNorm: left alone
+    )
+    randomize_batchnorm_(model, seed=5, calibration_size=16)
+    fused = resnet_fused.fuse(model)
+    kinds = [type(m).__name__ for m in fused]
+    assert kinds == ["FusedConvBNAct", "FoldedAway", "FoldedAway", "FusedConvBNAct", "FoldedAway",
+                     "FusedConvBNAct", "FoldedAway", "FoldedAway", "Conv2d", "GroupNorm"]
+    assert fused[0].act is not None and fused[3].act is None
+    x = torch.randn(2, 3, 16, 16, generator=gen)
+    with torch.no_grad():
+        assert relative_error(fused(x), copy.deepcopy(model).double()(x.double())) <= FP32
+    back = resnet_fused.unfuse(fused)
+    assert [type(m) for m in back] == [type(m) for m in model]
+    assert_same_tensors(back, model)
+
+
+def test_a_conv_whose_output_feeds_anything_else_is_not_fused(gen):
+    tv_model = seeded_torchvision_model("resnet18", seed=6, calibration_size=32)
+    # IntermediateLayerGetter returns conv1's own output as well: it must stay unfused.
+    getter = IntermediateLayerGetter(tv_model, return_layers={"conv1": "stem_conv", "layer1": "c2"})
+    fused = resnet_fused.fuse(getter)
+    assert type(fused.conv1) is nn.Conv2d and type(fused.bn1) is nn.BatchNorm2d
+    x = torch.randn(2, 3, 32, 32, generator=gen)
+    with torch.no_grad():
+        out, ref = fused(x), copy.deepcopy(getter).double()(x.double())
+    for key in ref:
+        assert relative_error(out[key], ref[key]) <= FP32, key
+    # returning the BatchNorm's output allows conv+bn but not the ReLU after it
+    getter = IntermediateLayerGetter(tv_model, return_layers={"bn1": "stem_bn", "layer1": "c2"})
+    fused = resnet_fused.fuse(getter)
+    assert isinstance(fused.conv1, FusedConvBNAct) and fused.conv1.act is None and type(fused.relu) is nn.ReLU
+    with torch.no_grad():
+        out, ref = fused(x), copy.deepcopy(getter).double()(x.double())
+    for key in ref:
+        assert relative_error(out[key], ref[key]) <= FP32, key
+    # a hook on the conv sees its output: not fused
+    seq = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    seq[0].register_forward_hook(lambda m, i, o: None)
+    assert type(resnet_fused.fuse(seq)[0]) is nn.Conv2d
+    # a container with its own forward may use the conv output anywhere: not touched
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return self.bn(y) + y
+
+    assert type(resnet_fused.fuse(Branchy()).conv) is nn.Conv2d
+
+
+def test_blocks_with_non_relu_activation_are_left_alone():
+    model = torchvision.models.resnet18()
+    model.layer1[0].relu = nn.SiLU()
+    fused = resnet_fused.fuse(model)
+    assert type(fused.layer1[0]) is tv_resnet.BasicBlock
+    assert type(fused.layer1[1]) is FusedBasicBlock
+
+
+@pytest.mark.slow
+def test_torch_compile_fullgraph_over_fused_resnet18(gen):
+    tv_model = seeded_torchvision_model("resnet18", seed=8, calibration_size=32)
+    fused = resnet_fused.resnet18(backend="torch")
+    fused.load_state_dict(tv_model.state_dict())
+    fused.eval()
+    compiled = torch.compile(fused, fullgraph=True)
+    x = torch.randn(2, 3, 32, 32, generator=gen)
+    with torch.no_grad():
+        out = compiled(x)
+        ref = copy.deepcopy(tv_model).double()(x.double())
+    assert relative_error(out, ref) <= FP32

@@ -1,0 +1,240 @@
+"""The fused ResNet family against torchvision: names, weights, eval and train parity."""
+import copy
+
+import pytest
+import torch
+import torchvision
+from torchvision.models import resnet as tv_resnet
+
+import resnet_fused
+from resnet_fused import FusedBasicBlock, FusedBottleneck
+from resnet_fused.testing import TOLERANCES, randomize_batchnorm_, relative_error, seeded_torchvision_model
+
+ARCHS = resnet_fused.ARCHS
+FP32 = TOLERANCES[torch.float32]
+
+
+def fused_twin(tv_model, **kwargs):
+    arch_kwargs = kwargs.pop("arch_kwargs", {})
+    fused = resnet_fused.get_model(kwargs.pop("arch"), **arch_kwargs, **kwargs)
+    fused.load_state_dict(tv_model.state_dict(), strict=True)
+    return fused.eval()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_eval_parity_with_torchvision(arch, gen):
+    tv_model = seeded_torchvision_model(arch, seed=len(arch), calibration_size=32)
+    fused = fused_twin(tv_model, arch=arch)
+    assert list(fused.state_dict()) == list(tv_model.state_dict())
+    x = torch.randn(2, 3, 32, 32, generator=gen)
+    with torch.no_grad():
+        out = fused(x)
+        ref = copy.deepcopy(tv_model).double()(x.double())
+    assert relative_error(out, ref) <= FP32
+    blocks = [m for m in fused.modules() if isinstance(m, (FusedBasicBlock, FusedBottleneck))]
+    assert len(blocks) == sum(isinstance(m, (tv_resnet.BasicBlock, tv_resnet.Bottleneck)) for m in tv_model.modules())
+
+
+@pytest.mark.parametrize(
+    "arch, kwargs",
+    [
+        ("resnet50", {"replace_stride_with_dilation": [False, True, True]}),
+        ("resnet18", {"num_classes": 7, "zero_init_residual": True}),
+        ("resnet50", {"groups": 2, "width_per_group": 32}),
+    ],
+    ids=["dilated", "num_classes+zero_init", "groups+width"],
+)
+def test_torchvision_kwargs(arch, kwargs, gen):
+    tv_model = seeded_torchvision_model(arch, seed=3, calibration_size=32, **kwargs)
+    fused = fused_twin(tv_model, arch=arch, arch_kwargs=kwargs)
+    x = torch.randn(2, 3, 32, 32, generator=gen)
+    with torch.no_grad():
+        assert relative_error(fused(x), copy.deepcopy(tv_model).double()(x.double())) <= FP32
+    if "zero_init_residual" in kwargs:
+        fresh = resnet_fused.resnet18(**kwargs)
+        assert all((b.bn2.weight == 0).all() for b in fresh.modules() if isinstance(b, FusedBasicBlock))
+
+
+def test_torchvision_argument_errors_are_torchvisions():
+    with pytest.raises(ValueError, match="replace_stride_with_dilation should be None or a 3-element tuple"):
+        resnet_fused.resnet50(replace_stride_with_dilation=[True])
+    with pytest.raises(ValueError, match="BasicBlock only supports groups=1"):
+        resnet_fused.resnet18(groups=2)
+    with pytest.raises(ValueError, match="unknown backend 'fast'"):
+        resnet_fused.resnet18(backend="fast")
+    with pytest.raises(TypeError):
+        resnet_fused.resnet18(None)  # keyword-only, like torchvision
+
+
+def test_state_dict_loads_strictly_both_ways():
+    tv_model = seeded_torchvision_model("resnext50_32x4d", seed=1, calibration_size=32)
+    fused = resnet_fused.resnext50_32x4d()
+    fused.load_state_dict(tv_model.state_dict(), strict=True)
+    back = torchvision.models.resnext50_32x4d()
+    back.load_state_dict(fused.state_dict(), strict=True)
+    for (k1, v1), (k2, v2) in zip(tv_model.state_dict().items(), back.state_dict().items()):
+        assert k1 == k2 and torch.equal(v1, v2)
+
+
+def _fake_weights(monkeypatch, arch, weights_enum):
+    """Serve a seeded model's state_dict where torchvision would download."""
+    state = seeded_torchvision_model(arch, seed=5, calibration_size=32).state_dict()
+    calls = []
+
+    def get_state_dict(self, *args, **kwargs):
+        calls.append((self, kwargs))
+        return state
+
+    monkeypatch.setattr(type(weights_enum), "get_state_dict", get_state_dict)
+    return state, calls
+
+
+@pytest.mark.parametrize(
+    "weights",
+    [
+        tv_resnet.ResNet18_Weights.IMAGENET1K_V1,
+        "IMAGENET1K_V1",
+        "ResNet18_Weights.IMAGENET1K_V1",
+        "DEFAULT",
+    ],
+    ids=["enum", "name", "qualified name", "DEFAULT"],
+)
+def test_weights_go_through_torchvisions_weights_api(monkeypatch, weights):
+    state, calls = _fake_weights(monkeypatch, "resnet18", tv_resnet.ResNet18_Weights.IMAGENET1K_V1)
+    model = resnet_fused.resnet18(weights=weights, progress=False)
+    assert calls and calls[0][1].get("progress") is False
+    assert model.fc.out_features == len(tv_resnet.ResNet18_Weights.IMAGENET1K_V1.meta["categories"])
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+
+
+def test_weights_with_conflicting_num_classes_is_torchvisions_error(monkeypatch):
+    _fake_weights(monkeypatch, "resnet18", tv_resnet.ResNet18_Weights.IMAGENET1K_V1)
+    with pytest.raises(ValueError, match="num_classes"):
+        resnet_fused.resnet18(weights="IMAGENET1K_V1", num_classes=10)
+
+
+def test_wrong_weights_enum_is_rejected():
+    with pytest.raises(TypeError):
+        resnet_fused.resnet18(weights=tv_resnet.ResNet50_Weights.IMAGENET1K_V1)
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnext50_32x4d"])
+def test_train_mode_is_torchvisions(arch, gen):
+    """Outputs, input and weight gradients, running stats and parameters after two SGD steps."""
+    tv_model = seeded_torchvision_model(arch, seed=11, calibration_size=32).train()
+    fused = resnet_fused.get_model(arch)
+    fused.load_state_dict(tv_model.state_dict(), strict=True)
+    fused.train()
+    opt_tv = torch.optim.SGD(tv_model.parameters(), lr=0.05, momentum=0.9)
+    opt_fused = torch.optim.SGD(fused.parameters(), lr=0.05, momentum=0.9)
+    for step in range(2):
+        x = torch.randn(4, 3, 32, 32, generator=gen)
+        target = torch.randint(0, 1000, (4,), generator=gen)
+        x_tv, x_fused = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        out_tv, out_fused = tv_model(x_tv), fused(x_fused)
+        torch.testing.assert_close(out_fused, out_tv, rtol=1e-6, atol=1e-6)
+        torch.nn.functional.cross_entropy(out_tv, target).backward()
+        torch.nn.functional.cross_entropy(out_fused, target).backward()
+        torch.testing.assert_close(x_fused.grad, x_tv.grad, rtol=1e-6, atol=1e-7)
+        for (name, p_tv), p_fused in zip(tv_model.named_parameters(), fused.parameters()):
+            torch.testing.assert_close(p_fused.grad, p_tv.grad, rtol=1e-5, atol=1e-7, msg=name)
+        opt_tv.step(), opt_fused.step()
+        opt_tv.zero_grad(), opt_fused.zero_grad()
+    for (name, b_tv), b_fused in zip(tv_model.named_buffers(), fused.buffers()):
+        torch.testing.assert_close(b_fused, b_tv, rtol=1e-6, atol=1e-7, msg=name)
+    for (name, p_tv), p_fused in zip(tv_model.named_parameters(), fused.parameters()):
+        torch.testing.assert_close(p_fused, p_tv, rtol=1e-6, atol=1e-7, msg=name)
+    # and after training, eval mode folds the updated statistics
+    tv_model.eval(), fused.eval()
+    x = torch.randn(2, 3, 32, 32, generator=gen)
+    with torch.no_grad():
+        assert relative_error(fused(x), copy.deepcopy(tv_model).double()(x.double())) <= FP32
+
+
+def _check(fused, tv_model, gen):
+    x = torch.randn(2, 3, 32, 32, generator=gen)
+    with torch.no_grad():
+        return relative_error(fused(x), copy.deepcopy(tv_model).double()(x.double()))
+
+
+def test_fold_cache_refreshes_after_load_state_dict(gen):
+    tv_a = seeded_torchvision_model("resnet18", seed=20, calibration_size=32)
+    tv_b = seeded_torchvision_model("resnet18", seed=21, calibration_size=32)
+    fused = fused_twin(tv_a, arch="resnet18")
+    assert _check(fused, tv_a, gen) <= FP32  # fills the caches
+    fused.load_state_dict(tv_b.state_dict())
+    assert _check(fused, tv_b, gen) <= FP32
+
+
+def test_fold_cache_refreshes_after_in_place_edits(gen):
+    tv_model = seeded_torchvision_model("resnet50", seed=22, calibration_size=32)
+    fused = fused_twin(tv_model, arch="resnet50")
+    assert _check(fused, tv_model, gen) <= FP32
+    with torch.no_grad():
+        for model in (tv_model, fused):
+            model.layer2[0].conv2.weight.mul_(1.5)
+            model.layer3[1].bn2.running_var.mul_(3.0)
+            model.layer1[0].downsample[1].bias.add_(0.5)
+            model.bn1.running_mean.sub_(0.1)
+    assert _check(fused, tv_model, gen) <= FP32
+
+
+def test_fold_cache_refreshes_after_dtype_round_trip(gen):
+    tv_model = seeded_torchvision_model("resnet18", seed=23, calibration_size=32)
+    fused = fused_twin(tv_model, arch="resnet18")
+    assert _check(fused, tv_model, gen) <= FP32
+    fused.double()
+    x = torch.randn(2, 3, 32, 32, generator=gen, dtype=torch.float64)
+    with torch.no_grad():
+        assert relative_error(fused(x), copy.deepcopy(tv_model).double()(x)) <= TOLERANCES[torch.float64]
+    fused.float()
+    assert _check(fused, tv_model, gen) <= FP32
+
+
+def test_eval_mode_gradients_reach_the_parameters(gen):
+    tv_model = seeded_torchvision_model("resnet18", seed=24, calibration_size=32).double()
+    fused = fused_twin(tv_model, arch="resnet18").double()
+    x = torch.randn(2, 3, 32, 32, generator=gen, dtype=torch.float64)
+    tv_model(x).sum().backward()
+    fused(x).sum().backward()
+    for (name, p_tv), p_fused in zip(tv_model.named_parameters(), fused.parameters()):
+        torch.testing.assert_close(p_fused.grad, p_tv.grad, rtol=1e-9, atol=1e-12, msg=name)
+
+
+BAD_MODEL_INPUTS = [
+    ("wrong channel count", lambda g: torch.randn(1, 4, 32, 32, generator=g), r"x should have 3 channels .* got 4"),
+    ("non-4D input", lambda g: torch.randn(3, 32, 32, generator=g), r"x should be 4-D .* got 3-D"),
+    ("integer input", lambda g: torch.randint(0, 255, (1, 3, 32, 32), generator=g), r"floating-point .* got torch.int64"),
+    ("dtype mismatch", lambda g: torch.randn(1, 3, 32, 32, generator=g).half(), r"weight dtype should match x"),
+]
+
+
+@pytest.mark.parametrize("case", BAD_MODEL_INPUTS, ids=[c[0] for c in BAD_MODEL_INPUTS])
+def test_bad_model_input_is_named_in_the_error(case, gen):
+    _, make, pattern = case
+    model = resnet_fused.resnet18().eval()
+    with pytest.raises(ValueError, match=pattern), torch.no_grad():
+        model(make(gen))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_gpu_parity_with_torchvision(arch, dtype):
+    from resnet_fused.validate import run_validation
+
+    results = run_validation(archs=[arch], devices=["cuda"], dtypes=[dtype], image_size=64)
+    assert results, "nothing ran"
+    for r in results:
+        assert r.status in ("PASS", "SKIP"), r
+
+
+@pytest.mark.gpu
+def test_gpu_activations_run_channels_last():
+    model = resnet_fused.resnet50().eval().cuda().half()
+    seen = []
+    model.layer2.register_forward_hook(lambda m, i, o: seen.append(o.is_contiguous(memory_format=torch.channels_last)))
+    with torch.no_grad():
+        model(torch.randn(2, 3, 64, 64, device="cuda", dtype=torch.half))
+    assert seen == [True]
