@@ -149,11 +149,116 @@ def _cmd_validate(args, parser) -> int:
     return 1 if failed else 0
 
 
+def _add_bench(sub) -> None:
+    from .bench import MODEL_PROVIDERS
+
+    p = sub.add_parser(
+        "bench",
+        help="images/s of a fused model against torchvision eager, torch.compile and more, in one run",
+        description="Throughput of the fused model beside its baselines, measured in the same process: "
+        "eval mode, inference_mode, the same dtype, inputs on the device, warm-up first, median of many runs.",
+    )
+    p.add_argument("--arch", choices=ARCHS, default="resnet50", help="architecture (default resnet50)")
+    p.add_argument("--batch-size", nargs="+", type=_positive_int, metavar="N",
+                   help="batch sizes (default: 1 and 256 on cuda, 8 on cpu)")
+    p.add_argument("--dtype", type=_dtype_arg, help="dtype (default float16 on cuda, float32 on cpu)")
+    p.add_argument("--device", type=_device_arg, help="device (default cuda where present, else cpu)")
+    p.add_argument("--providers", nargs="+", metavar="NAME",
+                   help="what to time (default: all that run here): " + ", ".join(MODEL_PROVIDERS)
+                   + "; fused_<backend>+graphs replays a CUDA graph")
+    p.add_argument("--image-size", type=_positive_int, default=224, help="image height and width (default 224)")
+    p.add_argument("--cuda-graphs", action="store_true", help="also time each fused provider as a CUDA graph")
+    p.add_argument("--runs", type=_positive_int, default=30, help="timed runs per provider (default 30)")
+    p.add_argument("--warmup", type=_positive_int, default=5, help="untimed runs first (default 5)")
+    p.add_argument("--json", metavar="PATH", help="write the results as JSON to PATH")
+    p.add_argument("--plot", metavar="PATH", help="draw images/s per provider into a PNG at PATH")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_bench)
+
+
+def _cmd_bench(args, parser) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    from .bench import check_provider, default_providers, run_model_bench
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda was asked for, but torch.cuda.is_available() is False on this machine")
+    if args.image_size < 32:
+        parser.error(f"--image-size should be at least 32 (ResNets downsample by 32), got {args.image_size}")
+    dtype = args.dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+    batch_sizes = args.batch_size or ([1, 256] if device.type == "cuda" else [8])
+    providers = args.providers or default_providers(device, args.cuda_graphs)
+    for name in providers:
+        try:
+            check_provider(name)
+        except ValueError as exc:
+            parser.error(str(exc))
+    if args.cuda_graphs and device.type != "cuda":
+        parser.error("--cuda-graphs needs --device cuda")
+    if args.cuda_graphs and args.providers:
+        providers += [f"{p}+graphs" for p in args.providers if p.startswith("fused_") and "+graphs" not in p]
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            parser.error("--plot needs matplotlib: pip install matplotlib")
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=max(console.width, 150))
+    with Progress(
+        TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TimeElapsedColumn(), console=console, transient=True, disable=args.no_progress,
+    ) as progress:
+        task = progress.add_task("benchmarking", total=len(batch_sizes) * len(providers))
+
+        def advance(row):
+            progress.update(task, advance=1, description=f"batch {row['batch_size']} {row['provider']}")
+
+        rows = run_model_bench(args.arch, batch_sizes, providers, device, dtype, args.image_size,
+                               runs=args.runs, warmup=args.warmup, on_row=advance)
+    table = Table(title=f"resnet_fused bench: {args.arch}, {args.image_size}x{args.image_size}, "
+                        f"{str(dtype).removeprefix('torch.')}, {environment().get('gpu', 'cpu')}")
+    for col in ("batch", "provider", "images/s", "median ms", "p10 ms", "p90 ms", "setup s", "x eager", "x compile"):
+        table.add_column(col, justify="left" if col == "provider" else "right")
+    for r in rows:
+        if r["error"]:
+            table.add_row(str(r["batch_size"]), r["provider"], f"[red]error: {r['error'][:60]}[/]", *[""] * 6)
+            continue
+        table.add_row(
+            str(r["batch_size"]), r["provider"], f"{r['images_per_s']:,.0f}", f"{r['median_ms']:.3f}",
+            f"{r['p10_ms']:.3f}", f"{r['p90_ms']:.3f}", f"{r['setup_s']:.1f}",
+            "-" if r["vs_eager"] is None else f"{r['vs_eager']:.2f}",
+            "-" if r["vs_compile"] is None else f"{r['vs_compile']:.2f}",
+        )
+    console.print(table)
+    if args.json:
+        payload = {
+            "command": "bench",
+            "args": {"arch": args.arch, "batch_size": batch_sizes, "dtype": str(dtype), "device": str(device),
+                     "providers": providers, "image_size": args.image_size, "runs": args.runs,
+                     "warmup": args.warmup},
+            "environment": environment(),
+            "results": rows,
+        }
+        with open(args.json, "w") as f:
+            json.dump(payload, f, indent=2)
+    if args.plot:
+        from .bench import plot_model_bench
+
+        plot_model_bench(rows, args.plot, title=f"{args.arch} {str(dtype).removeprefix('torch.')} "
+                                                 f"{environment().get('gpu', 'cpu')}")
+    return 1 if any(r["error"] for r in rows) else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="resnet-fused", description=__doc__)
     parser.add_argument("--version", action="version", version=f"resnet_fused {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_validate(sub)
+    _add_bench(sub)
     return parser
 
 

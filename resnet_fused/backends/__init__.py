@@ -183,7 +183,8 @@ def select(
 
 
 def _fallback_chain(first: str, dev_type: str) -> list[str]:
+    """The asked-for backend, then the slower ones after it in the auto order; torch last."""
     order = list(AUTO_ORDER.get(dev_type, ("torch",)))
     if first in order:
         return order[order.index(first):]
-    return [first] + [n for n in order if n != first]
+    return [first, "torch"]

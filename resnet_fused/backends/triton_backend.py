@@ -1,0 +1,325 @@
+"""The "triton" backend: implicit-GEMM convolution with a fused epilogue.
+
+One launch per conv computes ``relu?(conv2d(x, w) + bias + residual?)``:
+
+* GEMM view: M = N*P*Q output pixels, N_gemm = K output channels (per group),
+  K_gemm = R*S*C reduction over taps and input channels (per group). Each program
+  owns a BLOCK_M x BLOCK_N output tile; programs are ordered in groups of GROUP_M
+  row-tiles so that neighbours share weight tiles in L2.
+* The reduction walks (tap, channel chunk) pairs in one flat loop, so the software
+  pipeline stays full even where C is small (layer1's 3x3 has C=64: one chunk per
+  tap). Rows of A are gathered per tap with the padding masked to zero; with NHWC
+  activations each row is a contiguous run of channels. Triton miscompiles this
+  flat loop at num_warps=8 for kernels larger than 1x1 (triton-lang/triton#1254,
+  pytorch#173068), so those configs are capped at 4 warps.
+* Convs with very few channels per group (the 3-channel stem, ResNeXt's 4-channel
+  groups) flatten (r, s, c) into the reduction instead, so an MMA tile is not 3/16
+  empty per tap.
+* Epilogue, while the accumulator is still fp32: + bias, + residual tile, ReLU,
+  then one cast and one store.
+
+Every pointer offset that can grow with the batch is computed in int64, so batch
+256+ at 224x224 cannot overflow. Strides are explicit, so any layout is correct;
+NHWC activations and channels_last weights (what the fused modules pass on a GPU)
+are the fast case.
+
+Tile configs are autotuned per shape key (shared memory and tile count prune the
+candidates) and the winners are kept on disk by Triton's autotuner cache, so a
+second process pays no tuning. Under ``TRITON_INTERPRET=1`` the kernels run on CPU
+tensors with one fixed config, for testing.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from . import Backend, register
+from .._layout import output_memory_format
+
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+@triton.jit
+def _conv_bias_act_kernel(
+    # pointers
+    x_ptr, w_ptr, bias_ptr, res_ptr, y_ptr,
+    # sizes: batch, input and output spatial size, channels per group (in, out)
+    N, H, W, P, Q, C, K,
+    # strides in elements: x (n, c, h, w), weight (k, c, r, s), residual and y (n, k, p, q)
+    sxn, sxc, sxh, sxw,
+    swk, swc, swr, sws,
+    srn, srk, srp, srq,
+    syn, syk, syp, syq,
+    # conv geometry
+    R: tl.constexpr, S: tl.constexpr,
+    STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr,
+    PAD_H: tl.constexpr, PAD_W: tl.constexpr,
+    DIL_H: tl.constexpr, DIL_W: tl.constexpr,
+    # epilogue and mode switches
+    HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
+    FLAT_RSC: tl.constexpr,  # reduce over flattened (r, s, c): few channels per group
+    DOT_PRECISION: tl.constexpr,  # "ieee" or "tf32" for float32 inputs
+    UPCAST: tl.constexpr,  # dot in fp32 (the interpreter's bf16 dot is wrong)
+    # tile sizes
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    group = tl.program_id(1)
+    M = N * P * Q
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(K, BLOCK_N)
+    # grouped ordering: GROUP_M row-tiles sweep the column-tiles together (L2 reuse)
+    pids_per_group = GROUP_M * num_pid_n
+    first_m = (pid // pids_per_group) * GROUP_M
+    group_rows = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % pids_per_group) % group_rows
+    pid_n = (pid % pids_per_group) // group_rows
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # output pixels
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # output channels within the group
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < K
+    n = offs_m // (P * Q)
+    pq = offs_m % (P * Q)
+    p = pq // Q
+    q = pq % Q
+    h0 = p * STRIDE_H - PAD_H
+    w0 = q * STRIDE_W - PAD_W
+    x_row = n.to(tl.int64) * sxn + (group * C).to(tl.int64) * sxc  # [BLOCK_M]
+    k_out = group * K + offs_n  # output channel index in the whole tensor
+    w_col = k_out.to(tl.int64) * swk  # [BLOCK_N]
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if FLAT_RSC:
+        RSC = R * S * C
+        for k0 in range(0, RSC, BLOCK_K):
+            kk = k0 + offs_k
+            c = kk % C
+            rs = kk // C
+            r = rs // S
+            s = rs % S
+            h = h0[:, None] + r[None, :] * DIL_H
+            w = w0[:, None] + s[None, :] * DIL_W
+            a_mask = mask_m[:, None] & (kk < RSC)[None, :] & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+            a = tl.load(x_ptr + x_row[:, None] + c[None, :] * sxc + h * sxh + w * sxw, mask=a_mask, other=0.0)
+            b_mask = (kk < RSC)[:, None] & mask_n[None, :]
+            b = tl.load(w_ptr + w_col[None, :] + (c * swc + r * swr + s * sws)[:, None], mask=b_mask, other=0.0)
+            if UPCAST:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    else:
+        chunks = tl.cdiv(C, BLOCK_K)
+        for i in range(0, R * S * chunks):
+            tap = i // chunks
+            c = (i % chunks) * BLOCK_K + offs_k
+            r = tap // S
+            s = tap % S
+            h = h0 + r * DIL_H
+            w = w0 + s * DIL_W
+            row_ok = mask_m & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+            a_ptrs = x_ptr + (x_row + h * sxh + w * sxw)[:, None] + c[None, :] * sxc
+            a = tl.load(a_ptrs, mask=row_ok[:, None] & (c < C)[None, :], other=0.0)
+            b_ptrs = w_ptr + w_col[None, :] + (r * swr + s * sws + c * swc)[:, None]
+            b = tl.load(b_ptrs, mask=(c < C)[:, None] & mask_n[None, :], other=0.0)
+            if UPCAST:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+    # epilogue, in fp32
+    out_mask = mask_m[:, None] & mask_n[None, :]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + k_out, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    if HAS_RESIDUAL:
+        r_off = (n.to(tl.int64) * srn + p * srp + q * srq)[:, None] + (k_out * srk)[None, :]
+        acc += tl.load(res_ptr + r_off, mask=out_mask, other=0.0).to(tl.float32)
+    if RELU:
+        acc = tl.maximum(acc, 0.0)
+    y_off = (n.to(tl.int64) * syn + p * syp + q * syq)[:, None] + (k_out * syk)[None, :]
+    tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+
+
+# ---------------------------------------------------------------------------------
+# tile configs and their choice
+
+def _config(bm, bn, bk, warps, stages, group_m=8):
+    return triton.Config(
+        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m}, num_warps=warps, num_stages=stages
+    )
+
+
+CONFIGS = [
+    _config(128, 256, 64, 8, 3),
+    _config(256, 128, 64, 8, 3),
+    _config(128, 128, 64, 8, 4),
+    _config(128, 128, 64, 4, 4),
+    _config(128, 128, 32, 4, 4),
+    _config(128, 64, 64, 4, 4),
+    _config(64, 128, 64, 4, 4),
+    _config(64, 64, 64, 4, 4),
+    _config(64, 64, 32, 4, 5),
+    _config(32, 64, 64, 4, 4),
+    _config(64, 32, 64, 4, 4),
+    _config(32, 32, 64, 4, 4),
+]
+#: the one config the interpreter runs (it cannot autotune over several)
+INTERPRETER_CONFIG = _config(32, 32, 16, 4, 1, group_m=4)
+#: few channels per group: reduce over (r, s, c) flattened (the stem, ResNeXt groups)
+FLAT_RSC_MAX_CHANNELS = 16
+
+
+@functools.lru_cache(maxsize=None)
+def _device_limits(index: int) -> tuple[int, int]:
+    props = torch.cuda.get_device_properties(index)
+    smem = getattr(props, "shared_memory_per_block_optin", 0) or 101376
+    return props.multi_processor_count, smem
+
+
+def _prune(configs, named_args, **kwargs):
+    """Drop configs that cannot run or cannot fill the GPU; never return none."""
+    named_args = {**named_args, **kwargs}
+    r, s = named_args["R"], named_args["S"]
+    x = named_args["x_ptr"]
+    elem = x.element_size()
+    m = named_args["N"] * named_args["P"] * named_args["Q"]
+    k, groups = named_args["K"], named_args.get("GROUPS", 1)
+    sms, smem = _device_limits(x.device.index or 0)
+    fits = []
+    for cfg in configs:
+        bm, bn, bk = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
+        if (r * s > 1 or named_args["FLAT_RSC"]) and cfg.num_warps > 4:
+            continue  # triton#1254: the flat tap loop miscompiles at 8 warps
+        if cfg.num_stages * (bm * bk + bk * bn) * elem > smem:
+            continue
+        if bn > 2 * triton.next_power_of_2(k):
+            continue  # mostly empty columns
+        fits.append((cfg, triton.cdiv(m, bm) * triton.cdiv(k, bn) * groups))
+    if not fits:
+        return [INTERPRETER_CONFIG]
+    filling = [cfg for cfg, tiles in fits if tiles >= sms // 2]
+    if filling:
+        return filling
+    most = max(tiles for _, tiles in fits)
+    return [cfg for cfg, tiles in fits if tiles == most]
+
+
+_AUTOTUNE_KEY = ["N", "H", "W", "P", "Q", "C", "K", "R", "S", "STRIDE_H", "STRIDE_W",
+                 "DIL_H", "DIL_W", "HAS_RESIDUAL", "FLAT_RSC", "DOT_PRECISION", "GROUPS"]
+
+
+@triton.jit
+def _conv_bias_act_tuned_entry(
+    x_ptr, w_ptr, bias_ptr, res_ptr, y_ptr,
+    N, H, W, P, Q, C, K,
+    sxn, sxc, sxh, sxw, swk, swc, swr, sws, srn, srk, srp, srq, syn, syk, syp, syq,
+    R: tl.constexpr, S: tl.constexpr, STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr,
+    PAD_H: tl.constexpr, PAD_W: tl.constexpr, DIL_H: tl.constexpr, DIL_W: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
+    FLAT_RSC: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, GROUPS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    _conv_bias_act_kernel(
+        x_ptr, w_ptr, bias_ptr, res_ptr, y_ptr, N, H, W, P, Q, C, K,
+        sxn, sxc, sxh, sxw, swk, swc, swr, sws, srn, srk, srp, srq, syn, syk, syp, syq,
+        R, S, STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W, HAS_BIAS, HAS_RESIDUAL, RELU,
+        FLAT_RSC, DOT_PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
+    )
+
+
+def _make_tuned():
+    kwargs = dict(configs=CONFIGS, key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune})
+    try:
+        return triton.autotune(cache_results=True, **kwargs)(_conv_bias_act_tuned_entry)
+    except TypeError:  # a Triton without the on-disk autotune cache
+        return triton.autotune(**kwargs)(_conv_bias_act_tuned_entry)
+
+
+_tuned = _make_tuned()
+
+
+# ---------------------------------------------------------------------------------
+# host side
+
+def conv_bias_act_triton(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    residual: Optional[Tensor],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+    relu: bool,
+) -> Tensor:
+    """Launch the fused conv; arguments as :func:`resnet_fused.ops.conv_bias_act` (checked there)."""
+    n, c_total, h, w = x.shape
+    k_total, c, r, s = weight.shape
+    k = k_total // groups
+    p = (h + 2 * padding[0] - dilation[0] * (r - 1) - 1) // stride[0] + 1
+    q = (w + 2 * padding[1] - dilation[1] * (s - 1) - 1) // stride[1] + 1
+    y = torch.empty((n, k_total, p, q), dtype=x.dtype, device=x.device, memory_format=output_memory_format(x))
+    res = residual if residual is not None else y  # never read when HAS_RESIDUAL is False
+    if x.dtype == torch.float32:
+        allow_tf32 = torch.backends.cudnn.allow_tf32 and x.is_cuda
+        precision = "tf32" if allow_tf32 else "ieee"
+    else:
+        precision = "ieee"
+    common = dict(
+        R=r, S=s, STRIDE_H=stride[0], STRIDE_W=stride[1], PAD_H=padding[0], PAD_W=padding[1],
+        DIL_H=dilation[0], DIL_W=dilation[1], HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
+        RELU=relu, FLAT_RSC=c < FLAT_RSC_MAX_CHANNELS and r * s > 1, DOT_PRECISION=precision,
+    )
+    args = (
+        x, weight, bias if bias is not None else y, res, y, n, h, w, p, q, c, k,
+        *x.stride(), *weight.stride(), *res.stride(), *y.stride(),
+    )
+    m = n * p * q
+    if INTERPRET and not x.is_cuda:
+        cfg = INTERPRETER_CONFIG.kwargs
+        grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(k, cfg["BLOCK_N"]), groups)
+        _conv_bias_act_kernel[grid](*args, **common, UPCAST=True, **cfg, num_warps=4, num_stages=1)
+        return y
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_N"]), groups)
+
+    with torch.cuda.device(x.device):
+        _tuned[grid](*args, **common, UPCAST=False, GROUPS=groups)
+    return y
+
+
+class TritonBackend(Backend):
+    name = "triton"
+
+    def unavailable_reason(self) -> Optional[str]:
+        if INTERPRET or torch.cuda.is_available():
+            return None
+        return "no CUDA device and TRITON_INTERPRET is not set"
+
+    def runs_on(self, device_type: str, auto: bool = False) -> bool:
+        if device_type == "cuda":
+            return torch.cuda.is_available()
+        return device_type == "cpu" and INTERPRET and not auto
+
+    def refuses(self, x, weight, residual, stride, padding, dilation, groups) -> Optional[str]:
+        if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            return f"dtype {x.dtype} (takes float16, bfloat16, float32)"
+        if x.is_cuda and torch.cuda.get_device_capability(x.device) < (8, 0):
+            return f"GPU compute capability {torch.cuda.get_device_capability(x.device)} (needs 8.0+)"
+        if x.numel() == 0:
+            return "empty input"
+        return None
+
+    def run(self, x, weight, bias, residual, stride, padding, dilation, groups, relu) -> Tensor:
+        return conv_bias_act_triton(x, weight, bias, residual, stride, padding, dilation, groups, relu)
+
+
+register(TritonBackend())

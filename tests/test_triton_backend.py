@@ -1,0 +1,140 @@
+"""The "triton" backend: its kernels against the float64 reference.
+
+Without a GPU these run the real Triton kernels on CPU tensors through the
+interpreter (conftest sets TRITON_INTERPRET=1): small shapes, every conv kind.
+With a GPU (marker ``gpu``) every unique ResNet-50/ResNeXt-50 conv at batch 1, 32
+and 256, and whole models.
+"""
+import copy
+
+import pytest
+import torch
+
+import resnet_fused
+from resnet_fused import backends, ops
+from resnet_fused.bench import conv_layers
+from resnet_fused.testing import TOLERANCES, reference_conv_bias_act, relative_error, seeded_torchvision_model
+
+from test_conv_bias_act import CONV_KINDS, make_case
+
+triton = pytest.importorskip("triton")
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
+pytestmark = pytest.mark.skipif(
+    backends.unavailable_reason("triton") is not None, reason=str(backends.unavailable_reason("triton"))
+)
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def tol(dtype):
+    return TOLERANCES[dtype]
+
+
+def run_and_check(x, weight, bias, res, s, p, d, g, relu):
+    dev = torch.device(DEVICE)
+    args = [t if t is None else t.to(dev) for t in (x, weight, bias, res)]
+    assert ops.explain(args[0], args[1], args[3], s, p, d, g, backend="triton") == "runs on 'triton'"
+    out = ops.conv_bias_act(*args, stride=s, padding=p, dilation=d, groups=g, relu=relu, backend="triton")
+    ref = reference_conv_bias_act(x, weight, bias, res, s, p, d, g, relu)
+    err = relative_error(out, ref)
+    assert err <= tol(x.dtype), f"relative error {err:.3g}"
+    return out
+
+
+@pytest.mark.parametrize("kind", CONV_KINDS, ids=[k[0] for k in CONV_KINDS])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("residual", [False, True], ids=["no_residual", "residual"])
+@pytest.mark.parametrize("relu", [False, True], ids=["no_relu", "relu"])
+def test_conv_kinds_match_reference(gen, kind, dtype, residual, relu):
+    _, n, c, h, w, k, r, s, p, d, g = kind
+    x, weight, bias, res = make_case(gen, n, c, h, w, k, r, s, p, d, g, dtype, residual, channels_last=True)
+    run_and_check(x, weight.contiguous(memory_format=torch.channels_last), bias, res, s, p, d, g, relu)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_any_layout_is_correct_and_output_follows_input(gen, channels_last):
+    x, weight, bias, res = make_case(gen, 2, 8, 7, 9, 12, 3, 2, 1, 1, 1, torch.float32, True, channels_last)
+    out = run_and_check(x, weight, bias, res, 2, 1, 1, 1, True)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    assert out.is_contiguous(memory_format=fmt)
+
+
+def test_no_bias_and_strided_views(gen):
+    x = torch.randn(2, 16, 10, 10, generator=gen)[:, ::2]  # a channel-strided view
+    weight = torch.randn(8, 8, 3, 3, generator=gen) / 9
+    run_and_check(x, weight, None, None, 1, 1, 1, 1, False)
+
+
+def test_float64_falls_back_and_says_why(gen):
+    x, weight, bias, _ = make_case(gen, 1, 4, 5, 5, 4, 3, 1, 1, 1, 1, torch.float64, False)
+    x, weight, bias = x.to(DEVICE), weight.to(DEVICE), bias.to(DEVICE)
+    text = ops.explain(x, weight, padding=1, backend="triton")
+    assert text == "runs on 'torch'; skipped 'triton': dtype torch.float64 (takes float16, bfloat16, float32)"
+    out = ops.conv_bias_act(x, weight, bias, padding=1, backend="triton")
+    assert relative_error(out, reference_conv_bias_act(x, weight, bias, None, 1, 1)) <= TOLERANCES[torch.float64]
+
+
+@pytest.mark.skipif(ON_GPU, reason="the interpreter path is for machines without a GPU")
+def test_auto_never_picks_the_interpreter(gen):
+    x, weight, _, _ = make_case(gen, 1, 4, 5, 5, 4, 3, 1, 1, 1, 1, torch.float32, False)
+    assert "triton" in resnet_fused.available_backends("cpu")
+    assert ops.explain(x, weight, padding=1) != "runs on 'triton'"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_whole_model_parity(arch, gen):
+    tv_model = seeded_torchvision_model(arch, seed=31, calibration_size=32)
+    fused = resnet_fused.get_model(arch, backend="triton")
+    fused.load_state_dict(tv_model.state_dict())
+    fused = fused.eval().to(DEVICE)
+    x = torch.randn(2, 3, 32, 32, generator=gen)
+    with torch.no_grad():
+        out = fused(x.to(DEVICE).contiguous(memory_format=torch.channels_last))
+        ref = copy.deepcopy(tv_model).double()(x.double())
+    tol_fp32 = 5e-4 if ON_GPU and torch.backends.cudnn.allow_tf32 else TOLERANCES[torch.float32]
+    assert relative_error(out, ref) <= tol_fp32
+
+
+def _gpu_layers(arch, batch):
+    return [layer for layer, _ in conv_layers(arch, batch, 224)]
+
+
+GPU_CASES = [
+    (arch, batch, layer)
+    for arch in ("resnet50", "resnext50_32x4d")
+    for batch in (1, 32, 256)
+    for layer in _gpu_layers(arch, batch)
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", GPU_CASES, ids=[f"{a}-b{b}-{l.name.replace(' ', '_')}" for a, b, l in GPU_CASES])
+def test_gpu_resnet_layers(case, dtype):
+    arch, batch, layer = case
+    if batch == 256 and dtype == torch.float32 and layer.c * layer.h * layer.w > 64 * 56 * 56 * 4:
+        pytest.skip("float64 reference of the largest fp32 layers at batch 256 is too slow on the CPU")
+    gen = torch.Generator().manual_seed(batch)
+    x, weight, bias, res = layer.tensors(dtype, "cpu", gen)
+    prev = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        run_and_check(x, weight, bias, res, layer.stride, layer.padding, layer.dilation, layer.groups, layer.relu)
+    finally:
+        torch.backends.cudnn.allow_tf32 = prev
+
+
+@pytest.mark.gpu
+def test_gpu_torch_compile_and_export_of_fused_resnet50():
+    model = resnet_fused.resnet50(backend="triton").eval().cuda().half()
+    x = torch.randn(2, 3, 64, 64, device="cuda", dtype=torch.half)
+    with torch.no_grad():
+        eager = model(x)
+        compiled = torch.compile(model, fullgraph=True)(x)
+        exported = torch.export.export(model, (x,))
+        from_export = exported.module()(x)
+    assert relative_error(compiled, eager) <= 2e-3
+    assert relative_error(from_export, eager) <= 2e-3
+    assert "resnet_fused.conv_bias_act" in str(exported.graph)
