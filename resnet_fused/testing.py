@@ -139,12 +139,14 @@ def reference_conv_bias_act(
     dilation=1,
     groups: int = 1,
     relu: bool = True,
+    device: torch.device | str = "cpu",
 ) -> Tensor:
-    """The fused op in float64 on the CPU: what every backend is measured against."""
+    """The fused op in float64 (on the CPU unless ``device`` says otherwise; cuDNN computes
+    float64 convolutions too): what every backend is measured against."""
     import torch.nn.functional as F
 
     def up(t):
-        return None if t is None else t.detach().to("cpu", torch.float64)
+        return None if t is None else t.detach().to(device, torch.float64)
 
     y = F.conv2d(up(x), up(weight), up(bias), stride, padding, dilation, groups)
     if residual is not None:

@@ -12,12 +12,13 @@ import torch
 
 import resnet_fused
 from resnet_fused import backends, ops
-from resnet_fused.bench import conv_layers
+from resnet_fused.bench import ConvLayer, conv_layers
 from resnet_fused.testing import TOLERANCES, reference_conv_bias_act, relative_error, seeded_torchvision_model
 
 from test_conv_bias_act import CONV_KINDS, make_case
 
 triton = pytest.importorskip("triton")
+from resnet_fused.backends.triton_backend import CONFIGS  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -31,12 +32,12 @@ def tol(dtype):
     return TOLERANCES[dtype]
 
 
-def run_and_check(x, weight, bias, res, s, p, d, g, relu):
+def run_and_check(x, weight, bias, res, s, p, d, g, relu, ref_device="cpu"):
     dev = torch.device(DEVICE)
     args = [t if t is None else t.to(dev) for t in (x, weight, bias, res)]
     assert ops.explain(args[0], args[1], args[3], s, p, d, g, backend="triton") == "runs on 'triton'"
     out = ops.conv_bias_act(*args, stride=s, padding=p, dilation=d, groups=g, relu=relu, backend="triton")
-    ref = reference_conv_bias_act(x, weight, bias, res, s, p, d, g, relu)
+    ref = reference_conv_bias_act(x, weight, bias, res, s, p, d, g, relu, device=ref_device)
     err = relative_error(out, ref)
     assert err <= tol(x.dtype), f"relative error {err:.3g}"
     return out
@@ -114,16 +115,46 @@ GPU_CASES = [
 @pytest.mark.parametrize("case", GPU_CASES, ids=[f"{a}-b{b}-{l.name.replace(' ', '_')}" for a, b, l in GPU_CASES])
 def test_gpu_resnet_layers(case, dtype):
     arch, batch, layer = case
-    if batch == 256 and dtype == torch.float32 and layer.c * layer.h * layer.w > 64 * 56 * 56 * 4:
-        pytest.skip("float64 reference of the largest fp32 layers at batch 256 is too slow on the CPU")
     gen = torch.Generator().manual_seed(batch)
-    x, weight, bias, res = layer.tensors(dtype, "cpu", gen)
+    x, weight, bias, res = layer.tensors(dtype, "cuda", gen)
     prev = torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = False
     try:
-        run_and_check(x, weight, bias, res, layer.stride, layer.padding, layer.dilation, layer.groups, layer.relu)
+        run_and_check(x, weight, bias, res, layer.stride, layer.padding, layer.dilation, layer.groups, layer.relu,
+                      ref_device="cuda")
     finally:
         torch.backends.cudnn.allow_tf32 = prev
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", range(len(CONFIGS)), ids=lambda i: str(CONFIGS[i]).replace(" ", ""))
+@pytest.mark.parametrize("layer", [
+    ConvLayer(8, 64, 28, 28, 64, 3, 3, 1, 1, 1, 1, True, True),
+    ConvLayer(8, 256, 14, 14, 512, 1, 1, 2, 0, 1, 1, False, False),
+    ConvLayer(4, 128, 15, 15, 128, 3, 3, 2, 1, 1, 32, True, True),
+], ids=["3x3", "1x1_stride2", "grouped_odd"])
+def test_gpu_every_tile_config_is_correct(layer, config, dtype=torch.float16):
+    """Autotuning may pick any config: each one must be right, not just the heuristic's."""
+    from resnet_fused.backends import triton_backend as tb
+
+    cfg = CONFIGS[config]
+    x, w, b, r = layer.tensors(dtype, "cuda", torch.Generator().manual_seed(config))
+    y = torch.full((layer.n, layer.k, *layer.out_hw), float("nan"), device="cuda", dtype=dtype)
+    y = y.contiguous(memory_format=torch.channels_last)
+    c, k = layer.c // layer.groups, layer.k // layer.groups
+    m = layer.n * layer.out_hw[0] * layer.out_hw[1]
+    grid = (triton.cdiv(m, cfg.kwargs["BLOCK_M"]) * triton.cdiv(k, cfg.kwargs["BLOCK_N"]), layer.groups)
+    warps = cfg.num_warps if layer.r == 1 else min(cfg.num_warps, 4)
+    tb._conv_bias_act_kernel[grid](
+        x, w, b, r if r is not None else y, y, layer.n, layer.h, layer.w, *layer.out_hw, c, k,
+        *x.stride(), *w.stride(), *(r if r is not None else y).stride(), *y.stride(),
+        R=layer.r, S=layer.s, STRIDE_H=layer.stride, STRIDE_W=layer.stride, PAD_H=layer.padding,
+        PAD_W=layer.padding, DIL_H=1, DIL_W=1, HAS_BIAS=True, HAS_RESIDUAL=r is not None, RELU=layer.relu,
+        FLAT_RSC=c < tb.FLAT_RSC_MAX_CHANNELS and layer.r > 1, DOT_PRECISION="ieee", UPCAST=False,
+        **cfg.kwargs, num_warps=warps, num_stages=cfg.num_stages,
+    )
+    ref = reference_conv_bias_act(x, w, b, r, layer.stride, layer.padding, 1, layer.groups, layer.relu, device="cuda")
+    assert relative_error(y, ref) <= TOLERANCES[dtype]
 
 
 @pytest.mark.gpu

@@ -170,8 +170,12 @@ CONFIGS = [
     _config(64, 32, 64, 4, 4),
     _config(32, 32, 64, 4, 4),
 ]
-#: the one config the interpreter runs (it cannot autotune over several)
-INTERPRETER_CONFIG = _config(32, 32, 16, 4, 1, group_m=4)
+#: the one config the interpreter runs (it cannot autotune over several); large tiles
+#: mean few simulated programs, which is what makes the interpreter fast enough
+INTERPRETER_CONFIG = _config(64, 64, 32, 4, 1, group_m=4)
+#: RESNET_FUSED_TRITON_AUTOTUNE=0 launches one heuristic config per shape instead of
+#: autotuning (fast start, e.g. for test sessions that compile hundreds of shapes)
+AUTOTUNE = os.environ.get("RESNET_FUSED_TRITON_AUTOTUNE", "1") not in ("", "0")
 #: few channels per group: reduce over (r, s, c) flattened (the stem, ResNeXt groups)
 FLAT_RSC_MAX_CHANNELS = 16
 
@@ -203,7 +207,7 @@ def _prune(configs, named_args, **kwargs):
             continue  # mostly empty columns
         fits.append((cfg, triton.cdiv(m, bm) * triton.cdiv(k, bn) * groups))
     if not fits:
-        return [INTERPRETER_CONFIG]
+        return [_config(32, 32, 32, 4, 2)]
     filling = [cfg for cfg, tiles in fits if tiles >= sms // 2]
     if filling:
         return filling
@@ -292,8 +296,24 @@ def conv_bias_act_triton(
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_N"]), groups)
 
     with torch.cuda.device(x.device):
-        _tuned[grid](*args, **common, UPCAST=False, GROUPS=groups)
+        if AUTOTUNE:
+            _tuned[grid](*args, **common, UPCAST=False, GROUPS=groups)
+        else:
+            cfg = heuristic_config(m, k, c, r * s, groups)
+            _conv_bias_act_kernel[grid(cfg.kwargs)](
+                *args, **common, UPCAST=False, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages
+            )
     return y
+
+
+def heuristic_config(m: int, k: int, c: int, taps: int, groups: int) -> triton.Config:
+    """One reasonable config without measuring: large tiles for large GEMMs, small for small."""
+    bk = 64 if c >= 64 else 32
+    if m * k * groups >= 2**22:
+        return _config(128, 128, bk, 8 if taps == 1 else 4, 3 if taps == 1 else 4)
+    if m * k * groups >= 2**18:
+        return _config(64, 128 if k >= 128 else 64, bk, 4, 4)
+    return _config(32, 64 if k >= 64 else 32, bk, 4, 3)
 
 
 class TritonBackend(Backend):

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# One-shot GPU session: environment, extension build, GPU tests, kernel and model
+# benchmarks, a compute-sanitizer memcheck of a fused forward. Everything lands in one
+# folder: environment.json, session.log, gpu_tests.log, kernels.json, models.json,
+# models.png, sanitizer.log.
+#
+# Usage (from anywhere, on any machine with an NVIDIA GPU and this repo's deps):
+#   benchmarks/gpu_session.sh [OUTDIR]        default OUTDIR: benchmarks/results/<gpu name>
+#   STEPS="tests kernels models compile sanitizer" benchmarks/gpu_session.sh   # choose steps
+# Each step has its own time limit so the whole session fits in 9 minutes on an H100.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | tr ' ' '_')
+out=${1:-benchmarks/results/${gpu:-unknown_gpu}}
+mkdir -p "$out"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$PWD/.triton-cache}
+steps=${STEPS:-"tests kernels models compile sanitizer"}
+log="$out/session.log"
+start=$(date +%s)
+step() { echo "== $1 (t=$(( $(date +%s) - start ))s)" | tee -a "$log"; }
+has() { [[ " $steps " == *" $1 "* ]]; }
+
+step environment
+{ nvidia-smi; python -c "import torch, triton; print(torch.__version__, triton.__version__, torch.backends.cudnn.version())"; } >>"$log" 2>&1
+python -c "import json; from resnet_fused.cli import environment; print(json.dumps(environment(), indent=2))" >"$out/environment.json" 2>>"$log"
+
+if has tests; then
+  step "gpu tests"
+  # one heuristic tile config per shape: hundreds of shapes, no time to autotune each
+  RESNET_FUSED_TRITON_AUTOTUNE=0 timeout ${TESTS_TIMEOUT:-240} python -m pytest tests -m gpu -q -p no:cacheprovider \
+    ${TESTS_K:+-k "$TESTS_K"} >"$out/gpu_tests.log" 2>&1
+  echo "exit $?" >>"$out/gpu_tests.log"; tail -n 3 "$out/gpu_tests.log" | tee -a "$log"
+fi
+
+if has kernels; then
+  step "kernel benchmarks (ResNet-50, batch ${KERNEL_BATCH:-256}, autotuned)"
+  timeout ${KERNELS_TIMEOUT:-200} python -m pytest benchmarks/test_kernels.py -q -p no:cacheprovider \
+    --batch-sizes "${KERNEL_BATCH:-256}" -k "resnet50" --benchmark-json "$out/kernels.json" \
+    --benchmark-columns=median >>"$log" 2>&1
+  echo "exit $?" | tee -a "$log"
+  python benchmarks/summarize.py kernels "$out/kernels.json" 2>>"$log" | tee -a "$log"
+fi
+
+if has models; then
+  step "model benchmark (ResNet-50, fp16, batch 256 and 1)"
+  providers="eager_nchw eager_channels_last fused_torch fused_triton"
+  has compile && providers="$providers compile"
+  timeout ${MODELS_TIMEOUT:-300} python -m resnet_fused.cli bench --batch-size 256 1 --cuda-graphs \
+    --providers $providers --json "$out/models.json" --plot "$out/models.png" --no-progress 2>&1 | tee -a "$log"
+fi
+
+if has sanitizer; then
+  step "compute-sanitizer memcheck, one fused resnet50 forward (triton backend)"
+  RESNET_FUSED_TRITON_AUTOTUNE=0 timeout ${SANITIZER_TIMEOUT:-120} compute-sanitizer --tool memcheck --error-exitcode 3 \
+    python -c "
+import torch, resnet_fused
+m = resnet_fused.resnet50(backend='triton').eval().cuda().half()
+with torch.inference_mode():
+    y = m(torch.randn(2, 3, 64, 64, device='cuda', dtype=torch.half))
+torch.cuda.synchronize(); print('forward ok', tuple(y.shape))
+" >"$out/sanitizer.log" 2>&1
+  echo "exit $?" >>"$out/sanitizer.log"; tail -n 4 "$out/sanitizer.log" | tee -a "$log"
+fi
+step done

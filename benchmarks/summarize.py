@@ -1,0 +1,58 @@
+"""Turn benchmark JSON into markdown tables: `python benchmarks/summarize.py kernels FILE`
+(pytest-benchmark JSON of test_kernels.py) or `... models FILE` (resnet-fused bench --json)."""
+import json
+import sys
+
+
+def kernels(path: str) -> str:
+    data = json.load(open(path))
+    rows: dict[str, dict] = {}
+    for bench in data["benchmarks"]:
+        info = bench["extra_info"]
+        key = f"{info['layer']} b{info['batch']}"
+        rows.setdefault(key, {"flops": info["flops"]})[info["provider"]] = info["event_median_ms"]
+    lines = [
+        "| layer | fused triton ms | TFLOP/s | cuDNN conv ms | eager conv+BN+add+ReLU ms | fused torch ms "
+        "| triton / cuDNN conv | triton / eager |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    total = {"fused_triton": 0.0, "cudnn_conv": 0.0, "eager_conv_bn_add_relu": 0.0}
+    for key, r in rows.items():
+        tri, conv, eager = r.get("fused_triton"), r.get("cudnn_conv"), r.get("eager_conv_bn_add_relu")
+        for name in total:
+            total[name] += r.get(name) or 0.0
+
+        def f(v, fmt="{:.3f}"):
+            return "-" if v is None else fmt.format(v)
+
+        tflops = None if tri is None else r["flops"] / (tri * 1e-3) / 1e12
+        lines.append(
+            f"| {key} | {f(tri)} | {f(tflops, '{:.0f}')} | {f(conv)} | {f(eager)} | {f(r.get('fused_torch'))} "
+            f"| {f(tri / conv if tri and conv else None, '{:.2f}')} | {f(tri / eager if tri and eager else None, '{:.2f}')} |"
+        )
+    lines.append(f"| **sum of unique layers** | {total['fused_triton']:.3f} | | {total['cudnn_conv']:.3f} "
+                 f"| {total['eager_conv_bn_add_relu']:.3f} | | | |")
+    return "\n".join(lines)
+
+
+def models(path: str) -> str:
+    data = json.load(open(path))
+    env = data["environment"]
+    lines = [f"{data['args']['arch']}, {data['args']['image_size']}px, {data['args']['dtype']}, "
+             f"{env.get('gpu', 'cpu')}, torch {env['torch']}, triton {env.get('triton')}", "",
+             "| batch | provider | images/s | median ms | p10 ms | p90 ms | × eager NCHW | × torch.compile |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in data["results"]:
+        if r["error"]:
+            lines.append(f"| {r['batch_size']} | {r['provider']} | error: {r['error'][:80]} | | | | | |")
+            continue
+        ve = "-" if r["vs_eager"] is None else f"{r['vs_eager']:.2f}"
+        vc = "-" if r["vs_compile"] is None else f"{r['vs_compile']:.2f}"
+        lines.append(f"| {r['batch_size']} | {r['provider']} | {r['images_per_s']:,.0f} | {r['median_ms']:.3f} "
+                     f"| {r['p10_ms']:.3f} | {r['p90_ms']:.3f} | {ve} | {vc} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    kind, path = sys.argv[1], sys.argv[2]
+    print({"kernels": kernels, "models": models}[kind](path))
