@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One-shot GPU session: environment, extension build, GPU tests, kernel and model
 # benchmarks, a compute-sanitizer memcheck of a fused forward. Everything lands in one
-# folder: environment.json, session.log, gpu_tests.log, kernels.json, models.json,
+# folder (the model benchmark runs before the kernel suite: it autotunes every
+# ResNet-50 layer once, and the kernel suite reuses those winners): environment.json, session.log, gpu_tests.log, kernels.json, models.json,
 # models.png, sanitizer.log.
 #
 # Usage (from anywhere, on any machine with an NVIDIA GPU and this repo's deps):
@@ -33,6 +34,14 @@ if has tests; then
   echo "exit $?" >>"$out/gpu_tests.log"; tail -n 3 "$out/gpu_tests.log" | tee -a "$log"
 fi
 
+if has models; then
+  step "model benchmark (ResNet-50, fp16, batch 256 and 1)"
+  providers=${MODEL_PROVIDERS:-"eager_nchw eager_channels_last fused_torch fused_triton"}
+  has compile && providers="$providers compile"
+  timeout ${MODELS_TIMEOUT:-300} python -m resnet_fused.cli bench --batch-size ${MODEL_BATCHES:-256 1} --cuda-graphs \
+    --providers $providers --json "$out/models.json" --plot "$out/models.png" --no-progress 2>&1 | tee -a "$log"
+fi
+
 if has kernels; then
   step "kernel benchmarks (ResNet-50, batch ${KERNEL_BATCH:-256}, autotuned)"
   timeout ${KERNELS_TIMEOUT:-200} python -m pytest benchmarks/test_kernels.py -q -p no:cacheprovider \
@@ -40,14 +49,6 @@ if has kernels; then
     --benchmark-columns=median >>"$log" 2>&1
   echo "exit $?" | tee -a "$log"
   python benchmarks/summarize.py kernels "$out/kernels.json" 2>>"$log" | tee -a "$log"
-fi
-
-if has models; then
-  step "model benchmark (ResNet-50, fp16, batch 256 and 1)"
-  providers="eager_nchw eager_channels_last fused_torch fused_triton"
-  has compile && providers="$providers compile"
-  timeout ${MODELS_TIMEOUT:-300} python -m resnet_fused.cli bench --batch-size 256 1 --cuda-graphs \
-    --providers $providers --json "$out/models.json" --plot "$out/models.png" --no-progress 2>&1 | tee -a "$log"
 fi
 
 if has sanitizer; then

@@ -157,18 +157,16 @@ def _config(bm, bn, bk, warps, stages, group_m=8):
 
 
 CONFIGS = [
+    # 8 warps: 1x1 convs only (see the module docstring)
     _config(128, 256, 64, 8, 3),
     _config(256, 128, 64, 8, 3),
     _config(128, 128, 64, 8, 4),
+    # 4 warps: every conv
     _config(128, 128, 64, 4, 4),
-    _config(128, 128, 32, 4, 4),
     _config(128, 64, 64, 4, 4),
     _config(64, 128, 64, 4, 4),
     _config(64, 64, 64, 4, 4),
-    _config(64, 64, 32, 4, 5),
     _config(32, 64, 64, 4, 4),
-    _config(64, 32, 64, 4, 4),
-    _config(32, 32, 64, 4, 4),
 ]
 #: the one config the interpreter runs (it cannot autotune over several); large tiles
 #: mean few simulated programs, which is what makes the interpreter fast enough
