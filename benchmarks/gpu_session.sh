@@ -37,7 +37,7 @@ fi
 if has models; then
   step "model benchmark (ResNet-50, fp16, batch 256 and 1)"
   providers=${MODEL_PROVIDERS:-"eager_nchw eager_channels_last fused_torch fused_triton"}
-  has compile && providers="$providers compile"
+  has compile && providers="$providers compile"  # last: max-autotune takes minutes
   timeout ${MODELS_TIMEOUT:-300} python -m resnet_fused.cli bench --batch-size ${MODEL_BATCHES:-256 1} --cuda-graphs \
     --providers $providers --json "$out/models.json" --plot "$out/models.png" --no-progress 2>&1 | tee -a "$log"
 fi

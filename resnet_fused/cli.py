@@ -214,8 +214,13 @@ def _cmd_bench(args, parser) -> int:
     ) as progress:
         task = progress.add_task("benchmarking", total=len(batch_sizes) * len(providers))
 
+        done_rows: list = []
+
         def advance(row):
             progress.update(task, advance=1, description=f"batch {row['batch_size']} {row['provider']}")
+            done_rows.append(row)
+            if args.json:  # after every row, so a run cut short still leaves its results
+                _write_bench_json(args, batch_sizes, dtype, device, providers, done_rows)
 
         rows = run_model_bench(args.arch, batch_sizes, providers, device, dtype, args.image_size,
                                runs=args.runs, warmup=args.warmup, on_row=advance)
@@ -235,22 +240,25 @@ def _cmd_bench(args, parser) -> int:
         )
     console.print(table)
     if args.json:
-        payload = {
-            "command": "bench",
-            "args": {"arch": args.arch, "batch_size": batch_sizes, "dtype": str(dtype), "device": str(device),
-                     "providers": providers, "image_size": args.image_size, "runs": args.runs,
-                     "warmup": args.warmup},
-            "environment": environment(),
-            "results": rows,
-        }
-        with open(args.json, "w") as f:
-            json.dump(payload, f, indent=2)
+        _write_bench_json(args, batch_sizes, dtype, device, providers, rows)
     if args.plot:
         from .bench import plot_model_bench
 
         plot_model_bench(rows, args.plot, title=f"{args.arch} {str(dtype).removeprefix('torch.')} "
                                                  f"{environment().get('gpu', 'cpu')}")
     return 1 if any(r["error"] for r in rows) else 0
+
+
+def _write_bench_json(args, batch_sizes, dtype, device, providers, rows) -> None:
+    payload = {
+        "command": "bench",
+        "args": {"arch": args.arch, "batch_size": batch_sizes, "dtype": str(dtype), "device": str(device),
+                 "providers": providers, "image_size": args.image_size, "runs": args.runs, "warmup": args.warmup},
+        "environment": environment(),
+        "results": rows,
+    }
+    with open(args.json, "w") as f:
+        json.dump(payload, f, indent=2)
 
 
 def build_parser() -> argparse.ArgumentParser:

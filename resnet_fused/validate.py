@@ -72,7 +72,7 @@ def plan(
     configs = []
     for arch in archs:
         for device in devices:
-            names = list(backend_names) if backend_names else backends.available_backends(device)
+            names = list(backend_names) if backend_names else backends.default_backends(device)
             for name in names:
                 for dtype in dtypes or default_dtypes(device):
                     configs.append((arch, name, device, dtype))

@@ -81,8 +81,15 @@ def register(backend: Backend) -> Backend:
     return backend
 
 
+_loaded = False
+
+
 def _load_all() -> None:
     # Import for the side effect of registration; each module registers itself.
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
     from . import reference  # noqa: F401
 
     for optional in ("triton", "native"):
@@ -138,6 +145,13 @@ def available_backends(device: Optional[str | torch.device] = None) -> list[str]
             continue
         names.append(name)
     return names
+
+
+def default_backends(device: str | torch.device) -> list[str]:
+    """The available backends that really run on ``device`` (not Triton's CPU interpreter,
+    which is there for testing): what validate and bench visit unless told otherwise."""
+    dev_type = torch.device(device).type
+    return [n for n in available_backends(dev_type) if _REGISTRY[n].runs_on(dev_type, auto=True)]
 
 
 def resolve(name: Optional[str], device: torch.device) -> str:

@@ -13,8 +13,8 @@ One launch per conv computes ``relu?(conv2d(x, w) + bias + residual?)``:
   flat loop at num_warps=8 for kernels larger than 1x1 (triton-lang/triton#1254,
   pytorch#173068), so those configs are capped at 4 warps.
 * Convs with very few channels per group (the 3-channel stem, ResNeXt's 4-channel
-  groups) flatten (r, s, c) into the reduction instead, so an MMA tile is not 3/16
-  empty per tap.
+  groups) reduce over the flattened (s, c) run of each filter row instead, so an MMA
+  tile is not 13/16 empty per tap (the stem: 7 steps of 21 of 32 lanes).
 * Epilogue, while the accumulator is still fp32: + bias, + residual tile, ReLU,
   then one cast and one store.
 
@@ -63,7 +63,7 @@ def _conv_bias_act_kernel(
     DIL_H: tl.constexpr, DIL_W: tl.constexpr,
     # epilogue and mode switches
     HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
-    FLAT_RSC: tl.constexpr,  # reduce over flattened (r, s, c): few channels per group
+    FLAT_SC: tl.constexpr,  # reduce over flattened (s, c) per filter row: few channels per group
     DOT_PRECISION: tl.constexpr,  # "ieee" or "tf32" for float32 inputs
     UPCAST: tl.constexpr,  # dot in fp32 (the interpreter's bf16 dot is wrong)
     # tile sizes
@@ -97,20 +97,24 @@ def _conv_bias_act_kernel(
     w_col = k_out.to(tl.int64) * swk  # [BLOCK_N]
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if FLAT_RSC:
-        RSC = R * S * C
-        for k0 in range(0, RSC, BLOCK_K):
-            kk = k0 + offs_k
-            c = kk % C
-            rs = kk // C
-            r = rs // S
-            s = rs % S
-            h = h0[:, None] + r[None, :] * DIL_H
-            w = w0[:, None] + s[None, :] * DIL_W
-            a_mask = mask_m[:, None] & (kk < RSC)[None, :] & (h >= 0) & (h < H) & (w >= 0) & (w < W)
-            a = tl.load(x_ptr + x_row[:, None] + c[None, :] * sxc + h * sxh + w * sxw, mask=a_mask, other=0.0)
-            b_mask = (kk < RSC)[:, None] & mask_n[None, :]
-            b = tl.load(w_ptr + w_col[None, :] + (c * swc + r * swr + s * sws)[:, None], mask=b_mask, other=0.0)
+    if FLAT_SC:
+        # per filter row r, reduce over the flattened (s, c) run: for the NHWC stem that is
+        # 21 contiguous elements per output pixel, and index math is per column only
+        sc = S * C
+        chunks = tl.cdiv(sc, BLOCK_K)
+        for i in range(0, R * chunks):
+            r = i // chunks
+            j = (i % chunks) * BLOCK_K + offs_k
+            s = j // C
+            c = j % C
+            h = h0 + r * DIL_H
+            row_ok = mask_m & (h >= 0) & (h < H)
+            w = w0[:, None] + (s * DIL_W)[None, :]
+            a_mask = row_ok[:, None] & (j < sc)[None, :] & (w >= 0) & (w < W)
+            a_ptrs = x_ptr + (x_row + h * sxh + w0 * sxw)[:, None] + (s * DIL_W * sxw + c * sxc)[None, :]
+            a = tl.load(a_ptrs, mask=a_mask, other=0.0)
+            b_ptrs = w_ptr + w_col[None, :] + (r * swr + s * sws + c * swc)[:, None]
+            b = tl.load(b_ptrs, mask=(j < sc)[:, None] & mask_n[None, :], other=0.0)
             if UPCAST:
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
@@ -163,10 +167,14 @@ CONFIGS = [
     _config(128, 128, 64, 8, 4),
     # 4 warps: every conv
     _config(128, 128, 64, 4, 4),
+    _config(128, 128, 32, 4, 4),
     _config(128, 64, 64, 4, 4),
+    _config(128, 64, 32, 4, 4),
     _config(64, 128, 64, 4, 4),
     _config(64, 64, 64, 4, 4),
+    _config(64, 64, 32, 4, 5),
     _config(32, 64, 64, 4, 4),
+    _config(64, 32, 64, 4, 4),
 ]
 #: the one config the interpreter runs (it cannot autotune over several); large tiles
 #: mean few simulated programs, which is what makes the interpreter fast enough
@@ -174,8 +182,8 @@ INTERPRETER_CONFIG = _config(64, 64, 32, 4, 1, group_m=4)
 #: RESNET_FUSED_TRITON_AUTOTUNE=0 launches one heuristic config per shape instead of
 #: autotuning (fast start, e.g. for test sessions that compile hundreds of shapes)
 AUTOTUNE = os.environ.get("RESNET_FUSED_TRITON_AUTOTUNE", "1") not in ("", "0")
-#: few channels per group: reduce over (r, s, c) flattened (the stem, ResNeXt groups)
-FLAT_RSC_MAX_CHANNELS = 16
+#: few channels per group: reduce over (s, c) flattened per filter row (the stem, ResNeXt groups)
+FLAT_SC_MAX_CHANNELS = 16
 
 
 @functools.lru_cache(maxsize=None)
@@ -197,7 +205,7 @@ def _prune(configs, named_args, **kwargs):
     fits = []
     for cfg in configs:
         bm, bn, bk = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
-        if (r * s > 1 or named_args["FLAT_RSC"]) and cfg.num_warps > 4:
+        if (r * s > 1 or named_args["FLAT_SC"]) and cfg.num_warps > 4:
             continue  # triton#1254: the flat tap loop miscompiles at 8 warps
         if cfg.num_stages * (bm * bk + bk * bn) * elem > smem:
             continue
@@ -214,7 +222,7 @@ def _prune(configs, named_args, **kwargs):
 
 
 _AUTOTUNE_KEY = ["N", "H", "W", "P", "Q", "C", "K", "R", "S", "STRIDE_H", "STRIDE_W",
-                 "DIL_H", "DIL_W", "HAS_RESIDUAL", "FLAT_RSC", "DOT_PRECISION", "GROUPS"]
+                 "DIL_H", "DIL_W", "HAS_RESIDUAL", "FLAT_SC", "DOT_PRECISION", "GROUPS"]
 
 
 @triton.jit
@@ -225,14 +233,14 @@ def _conv_bias_act_tuned_entry(
     R: tl.constexpr, S: tl.constexpr, STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr,
     PAD_H: tl.constexpr, PAD_W: tl.constexpr, DIL_H: tl.constexpr, DIL_W: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
-    FLAT_RSC: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, GROUPS: tl.constexpr,
+    FLAT_SC: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, GROUPS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     _conv_bias_act_kernel(
         x_ptr, w_ptr, bias_ptr, res_ptr, y_ptr, N, H, W, P, Q, C, K,
         sxn, sxc, sxh, sxw, swk, swc, swr, sws, srn, srk, srp, srq, syn, syk, syp, syq,
         R, S, STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W, HAS_BIAS, HAS_RESIDUAL, RELU,
-        FLAT_RSC, DOT_PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
+        FLAT_SC, DOT_PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
     )
 
 
@@ -277,7 +285,7 @@ def conv_bias_act_triton(
     common = dict(
         R=r, S=s, STRIDE_H=stride[0], STRIDE_W=stride[1], PAD_H=padding[0], PAD_W=padding[1],
         DIL_H=dilation[0], DIL_W=dilation[1], HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
-        RELU=relu, FLAT_RSC=c < FLAT_RSC_MAX_CHANNELS and r * s > 1, DOT_PRECISION=precision,
+        RELU=relu, FLAT_SC=c < FLAT_SC_MAX_CHANNELS and r * s > 1, DOT_PRECISION=precision,
     )
     args = (
         x, weight, bias if bias is not None else y, res, y, n, h, w, p, q, c, k,
@@ -306,12 +314,17 @@ def conv_bias_act_triton(
 
 def heuristic_config(m: int, k: int, c: int, taps: int, groups: int) -> triton.Config:
     """One reasonable config without measuring: large tiles for large GEMMs, small for small."""
-    bk = 64 if c >= 64 else 32
+    bk = 64 if c * (taps if c < FLAT_SC_MAX_CHANNELS else 1) >= 64 else 32
     if m * k * groups >= 2**22:
         return _config(128, 128, bk, 8 if taps == 1 else 4, 3 if taps == 1 else 4)
     if m * k * groups >= 2**18:
         return _config(64, 128 if k >= 128 else 64, bk, 4, 4)
     return _config(32, 64 if k >= 64 else 32, bk, 4, 3)
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
 
 
 class TritonBackend(Backend):
@@ -330,8 +343,8 @@ class TritonBackend(Backend):
     def refuses(self, x, weight, residual, stride, padding, dilation, groups) -> Optional[str]:
         if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
             return f"dtype {x.dtype} (takes float16, bfloat16, float32)"
-        if x.is_cuda and torch.cuda.get_device_capability(x.device) < (8, 0):
-            return f"GPU compute capability {torch.cuda.get_device_capability(x.device)} (needs 8.0+)"
+        if x.is_cuda and _capability(x.device.index or 0) < (8, 0):
+            return f"GPU compute capability {_capability(x.device.index or 0)} (needs 8.0+)"
         if x.numel() == 0:
             return "empty input"
         return None
