@@ -26,14 +26,6 @@ step environment
 { nvidia-smi; python -c "import torch, triton; print(torch.__version__, triton.__version__, torch.backends.cudnn.version())"; } >>"$log" 2>&1
 python -c "import json; from resnet_fused.cli import environment; print(json.dumps(environment(), indent=2))" >"$out/environment.json" 2>>"$log"
 
-if has tests; then
-  step "gpu tests"
-  # one heuristic tile config per shape: hundreds of shapes, no time to autotune each
-  RESNET_FUSED_TRITON_AUTOTUNE=0 timeout ${TESTS_TIMEOUT:-240} python -m pytest tests -m gpu -q -p no:cacheprovider \
-    ${TESTS_K:+-k "$TESTS_K"} >"$out/gpu_tests.log" 2>&1
-  echo "exit $?" >>"$out/gpu_tests.log"; tail -n 3 "$out/gpu_tests.log" | tee -a "$log"
-fi
-
 if has models; then
   step "model benchmark (ResNet-50, fp16, batch 256 and 1)"
   providers=${MODEL_PROVIDERS:-"eager_nchw eager_channels_last fused_torch fused_triton"}
@@ -49,6 +41,14 @@ if has kernels; then
     --benchmark-columns=median >>"$log" 2>&1
   echo "exit $?" | tee -a "$log"
   python benchmarks/summarize.py kernels "$out/kernels.json" 2>>"$log" | tee -a "$log"
+fi
+
+if has tests; then
+  step "gpu tests"
+  # one heuristic tile config per shape: hundreds of shapes, no time to autotune each
+  RESNET_FUSED_TRITON_AUTOTUNE=0 timeout ${TESTS_TIMEOUT:-240} python -m pytest tests -m gpu -q -p no:cacheprovider \
+    ${TESTS_K:+-k "$TESTS_K"} >"$out/gpu_tests.log" 2>&1
+  echo "exit $?" >>"$out/gpu_tests.log"; tail -n 3 "$out/gpu_tests.log" | tee -a "$log"
 fi
 
 if has sanitizer; then
