@@ -35,9 +35,22 @@ def kernels(path: str) -> str:
     return "\n".join(lines)
 
 
+def _ratios(results: list) -> None:
+    """Fill vs_eager / vs_compile from rows of the same run (a run cut short never got them)."""
+    base = {(r["batch_size"], r["provider"]): r for r in results if not r["error"]}
+    for r in results:
+        if r["error"]:
+            continue
+        for name, field in (("eager_nchw", "vs_eager"), ("compile", "vs_compile")):
+            ref = base.get((r["batch_size"], name))
+            if r.get(field) is None and ref is not None:
+                r[field] = r["images_per_s"] / ref["images_per_s"]
+
+
 def models(path: str) -> str:
     data = json.load(open(path))
     env = data["environment"]
+    _ratios(data["results"])
     lines = [f"{data['args']['arch']}, {data['args']['image_size']}px, {data['args']['dtype']}, "
              f"{env.get('gpu', 'cpu')}, torch {env['torch']}, triton {env.get('triton')}", "",
              "| batch | provider | images/s | median ms | p10 ms | p90 ms | × eager NCHW | × torch.compile |",
@@ -50,6 +63,11 @@ def models(path: str) -> str:
         vc = "-" if r["vs_compile"] is None else f"{r['vs_compile']:.2f}"
         lines.append(f"| {r['batch_size']} | {r['provider']} | {r['images_per_s']:,.0f} | {r['median_ms']:.3f} "
                      f"| {r['p10_ms']:.3f} | {r['p90_ms']:.3f} | {ve} | {vc} |")
+    done = {(r["batch_size"], r["provider"]) for r in data["results"]}
+    missing = [f"{p} (batch {b})" for b in data["args"]["batch_size"] for p in data["args"]["providers"]
+               if (b, p) not in done]
+    if missing:
+        lines += ["", "Not measured (the run was cut short by its time limit): " + ", ".join(missing) + "."]
     return "\n".join(lines)
 
 

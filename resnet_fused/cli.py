@@ -200,6 +200,8 @@ def _cmd_bench(args, parser) -> int:
         parser.error("--cuda-graphs needs --device cuda")
     if args.cuda_graphs and args.providers:
         providers += [f"{p}+graphs" for p in args.providers if p.startswith("fused_") and "+graphs" not in p]
+    # torch.compile's max-autotune takes minutes: run it last so a time limit costs only it
+    providers = sorted(dict.fromkeys(providers), key=lambda p: p == "compile")
     if args.plot:
         try:
             import matplotlib  # noqa: F401
