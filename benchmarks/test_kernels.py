@@ -16,17 +16,16 @@ import resnet_fused
 from resnet_fused import ops
 from resnet_fused.bench import conv_layers, eager_conv_bn_add_relu, time_fn
 
-from conftest import batch_sizes, quick
+import bench_config
 
 
 def pytest_generate_tests(metafunc):
     if "layer" not in metafunc.fixturenames:
         return
-    cfg = metafunc.config
-    image = 32 if quick(cfg) else 224
+    image = bench_config.image_size()
     params, ids = [], []
     for arch in ("resnet50", "resnet18"):
-        for batch in batch_sizes(cfg):
+        for batch in bench_config.batch_sizes():
             for layer, count in conv_layers(arch, batch, image):
                 key = (layer,)
                 if key in params:
@@ -44,7 +43,7 @@ PROVIDERS = ["fused_torch", "fused_triton", "fused_native", "cudnn_conv", "eager
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
-def test_conv_layer(benchmark, layer, provider, device, dtype, request):
+def test_conv_layer(benchmark, layer, provider, device, dtype):
     if provider.startswith("fused_") and provider not in fused_providers(device):
         pytest.skip(f"{provider} does not run on {device.type} here")
     gen = torch.Generator().manual_seed(0)
@@ -68,9 +67,9 @@ def test_conv_layer(benchmark, layer, provider, device, dtype, request):
             x, w, b, r = sets[i % 2]
             return eager_conv_bn_add_relu(layer, x, w, r, bn_args)
 
-    runs = 3 if quick(request.config) else 50
+    runs = bench_config.runs()
     with torch.inference_mode():
-        timing = time_fn(call, device, warmup=1 if quick(request.config) else 10, runs=runs, cuda_graph=True)
+        timing = time_fn(call, device, warmup=1 if bench_config.quick() else 10, runs=runs, cuda_graph=True)
         counter = iter(range(10**9))
 
         def synced():

@@ -79,3 +79,60 @@ def test_console_script_is_installed():
                                capture_output=True, text=True).stdout
     for option in ("--arch", "--backend", "--device", "--dtype", "--batch-size", "--image-size", "--json"):
         assert option in help_text
+
+
+def test_bench_writes_table_json_and_plot(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    json_path, png_path = tmp_path / "b.json", tmp_path / "b.png"
+    code = cli.main(["bench", "--arch", "resnet18", "--image-size", "32", "--batch-size", "2", "3", "--runs", "2",
+                     "--warmup", "1", "--providers", "eager_nchw", "fused_torch", "--device", "cpu",
+                     "--json", str(json_path), "--plot", str(png_path), "--no-progress"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "images/s" in out and "fused_torch" in out and "eager_nchw" in out
+    data = json.loads(json_path.read_text())
+    assert data["command"] == "bench" and data["args"]["batch_size"] == [2, 3]
+    rows = data["results"]
+    assert [(r["batch_size"], r["provider"]) for r in rows] == [
+        (2, "eager_nchw"), (2, "fused_torch"), (3, "eager_nchw"), (3, "fused_torch")]
+    for r in rows:
+        assert r["error"] is None and r["runs"] >= 2 and r["images_per_s"] > 0
+        assert r["p10_ms"] <= r["median_ms"] <= r["p90_ms"]
+        assert r["vs_eager"] == pytest.approx(r["images_per_s"] / next(
+            e["images_per_s"] for e in rows if e["provider"] == "eager_nchw" and e["batch_size"] == r["batch_size"]))
+    assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_reports_a_failing_provider_and_exits_nonzero(monkeypatch, capsys):
+    import resnet_fused.bench as bench
+
+    real = bench.model_runner
+
+    def flaky(provider, *args):
+        if provider == "eager_channels_last":
+            raise RuntimeError("no compiler here")
+        return real(provider, *args)
+
+    monkeypatch.setattr(bench, "model_runner", flaky)
+    code = cli.main(["bench", "--arch", "resnet18", "--image-size", "32", "--batch-size", "1", "--runs", "1",
+                     "--warmup", "1", "--providers", "eager_nchw", "eager_channels_last", "--no-progress"])
+    assert code == 1
+    assert "error: RuntimeError: no compiler here" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["bench", "--providers", "tensorrt"], "unknown provider 'tensorrt'"),
+        (["bench", "--providers", "eager_nchw+graphs"], "+graphs applies to the fused providers only"),
+        (["bench", "--device", "cpu", "--cuda-graphs"], "--cuda-graphs needs --device cuda"),
+        (["bench", "--arch", "vgg16"], "invalid choice: 'vgg16'"),
+        (["bench", "--image-size", "8"], "--image-size should be at least 32"),
+        (["bench", "--batch-size", "-1"], "expected a positive integer"),
+    ],
+)
+def test_bench_bad_options(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
