@@ -36,7 +36,7 @@ fi
 
 if has kernels; then
   step "kernel benchmarks (ResNet-50, batch ${KERNEL_BATCH:-256}, autotuned)"
-  RESNET_FUSED_BENCH_BATCH_SIZES=${KERNEL_BATCH:-256} timeout ${KERNELS_TIMEOUT:-200} python -m pytest benchmarks/test_kernels.py -q -p no:cacheprovider \
+  RESNET_FUSED_BENCH_BATCH_SIZES=${KERNEL_BATCH:-256} timeout ${KERNELS_TIMEOUT:-200} python -m pytest benchmarks/test_conv_kernels.py -q -p no:cacheprovider \
     -k "resnet50" --benchmark-json "$out/kernels.json" \
     --benchmark-columns=median >>"$log" 2>&1
   echo "exit $?" | tee -a "$log"

@@ -1,6 +1,6 @@
 """GPU time per unique ResNet-50 conv layer, per provider, from CUDA-graph replays.
 
-A lighter twin of test_kernels.py for short GPU leases: no pytest-benchmark, rows
+A lighter twin of test_conv_kernels.py for short GPU leases: no pytest-benchmark, rows
 printed as they finish. `python benchmarks/layer_times.py [BATCH] [OUT.json]`.
 """
 import json

@@ -1,5 +1,5 @@
 """Turn benchmark JSON into markdown tables: `python benchmarks/summarize.py kernels FILE`
-(pytest-benchmark JSON of test_kernels.py) or `... models FILE` (resnet-fused bench --json)."""
+(pytest-benchmark JSON of test_conv_kernels.py) or `... models FILE` (resnet-fused bench --json)."""
 import json
 import sys
 

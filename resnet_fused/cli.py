@@ -64,6 +64,22 @@ def environment() -> dict:
     return env
 
 
+def _console():
+    from rich.console import Console
+
+    console = Console()
+    if not console.is_terminal:  # a log file or a pipe: don't squeeze tables into 80 columns
+        console = Console(width=max(console.width, 150))
+    return console
+
+
+def _progress(console, disabled: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), console=console, transient=True, disable=disabled)
+
+
 def _add_validate(sub) -> None:
     p = sub.add_parser(
         "validate",
@@ -92,8 +108,6 @@ def _fmt(value: Optional[float]) -> str:
 
 
 def _cmd_validate(args, parser) -> int:
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
     from .validate import default_devices, plan, run_validation
@@ -103,14 +117,9 @@ def _cmd_validate(args, parser) -> int:
         parser.error("--device cuda was asked for, but torch.cuda.is_available() is False on this machine")
     if args.image_size < 32:
         parser.error(f"--image-size should be at least 32 (ResNets downsample by 32), got {args.image_size}")
-    console = Console()
-    if not console.is_terminal:  # a log file or a pipe: don't squeeze the table into 80 columns
-        console = Console(width=max(console.width, 150))
+    console = _console()
     total = len(plan(args.arch, args.backend, devices or default_devices(), args.dtype))
-    with Progress(
-        TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TimeElapsedColumn(), console=console, transient=True, disable=args.no_progress,
-    ) as progress:
+    with _progress(console, args.no_progress) as progress:
         task = progress.add_task("validating", total=total)
 
         def advance(result):
@@ -177,8 +186,6 @@ def _add_bench(sub) -> None:
 
 
 def _cmd_bench(args, parser) -> int:
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
     from .bench import check_provider, default_providers, run_model_bench
@@ -207,13 +214,8 @@ def _cmd_bench(args, parser) -> int:
             import matplotlib  # noqa: F401
         except ImportError:
             parser.error("--plot needs matplotlib: pip install matplotlib")
-    console = Console()
-    if not console.is_terminal:
-        console = Console(width=max(console.width, 150))
-    with Progress(
-        TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TimeElapsedColumn(), console=console, transient=True, disable=args.no_progress,
-    ) as progress:
+    console = _console()
+    with _progress(console, args.no_progress) as progress:
         task = progress.add_task("benchmarking", total=len(batch_sizes) * len(providers))
 
         done_rows: list = []

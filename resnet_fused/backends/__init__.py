@@ -10,6 +10,7 @@ every call on every device.
 """
 from __future__ import annotations
 
+import abc
 import logging
 from typing import Optional, Sequence
 
@@ -28,8 +29,8 @@ AUTO_ORDER = {
 }
 
 
-class Backend:
-    """One implementation of the fused op. Subclasses fill in the three methods."""
+class Backend(abc.ABC):
+    """One implementation of the fused op: ``run`` it, and say up front what it refuses."""
 
     name: str = ""
 
@@ -56,6 +57,7 @@ class Backend:
         """None when the backend takes this call, else the reason it does not."""
         return None
 
+    @abc.abstractmethod
     def run(
         self,
         x: Tensor,
@@ -68,7 +70,7 @@ class Backend:
         groups: int,
         relu: bool,
     ) -> Tensor:
-        raise NotImplementedError
+        """``relu?(conv2d(x, weight) + bias + residual?)``; arguments already checked."""
 
 
 _REGISTRY: dict[str, Backend] = {}
