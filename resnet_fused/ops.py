@@ -222,7 +222,7 @@ def explain(
 ) -> str:
     """Say which backend a :func:`conv_bias_act` call with these arguments runs on, and why.
 
-    Example: ``explain(x, w, backend="triton")`` ->
+    Example: ``explain(x, w, backend="triton")`` on a machine without a GPU ->
     ``"runs on 'torch'; skipped 'triton': no CUDA device and TRITON_INTERPRET is not set"``.
     """
     stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
@@ -231,6 +231,9 @@ def explain(
         backends.resolve(backend, x.device), x, weight, residual, stride, padding, dilation, groups
     )
     text = f"runs on {impl.name!r}"
+    how = impl.describe(x)
+    if how:
+        text += f" ({how})"
     if skipped:
         text += "; " + "; ".join(f"skipped {name!r}: {reason}" for name, reason in skipped)
     return text

@@ -35,7 +35,7 @@ def tol(dtype):
 def run_and_check(x, weight, bias, res, s, p, d, g, relu, ref_device="cpu"):
     dev = torch.device(DEVICE)
     args = [t if t is None else t.to(dev) for t in (x, weight, bias, res)]
-    assert ops.explain(args[0], args[1], args[3], s, p, d, g, backend="triton") == "runs on 'triton'"
+    assert ops.explain(args[0], args[1], args[3], s, p, d, g, backend="triton").startswith("runs on 'triton'")
     out = ops.conv_bias_act(*args, stride=s, padding=p, dilation=d, groups=g, relu=relu, backend="triton")
     ref = reference_conv_bias_act(x, weight, bias, res, s, p, d, g, relu, device=ref_device)
     err = relative_error(out, ref)
@@ -76,11 +76,67 @@ def test_float64_falls_back_and_says_why(gen):
     assert relative_error(out, reference_conv_bias_act(x, weight, bias, None, 1, 1)) <= TOLERANCES[torch.float64]
 
 
+EPILOGUE_KINDS = [k for k in CONV_KINDS if k[0] in ("stem 7x7/2, 3 input channels", "3x3 stride 2 on odd size",
+                                                    "grouped 3x3 (ResNeXt)", "odd channels")]
+
+
+@pytest.mark.parametrize("kind", EPILOGUE_KINDS, ids=[k[0] for k in EPILOGUE_KINDS])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("residual, relu", [(False, False), (False, True), (True, True)],
+                         ids=["bias", "bias+relu", "bias+residual+relu"])
+def test_cudnn_conv_with_triton_epilogue(monkeypatch, gen, kind, dtype, channels_last, residual, relu):
+    """The other algorithm: the vendor conv, then bias + residual + ReLU as one Triton pass."""
+    monkeypatch.setenv("RESNET_FUSED_TRITON_ALGO", "cudnn_epilogue")
+    _, n, c, h, w, k, r, s, p, d, g = kind
+    x, weight, bias, res = make_case(gen, n, c, h, w, k, r, s, p, d, g, dtype, residual, channels_last)
+    assert "cudnn_epilogue, as RESNET_FUSED_TRITON_ALGO says" in ops.explain(
+        x.to(DEVICE), weight.to(DEVICE), None if res is None else res.to(DEVICE), s, p, d, g, backend="triton")
+    out = run_and_check(x, weight, bias, res, s, p, d, g, relu)
+    assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def test_unknown_algorithm_is_an_error(monkeypatch, gen):
+    monkeypatch.setenv("RESNET_FUSED_TRITON_ALGO", "winograd")
+    x, weight, bias, _ = make_case(gen, 1, 4, 5, 5, 4, 3, 1, 1, 1, 1, torch.float32, False)
+    with pytest.raises(ValueError, match="RESNET_FUSED_TRITON_ALGO='winograd'; expected auto or one of "
+                                         "implicit_gemm, cudnn_epilogue"):
+        ops.conv_bias_act(x.to(DEVICE), weight.to(DEVICE), bias.to(DEVICE), padding=1, backend="triton")
+
+
+def test_algorithm_choice_is_timed_once_and_kept_on_disk(monkeypatch, tmp_path, gen):
+    """On a GPU each new shape times both algorithms once; the winner is cached in memory and
+    on disk so a second process does not time again. Timing is faked here to pick a winner."""
+    from resnet_fused.backends import triton_backend as tb
+
+    monkeypatch.setenv("RESNET_FUSED_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(tb, "_choices", {})
+    monkeypatch.setattr(tb, "_choices_loaded", False)
+    calls = []
+
+    def fake_time(fn):
+        calls.append(fn)
+        fn()  # each candidate really runs
+        return 1.0 if len(calls) % 2 == 0 else 2.0  # the second candidate (cudnn_epilogue) wins
+
+    monkeypatch.setattr(tb, "_time_ms", fake_time)
+    x, weight, bias, res = make_case(gen, 1, 8, 6, 6, 8, 3, 1, 1, 1, 1, torch.float32, True)
+    args = (x, weight, bias, res, [1, 1], [1, 1], [1, 1], 1, True)
+    assert tb.choose_algorithm(args, timing=True) == "cudnn_epilogue"
+    assert tb.choose_algorithm(args, timing=True) == "cudnn_epilogue" and len(calls) == 2
+    saved = __import__("json").loads((tmp_path / "triton_algorithms.json").read_text())
+    assert list(saved.values()) == ["cudnn_epilogue"]
+    monkeypatch.setattr(tb, "_choices", {})  # a new process reads the file instead of timing
+    monkeypatch.setattr(tb, "_choices_loaded", False)
+    assert tb.choose_algorithm(args, timing=True) == "cudnn_epilogue" and len(calls) == 2
+    assert tb.choose_algorithm(args, timing=False) == "implicit_gemm"  # no GPU timing: the one kernel
+
+
 @pytest.mark.skipif(ON_GPU, reason="the interpreter path is for machines without a GPU")
 def test_auto_never_picks_the_interpreter(gen):
     x, weight, _, _ = make_case(gen, 1, 4, 5, 5, 4, 3, 1, 1, 1, 1, torch.float32, False)
     assert "triton" in resnet_fused.available_backends("cpu")
-    assert ops.explain(x, weight, padding=1) != "runs on 'triton'"
+    assert not ops.explain(x, weight, padding=1).startswith("runs on 'triton'")
 
 
 @pytest.mark.slow

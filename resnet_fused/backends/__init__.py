@@ -57,6 +57,10 @@ class Backend(abc.ABC):
         """None when the backend takes this call, else the reason it does not."""
         return None
 
+    def describe(self, x: Tensor) -> Optional[str]:
+        """How the backend will compute a call on tensors like ``x``, for explain(); None: nothing to add."""
+        return None
+
     @abc.abstractmethod
     def run(
         self,

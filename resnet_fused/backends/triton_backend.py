@@ -1,6 +1,18 @@
 """The "triton" backend: implicit-GEMM convolution with a fused epilogue.
 
-One launch per conv computes ``relu?(conv2d(x, w) + bias + residual?)``:
+Two algorithms compute ``relu?(conv2d(x, w) + bias + residual?)``:
+
+* ``implicit_gemm``: the whole op as one Triton launch (below);
+* ``cudnn_epilogue``: cuDNN's conv, then bias + residual + ReLU as one Triton
+  elementwise pass -- two passes over the output where eager runs four.
+
+On a GPU, the first call of each shape times both and keeps the faster (cached in
+memory and in ``~/.cache/resnet_fused/triton_algorithms.json``, so a second process
+does not time again); ``RESNET_FUSED_TRITON_ALGO`` forces one. Measured on an H100
+(benchmarks/NOTES.md) our implicit GEMM still trails cuDNN's conv on ResNet-50's
+layers, so today the choice is a real one.
+
+The implicit GEMM, one launch per conv:
 
 * GEMM view: M = N*P*Q output pixels, N_gemm = K output channels (per group),
   K_gemm = R*S*C reduction over taps and input channels (per group). Each program
@@ -31,17 +43,20 @@ tensors with one fixed config, for testing.
 from __future__ import annotations
 
 import functools
+import json
 import os
 from typing import Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from . import Backend, register
+from . import Backend, log, register
 from .._layout import output_memory_format
 
 import triton
 import triton.language as tl
+import triton.testing
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -258,7 +273,7 @@ _tuned = _make_tuned()
 # ---------------------------------------------------------------------------------
 # host side
 
-def conv_bias_act_triton(
+def implicit_gemm(
     x: Tensor,
     weight: Tensor,
     bias: Optional[Tensor],
@@ -269,7 +284,7 @@ def conv_bias_act_triton(
     groups: int,
     relu: bool,
 ) -> Tensor:
-    """Launch the fused conv; arguments as :func:`resnet_fused.ops.conv_bias_act` (checked there)."""
+    """The whole fused conv as one implicit-GEMM launch (arguments checked by the op)."""
     n, c_total, h, w = x.shape
     k_total, c, r, s = weight.shape
     k = k_total // groups
@@ -312,6 +327,134 @@ def conv_bias_act_triton(
     return y
 
 
+@triton.jit
+def _bias_residual_relu_kernel(
+    y_ptr, bias_ptr, res_ptr,  # y is updated in place; residual has y's strides
+    numel, K, HW,  # elements, channels, and H*W (to find an element's channel in NCHW)
+    HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr,
+):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    acc = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        channel = offs % K if CHANNELS_LAST else (offs // HW) % K
+        acc += tl.load(bias_ptr + channel, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        acc += tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if RELU:
+        acc = tl.maximum(acc, 0.0)
+    tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def bias_residual_relu_(y: Tensor, bias: Optional[Tensor], residual: Optional[Tensor], relu: bool) -> Tensor:
+    """``y = relu?(y + bias + residual?)`` in place, one pass over memory (y dense NCHW or NHWC)."""
+    fmt = output_memory_format(y)
+    if not y.is_contiguous(memory_format=fmt):
+        raise ValueError(f"y should be dense in {fmt}, got strides {y.stride()}")
+    if residual is not None and residual.stride() != y.stride():
+        residual = residual.contiguous(memory_format=fmt)
+    numel = y.numel()
+    block = 1024
+    grid = (triton.cdiv(numel, block),)
+    _bias_residual_relu_kernel[grid](
+        y, bias if bias is not None else y, residual if residual is not None else y,
+        numel, y.shape[1], y.shape[2] * y.shape[3],
+        HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, RELU=relu,
+        CHANNELS_LAST=fmt == torch.channels_last, BLOCK=block, num_warps=4,
+    )
+    return y
+
+
+def cudnn_with_epilogue(x, weight, bias, residual, stride, padding, dilation, groups, relu) -> Tensor:
+    """cuDNN's conv (the vendor kernel), then bias + residual + ReLU as one Triton pass:
+    two passes over the output instead of eager's four."""
+    y = F.conv2d(x, weight, None, stride, padding, dilation, groups)
+    y = y.contiguous(memory_format=output_memory_format(x))
+    if bias is None and residual is None and not relu:
+        return y
+    return bias_residual_relu_(y, bias, residual, relu)
+
+
+#: The two ways this backend computes the op, by name.
+ALGORITHMS = {"implicit_gemm": implicit_gemm, "cudnn_epilogue": cudnn_with_epilogue}
+#: RESNET_FUSED_TRITON_ALGO: "auto" (time both once per shape on a GPU, keep the faster),
+#: or one name from ALGORITHMS for every call.
+_ALGO_ENV = "RESNET_FUSED_TRITON_ALGO"
+_choices: dict[str, str] = {}
+_choices_loaded = False
+
+
+def _choices_path() -> str:
+    root = os.environ.get("RESNET_FUSED_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "resnet_fused")
+    return os.path.join(root, "triton_algorithms.json")
+
+
+def _load_choices() -> None:
+    global _choices_loaded
+    if _choices_loaded:
+        return
+    _choices_loaded = True
+    try:
+        with open(_choices_path()) as f:
+            _choices.update(json.load(f))
+    except (OSError, ValueError):
+        pass  # no cache yet, or an unreadable one: time again
+
+
+def _save_choices() -> None:
+    path = _choices_path()
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(_choices, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except OSError as exc:  # a read-only home still computes correctly; it just times again
+        log.debug("could not save algorithm choices to %s: %s", path, exc)
+
+
+def _time_ms(fn) -> float:
+    return triton.testing.do_bench(fn, warmup=5, rep=20, return_mode="median")
+
+
+def _shape_key(x, weight, residual, stride, padding, dilation, groups, relu) -> str:
+    dev = torch.cuda.get_device_name(x.device) if x.is_cuda else "cpu"
+    return "|".join(str(v) for v in (
+        dev, torch.__version__, triton.__version__, x.dtype, tuple(x.shape), x.stride(), tuple(weight.shape),
+        weight.stride(), residual is not None, tuple(stride), tuple(padding), tuple(dilation), groups, relu,
+        AUTOTUNE,
+    ))
+
+
+def choose_algorithm(args: tuple, timing: bool) -> str:
+    """Which of ALGORITHMS runs this call. With ``timing`` (a GPU, not capturing a graph),
+    an unseen shape runs both, keeps the faster, and remembers it on disk."""
+    forced = os.environ.get(_ALGO_ENV, "auto")
+    if forced != "auto":
+        if forced not in ALGORITHMS:
+            raise ValueError(f"{_ALGO_ENV}={forced!r}; expected auto or one of {', '.join(ALGORITHMS)}")
+        return forced
+    if not timing:
+        return "implicit_gemm"
+    _load_choices()
+    x, weight, _, residual, stride, padding, dilation, groups, relu = args
+    key = _shape_key(x, weight, residual, stride, padding, dilation, groups, relu)
+    if key not in _choices:
+        times = {name: _time_ms(lambda fn=fn: fn(*args)) for name, fn in ALGORITHMS.items()}
+        _choices[key] = min(times, key=times.get)
+        log.debug("conv %s: %s -> %s", key, {n: round(t, 4) for n, t in times.items()}, _choices[key])
+        _save_choices()
+    return _choices[key]
+
+
+def conv_bias_act_triton(x, weight, bias, residual, stride, padding, dilation, groups, relu) -> Tensor:
+    """The fused op on this backend: the algorithm :func:`choose_algorithm` picks."""
+    args = (x, weight, bias, residual, stride, padding, dilation, groups, relu)
+    timing = x.is_cuda and AUTOTUNE and not torch.cuda.is_current_stream_capturing()
+    return ALGORITHMS[choose_algorithm(args, timing)](*args)
+
+
 def heuristic_config(m: int, k: int, c: int, taps: int, groups: int) -> triton.Config:
     """One reasonable config without measuring: large tiles for large GEMMs, small for small."""
     bk = 64 if c * (taps if c < FLAT_SC_MAX_CHANNELS else 1) >= 64 else 32
@@ -348,6 +491,14 @@ class TritonBackend(Backend):
         if x.numel() == 0:
             return "empty input"
         return None
+
+    def describe(self, x: Tensor) -> str:
+        forced = os.environ.get(_ALGO_ENV, "auto")
+        if forced != "auto":
+            return f"{forced}, as {_ALGO_ENV} says"
+        if x.is_cuda and AUTOTUNE:
+            return "the faster of implicit_gemm and cudnn_epilogue for this shape, timed on its first call"
+        return "implicit_gemm"
 
     def run(self, x, weight, bias, residual, stride, padding, dilation, groups, relu) -> Tensor:
         return conv_bias_act_triton(x, weight, bias, residual, stride, padding, dilation, groups, relu)
