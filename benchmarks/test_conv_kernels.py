@@ -26,7 +26,7 @@ def pytest_generate_tests(metafunc):
     params, ids = [], []
     for arch in ("resnet50", "resnet18"):
         for batch in bench_config.batch_sizes():
-            for layer, count in conv_layers(arch, batch, image):
+            for layer, _ in conv_layers(arch, batch, image):
                 key = (layer,)
                 if key in params:
                     continue

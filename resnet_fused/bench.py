@@ -394,7 +394,7 @@ def plot_model_bench(rows: list[dict], path: str, title: str = "") -> None:
     batches = sorted({r["batch_size"] for r in ok})
     providers = list(dict.fromkeys(r["provider"] for r in ok))
     fig, axes = plt.subplots(1, max(1, len(batches)), figsize=(5 * max(1, len(batches)), 4), squeeze=False)
-    for ax, batch in zip(axes[0], batches):
+    for ax, batch in zip(axes[0], batches, strict=False):
         values = {r["provider"]: r["images_per_s"] for r in ok if r["batch_size"] == batch}
         names = [p for p in providers if p in values]
         ax.barh(names, [values[n] for n in names], color=["tab:orange" if n.startswith("fused") else "tab:blue"

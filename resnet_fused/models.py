@@ -19,7 +19,7 @@ from torchvision.models import resnet as tv_resnet
 
 from . import backends
 from .fold import FoldCache, foldable_batchnorm
-from .modules import FusedBasicBlock, FusedBottleneck, conv_bn_act
+from .modules import conv_bn_act
 
 __all__ = [
     "ResNet",

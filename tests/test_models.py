@@ -8,7 +8,7 @@ from torchvision.models import resnet as tv_resnet
 
 import resnet_fused
 from resnet_fused import FusedBasicBlock, FusedBottleneck
-from resnet_fused.testing import TOLERANCES, randomize_batchnorm_, relative_error, seeded_torchvision_model
+from resnet_fused.testing import TOLERANCES, relative_error, seeded_torchvision_model
 
 ARCHS = resnet_fused.ARCHS
 FP32 = TOLERANCES[torch.float32]
@@ -72,7 +72,7 @@ def test_state_dict_loads_strictly_both_ways():
     fused.load_state_dict(tv_model.state_dict(), strict=True)
     back = torchvision.models.resnext50_32x4d()
     back.load_state_dict(fused.state_dict(), strict=True)
-    for (k1, v1), (k2, v2) in zip(tv_model.state_dict().items(), back.state_dict().items()):
+    for (k1, v1), (k2, v2) in zip(tv_model.state_dict().items(), back.state_dict().items(), strict=True):
         assert k1 == k2 and torch.equal(v1, v2)
 
 
@@ -128,7 +128,7 @@ def test_train_mode_is_torchvisions(arch, gen):
     fused.train()
     opt_tv = torch.optim.SGD(tv_model.parameters(), lr=0.05, momentum=0.9)
     opt_fused = torch.optim.SGD(fused.parameters(), lr=0.05, momentum=0.9)
-    for step in range(2):
+    for _ in range(2):
         x = torch.randn(4, 3, 32, 32, generator=gen)
         target = torch.randint(0, 1000, (4,), generator=gen)
         x_tv, x_fused = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
@@ -137,13 +137,13 @@ def test_train_mode_is_torchvisions(arch, gen):
         torch.nn.functional.cross_entropy(out_tv, target).backward()
         torch.nn.functional.cross_entropy(out_fused, target).backward()
         torch.testing.assert_close(x_fused.grad, x_tv.grad, rtol=1e-6, atol=1e-7)
-        for (name, p_tv), p_fused in zip(tv_model.named_parameters(), fused.parameters()):
+        for (name, p_tv), p_fused in zip(tv_model.named_parameters(), fused.parameters(), strict=True):
             torch.testing.assert_close(p_fused.grad, p_tv.grad, rtol=1e-5, atol=1e-7, msg=name)
         opt_tv.step(), opt_fused.step()
         opt_tv.zero_grad(), opt_fused.zero_grad()
-    for (name, b_tv), b_fused in zip(tv_model.named_buffers(), fused.buffers()):
+    for (name, b_tv), b_fused in zip(tv_model.named_buffers(), fused.buffers(), strict=True):
         torch.testing.assert_close(b_fused, b_tv, rtol=1e-6, atol=1e-7, msg=name)
-    for (name, p_tv), p_fused in zip(tv_model.named_parameters(), fused.parameters()):
+    for (name, p_tv), p_fused in zip(tv_model.named_parameters(), fused.parameters(), strict=True):
         torch.testing.assert_close(p_fused, p_tv, rtol=1e-6, atol=1e-7, msg=name)
     # and after training, eval mode folds the updated statistics
     tv_model.eval(), fused.eval()
@@ -198,7 +198,7 @@ def test_eval_mode_gradients_reach_the_parameters(gen):
     x = torch.randn(2, 3, 32, 32, generator=gen, dtype=torch.float64)
     tv_model(x).sum().backward()
     fused(x).sum().backward()
-    for (name, p_tv), p_fused in zip(tv_model.named_parameters(), fused.parameters()):
+    for (name, p_tv), p_fused in zip(tv_model.named_parameters(), fused.parameters(), strict=True):
         torch.testing.assert_close(p_fused.grad, p_tv.grad, rtol=1e-9, atol=1e-12, msg=name)
 
 
