@@ -110,11 +110,9 @@ class FoldCache:
         # A copy's tensors live elsewhere: it starts empty and folds on first use.
         return FoldCache()
 
-    def __getstate__(self):
-        return None
-
-    def __setstate__(self, state):
-        self.clear()
+    def __reduce__(self):
+        # Pickled (torch.save of a whole model) as an empty cache, for the same reason.
+        return (FoldCache, ())
 
 
 def _state_key(tensors, eps: float, channels_last: bool):

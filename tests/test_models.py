@@ -238,3 +238,12 @@ def test_gpu_activations_run_channels_last():
     with torch.no_grad():
         model(torch.randn(2, 3, 64, 64, device="cuda", dtype=torch.half))
     assert seen == [True]
+
+
+def test_a_fused_model_pickles_and_folds_again(tmp_path, gen):
+    tv_model = seeded_torchvision_model("resnet18", seed=25, calibration_size=32)
+    fused = fused_twin(tv_model, arch="resnet18")
+    assert _check(fused, tv_model, gen) <= FP32  # fills the caches
+    torch.save(fused, tmp_path / "m.pt")
+    loaded = torch.load(tmp_path / "m.pt", weights_only=False)
+    assert _check(loaded, tv_model, gen) <= FP32
