@@ -68,11 +68,8 @@ def test_bad_options_get_clear_errors(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a GPU")
 def test_cuda_without_a_gpu_is_an_error(capsys):
-    import torch
-
-    if torch.cuda.is_available():
-        pytest.skip("this machine has a GPU")
     with pytest.raises(SystemExit):
         cli.main(["validate", "--device", "cuda"])
     assert "torch.cuda.is_available() is False" in capsys.readouterr().err

@@ -206,7 +206,7 @@ def test_gpu_every_tile_config_is_correct(layer, config, dtype=torch.float16):
         *x.stride(), *w.stride(), *(r if r is not None else y).stride(), *y.stride(),
         R=layer.r, S=layer.s, STRIDE_H=layer.stride, STRIDE_W=layer.stride, PAD_H=layer.padding,
         PAD_W=layer.padding, DIL_H=1, DIL_W=1, HAS_BIAS=True, HAS_RESIDUAL=r is not None, RELU=layer.relu,
-        FLAT_SC=c < tb.FLAT_SC_MAX_CHANNELS and layer.r > 1, DOT_PRECISION="ieee", UPCAST=False,
+        FLAT_SC=c < tb.FLAT_SC_MAX_CHANNELS and layer.r > 1, DOT_PRECISION="ieee", UPCAST=False, GROUPS=layer.groups,
         **cfg.kwargs, num_warps=warps, num_stages=cfg.num_stages,
     )
     ref = reference_conv_bias_act(x, w, b, r, layer.stride, layer.padding, 1, layer.groups, layer.relu, device="cuda")

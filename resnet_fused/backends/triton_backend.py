@@ -81,6 +81,7 @@ def _conv_bias_act_kernel(
     FLAT_SC: tl.constexpr,  # reduce over flattened (s, c) per filter row: few channels per group
     DOT_PRECISION: tl.constexpr,  # "ieee" or "tf32" for float32 inputs
     UPCAST: tl.constexpr,  # dot in fp32 (the interpreter's bf16 dot is wrong)
+    GROUPS: tl.constexpr,  # the grid's second axis; a constexpr so the autotune key sees it
     # tile sizes
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -240,31 +241,12 @@ _AUTOTUNE_KEY = ["N", "H", "W", "P", "Q", "C", "K", "R", "S", "STRIDE_H", "STRID
                  "DIL_H", "DIL_W", "HAS_RESIDUAL", "FLAT_SC", "DOT_PRECISION", "GROUPS"]
 
 
-@triton.jit
-def _conv_bias_act_tuned_entry(
-    x_ptr, w_ptr, bias_ptr, res_ptr, y_ptr,
-    N, H, W, P, Q, C, K,
-    sxn, sxc, sxh, sxw, swk, swc, swr, sws, srn, srk, srp, srq, syn, syk, syp, syq,
-    R: tl.constexpr, S: tl.constexpr, STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr,
-    PAD_H: tl.constexpr, PAD_W: tl.constexpr, DIL_H: tl.constexpr, DIL_W: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
-    FLAT_SC: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, GROUPS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-):
-    _conv_bias_act_kernel(
-        x_ptr, w_ptr, bias_ptr, res_ptr, y_ptr, N, H, W, P, Q, C, K,
-        sxn, sxc, sxh, sxw, swk, swc, swr, sws, srn, srk, srp, srq, syn, syk, syp, syq,
-        R, S, STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W, HAS_BIAS, HAS_RESIDUAL, RELU,
-        FLAT_SC, DOT_PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
-    )
-
-
 def _make_tuned():
     kwargs = dict(configs=CONFIGS, key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune})
     try:
-        return triton.autotune(cache_results=True, **kwargs)(_conv_bias_act_tuned_entry)
+        return triton.autotune(cache_results=True, **kwargs)(_conv_bias_act_kernel)
     except TypeError:  # a Triton without the on-disk autotune cache
-        return triton.autotune(**kwargs)(_conv_bias_act_tuned_entry)
+        return triton.autotune(**kwargs)(_conv_bias_act_kernel)
 
 
 _tuned = _make_tuned()
@@ -310,7 +292,7 @@ def implicit_gemm(
     if INTERPRET and not x.is_cuda:
         cfg = INTERPRETER_CONFIG.kwargs
         grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(k, cfg["BLOCK_N"]), groups)
-        _conv_bias_act_kernel[grid](*args, **common, UPCAST=True, **cfg, num_warps=4, num_stages=1)
+        _conv_bias_act_kernel[grid](*args, **common, UPCAST=True, GROUPS=groups, **cfg, num_warps=4, num_stages=1)
         return y
 
     def grid(meta):
@@ -322,7 +304,8 @@ def implicit_gemm(
         else:
             cfg = heuristic_config(m, k, c, r * s, groups)
             _conv_bias_act_kernel[grid(cfg.kwargs)](
-                *args, **common, UPCAST=False, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages
+                *args, **common, UPCAST=False, GROUPS=groups, **cfg.kwargs, num_warps=cfg.num_warps,
+                num_stages=cfg.num_stages,
             )
     return y
 
@@ -418,8 +401,13 @@ def _time_ms(fn) -> float:
     return triton.testing.do_bench(fn, warmup=5, rep=20, return_mode="median")
 
 
+@functools.lru_cache(maxsize=None)
+def _device_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
+
+
 def _shape_key(x, weight, residual, stride, padding, dilation, groups, relu) -> str:
-    dev = torch.cuda.get_device_name(x.device) if x.is_cuda else "cpu"
+    dev = _device_name(x.device.index or 0) if x.is_cuda else "cpu"
     return "|".join(str(v) for v in (
         dev, torch.__version__, triton.__version__, x.dtype, tuple(x.shape), x.stride(), tuple(weight.shape),
         weight.stride(), residual is not None, tuple(stride), tuple(padding), tuple(dilation), groups, relu,
