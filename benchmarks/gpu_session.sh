@@ -2,12 +2,17 @@
 # One-shot GPU session: environment, extension build, GPU tests, kernel and model
 # benchmarks, a compute-sanitizer memcheck of a fused forward. Everything lands in one
 # folder (the model benchmark runs before the kernel suite: it autotunes every
-# ResNet-50 layer once, and the kernel suite reuses those winners): environment.json, session.log, gpu_tests.log, kernels.json, models.json,
-# models.png, sanitizer.log.
+# ResNet-50 layer once, and the kernel suite reuses those winners): environment.json,
+# session.log, build.log, gpu_tests.log, kernels.json, models.json, models.png, sanitizer.log.
+#
+# The build step compiles resnet_fused._C in place for this machine's torch (a library
+# built elsewhere against another torch will not load). It needs nvcc and the
+# nvidia-cutlass wheel: where pip has no network, put the wheel in .whl/ first
+# (../shared/tools/device-wheels.sh does) and this script installs it from there.
 #
 # Usage (from anywhere, on any machine with an NVIDIA GPU and this repo's deps):
 #   benchmarks/gpu_session.sh [OUTDIR]        default OUTDIR: benchmarks/results/<gpu name>
-#   STEPS="tests kernels models compile sanitizer" benchmarks/gpu_session.sh   # choose steps
+#   STEPS="build tests kernels models compile sanitizer" benchmarks/gpu_session.sh   # choose steps
 # Each step has its own time limit so the whole session fits in 9 minutes on an H100.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -16,7 +21,7 @@ out=${1:-benchmarks/results/${gpu:-unknown_gpu}}
 mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$PWD/.triton-cache}
-steps=${STEPS:-"tests kernels models compile sanitizer"}
+steps=${STEPS:-"build models kernels tests sanitizer compile"}
 log="$out/session.log"
 start=$(date +%s)
 step() { echo "== $1 (t=$(( $(date +%s) - start ))s)" | tee -a "$log"; }
@@ -26,9 +31,21 @@ step environment
 { nvidia-smi; python -c "import torch, triton; print(torch.__version__, triton.__version__, torch.backends.cudnn.version())"; } >>"$log" 2>&1
 python -c "import json; from resnet_fused.cli import environment; print(json.dumps(environment(), indent=2))" >"$out/environment.json" 2>>"$log"
 
+if has build; then
+  step "build resnet_fused._C (sm ${RESNET_FUSED_CUDA_ARCHS:-80;90})"
+  if ls .whl/*.whl >/dev/null 2>&1 && ! python -c "import cutlass_library" 2>/dev/null; then
+    python -m pip install -q --no-index --no-deps --target /tmp/resnet_fused_wheels .whl/*.whl >>"$log" 2>&1
+    export PYTHONPATH="/tmp/resnet_fused_wheels:$PYTHONPATH"
+  fi
+  RESNET_FUSED_BUILD_CUDA=1 MAX_JOBS=${MAX_JOBS:-$(nproc)} timeout ${BUILD_TIMEOUT:-240} \
+    python setup.py build_ext --inplace >"$out/build.log" 2>&1
+  echo "exit $?" | tee -a "$log"
+  python -c "import json, resnet_fused; print(json.dumps(resnet_fused.extension_info()))" 2>&1 | tee -a "$log"
+fi
+
 if has models; then
   step "model benchmark (ResNet-50, fp16, batch 256 and 1)"
-  providers=${MODEL_PROVIDERS:-"eager_nchw eager_channels_last fused_torch fused_triton"}
+  providers=${MODEL_PROVIDERS:-"eager_nchw eager_channels_last fused_torch fused_triton fused_native"}
   has compile && providers="$providers compile"  # last: max-autotune takes minutes
   timeout ${MODELS_TIMEOUT:-300} python -m resnet_fused.cli bench --batch-size ${MODEL_BATCHES:-256 1} --cuda-graphs \
     --providers $providers --json "$out/models.json" --plot "$out/models.png" --no-progress 2>&1 | tee -a "$log"
@@ -52,14 +69,15 @@ if has tests; then
 fi
 
 if has sanitizer; then
-  step "compute-sanitizer memcheck, one fused resnet50 forward (triton backend)"
+  step "compute-sanitizer memcheck, one fused resnet50 forward per backend (triton, native)"
   RESNET_FUSED_TRITON_AUTOTUNE=0 timeout ${SANITIZER_TIMEOUT:-120} compute-sanitizer --tool memcheck --error-exitcode 3 \
     python -c "
 import torch, resnet_fused
-m = resnet_fused.resnet50(backend='triton').eval().cuda().half()
-with torch.inference_mode():
-    y = m(torch.randn(2, 3, 64, 64, device='cuda', dtype=torch.half))
-torch.cuda.synchronize(); print('forward ok', tuple(y.shape))
+for backend in ('triton', 'native'):
+    m = resnet_fused.resnet50(backend=backend).eval().cuda().half()
+    with torch.inference_mode():
+        y = m(torch.randn(2, 3, 64, 64, device='cuda', dtype=torch.half).contiguous(memory_format=torch.channels_last))
+    torch.cuda.synchronize(); print(backend, 'forward ok', tuple(y.shape))
 " >"$out/sanitizer.log" 2>&1
   echo "exit $?" >>"$out/sanitizer.log"; tail -n 4 "$out/sanitizer.log" | tee -a "$log"
 fi

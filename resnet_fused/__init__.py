@@ -8,6 +8,7 @@ Quick use::
     y = resnet_fused.ops.conv_bias_act(x, w, b, residual)  # or call the op itself
 """
 from . import ops
+from ._extension import extension_info
 from .backends import available_backends
 from .fold import FoldCache, fold_batchnorm
 from .fuse import fuse, unfuse
@@ -36,6 +37,7 @@ __all__ = [
     "models",
     "available_backends",
     "explain",
+    "extension_info",
     "fuse",
     "unfuse",
     "fold_batchnorm",

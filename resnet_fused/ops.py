@@ -231,7 +231,7 @@ def explain(
         backends.resolve(backend, x.device), x, weight, residual, stride, padding, dilation, groups
     )
     text = f"runs on {impl.name!r}"
-    how = impl.describe(x)
+    how = impl.describe(x, weight, residual, stride, padding, dilation, groups)
     if how:
         text += f" ({how})"
     if skipped:

@@ -57,8 +57,17 @@ class Backend(abc.ABC):
         """None when the backend takes this call, else the reason it does not."""
         return None
 
-    def describe(self, x: Tensor) -> Optional[str]:
-        """How the backend will compute a call on tensors like ``x``, for explain(); None: nothing to add."""
+    def describe(
+        self,
+        x: Tensor,
+        weight: Tensor,
+        residual: Optional[Tensor],
+        stride: Sequence[int],
+        padding: Sequence[int],
+        dilation: Sequence[int],
+        groups: int,
+    ) -> Optional[str]:
+        """How the backend will compute this call, for explain(); None: nothing to add."""
         return None
 
     @abc.abstractmethod

@@ -162,7 +162,7 @@ def _conv_bias_act_kernel(
         r_off = (n.to(tl.int64) * srn + p * srp + q * srq)[:, None] + (k_out * srk)[None, :]
         acc += tl.load(res_ptr + r_off, mask=out_mask, other=0.0).to(tl.float32)
     if RELU:
-        acc = tl.maximum(acc, 0.0)
+        acc = tl.where(acc < 0.0, 0.0, acc)  # NaN stays NaN, as in torch.relu (max() may drop it)
     y_off = (n.to(tl.int64) * syn + p * syp + q * syq)[:, None] + (k_out * syk)[None, :]
     tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
 
@@ -326,7 +326,7 @@ def _bias_residual_relu_kernel(
     if HAS_RESIDUAL:
         acc += tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if RELU:
-        acc = tl.maximum(acc, 0.0)
+        acc = tl.where(acc < 0.0, 0.0, acc)  # NaN stays NaN, as in torch.relu (max() may drop it)
     tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -480,7 +480,7 @@ class TritonBackend(Backend):
             return "empty input"
         return None
 
-    def describe(self, x: Tensor) -> str:
+    def describe(self, x, weight, residual, stride, padding, dilation, groups) -> str:
         forced = os.environ.get(_ALGO_ENV, "auto")
         if forced != "auto":
             return f"{forced}, as {_ALGO_ENV} says"

@@ -1,0 +1,41 @@
+// CUTLASS implicit-GEMM conv fprop with the whole epilogue fused:
+//   y = relu?(conv2d(x, w) + bias + residual?)
+// A plain launch interface (pointers, sizes, stream) so the CUTLASS templates live in
+// torch-free translation units that compile fast and in parallel.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+
+namespace resnet_fused {
+namespace cutlass_conv {
+
+enum class Element { kFloat16, kBFloat16 };
+
+struct ConvBiasActProblem {
+  const void* x;         // N x H x W x C, packed NHWC
+  const void* weight;    // K x R x S x C, packed KRSC (a channels_last (K, C, R, S) weight)
+  const void* bias;      // K values, the element type
+  const void* residual;  // N x P x Q x K packed NHWC, or nullptr
+  void* y;               // N x P x Q x K packed NHWC
+  int n, h, w, c, k, r, s, p, q;
+  int pad_h, pad_w, stride_h, stride_w, dilation_h, dilation_w;
+  bool relu;
+};
+
+// nullptr when the kernel takes the problem, else why it does not.
+const char* can_implement(Element element, const ConvBiasActProblem& problem);
+
+// nullptr when the current device can run the kernel (this build has its machine
+// code or PTX for the device's architecture), else why not.
+const char* check_device(Element element, bool relu);
+
+// Bytes of device workspace `run` needs (0 for these kernels; asked for all the same).
+size_t workspace_size(Element element, const ConvBiasActProblem& problem);
+
+// Launches on `stream`. nullptr on success, else what failed.
+const char* run(Element element, const ConvBiasActProblem& problem, void* workspace, cudaStream_t stream);
+
+}  // namespace cutlass_conv
+}  // namespace resnet_fused

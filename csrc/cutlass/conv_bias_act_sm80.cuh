@@ -1,0 +1,118 @@
+// One CUTLASS 2.x kernel template for the fused conv on sm80+ (Ampere tensor cores,
+// cp.async multistage pipeline; runs on sm80 through sm90).
+//
+// GEMM view: M = N*P*Q output pixels, N = K output channels, K = R*S*C. The mainloop
+// is CUTLASS's optimized fprop iterator over NHWC activations and KRSC filters; the
+// epilogue is LinearCombinationResidualBlock with a broadcast vector:
+//   Z = Act(Plus(Identity(accumulator + bias), beta * C))
+// with the bias as the broadcast vector and C the residual (beta = 1). Without a
+// residual, C is the bias again with all strides 0 and beta = 0, so the source read
+// stays in bounds and finite. Act is ReLu or Identity (a template argument, hence two
+// instantiations per element type).
+#pragma once
+
+#include "cutlass/cutlass.h"
+#include "cutlass/conv/conv2d_problem_size.h"
+#include "cutlass/conv/device/implicit_gemm_convolution.h"
+#include "cutlass/conv/kernel/default_conv2d_fprop_with_broadcast.h"
+#include "cutlass/epilogue/thread/activation.h"
+#include "cutlass/epilogue/thread/linear_combination_residual_block.h"
+#include "cutlass/functional.h"
+#include "cutlass/layout/tensor.h"
+
+#include "conv_bias_act.h"
+
+namespace resnet_fused {
+namespace cutlass_conv {
+
+template <typename ElementT, template <typename> class Activation>
+struct ConvBiasActSm80 {
+  using Element = ElementT;
+  using ElementAccumulator = float;
+  using ElementCompute = float;
+  using Layout = cutlass::layout::TensorNHWC;
+  static constexpr int kAlignment = 128 / cutlass::sizeof_bits<Element>::value;  // 8 halves per access
+
+  using EpilogueOp = cutlass::epilogue::thread::LinearCombinationResidualBlock<
+      Element, ElementAccumulator, ElementCompute, Element, kAlignment,
+      cutlass::epilogue::thread::Identity, cutlass::plus, Activation>;
+
+  // 128x128x64 threadblock tile, 4 warps of 64x64, 3 stages (96 KiB of shared memory).
+  using Kernel = typename cutlass::conv::kernel::DefaultConv2dFpropWithBroadcast<
+      Element, Layout, Element, Layout, Element, Layout, ElementAccumulator,
+      cutlass::arch::OpClassTensorOp, cutlass::arch::Sm80,
+      cutlass::gemm::GemmShape<128, 128, 64>, cutlass::gemm::GemmShape<64, 64, 64>,
+      cutlass::gemm::GemmShape<16, 8, 16>, EpilogueOp,
+      cutlass::gemm::threadblock::GemmIdentityThreadblockSwizzle<4>, 3, cutlass::arch::OpMultiplyAdd,
+      cutlass::conv::IteratorAlgorithm::kOptimized>::Kernel;
+
+  using Conv = cutlass::conv::device::ImplicitGemmConvolution<Kernel>;
+
+  static typename Conv::Arguments arguments(const ConvBiasActProblem& pr) {
+    cutlass::conv::Conv2dProblemSize size(
+        pr.n, pr.h, pr.w, pr.c, pr.k, pr.r, pr.s, pr.p, pr.q, pr.pad_h, pr.pad_w, pr.stride_h, pr.stride_w,
+        pr.dilation_h, pr.dilation_w, cutlass::conv::Mode::kCrossCorrelation);
+    using Ref = cutlass::TensorRef<Element, Layout>;
+    auto* x = static_cast<Element*>(const_cast<void*>(pr.x));
+    auto* w = static_cast<Element*>(const_cast<void*>(pr.weight));
+    auto* bias = static_cast<Element*>(const_cast<void*>(pr.bias));
+    auto* residual = static_cast<Element*>(const_cast<void*>(pr.residual));
+    auto* y = static_cast<Element*>(pr.y);
+    Ref ref_c = residual ? Ref(residual, Layout::packed({pr.n, pr.p, pr.q, pr.k}))
+                         : Ref(bias, Layout(typename Layout::Stride(0)));
+    typename EpilogueOp::Params epilogue(ElementCompute(1), ElementCompute(residual ? 1 : 0));
+    return typename Conv::Arguments(size, Ref(x, Layout::packed({pr.n, pr.h, pr.w, pr.c})),
+                                    Ref(w, Layout::packed({pr.k, pr.r, pr.s, pr.c})), ref_c,
+                                    Ref(y, Layout::packed({pr.n, pr.p, pr.q, pr.k})), epilogue,
+                                    cutlass::conv::SplitKMode::kSerial, bias, nullptr, 0, 0);
+  }
+
+  static const char* can_implement(const ConvBiasActProblem& pr) {
+    cutlass::Status status = Conv::can_implement(arguments(pr));
+    return status == cutlass::Status::kSuccess ? nullptr : cutlassGetStatusString(status);
+  }
+
+  static size_t workspace_size(const ConvBiasActProblem& pr) { return Conv::get_workspace_size(arguments(pr)); }
+
+  // nullptr when the current device has machine code (or PTX) for this kernel.
+  static const char* check_device() {
+    cudaFuncAttributes attributes;
+    if (cudaFuncGetAttributes(&attributes, cutlass::Kernel<Kernel>) != cudaSuccess) {
+      cudaGetLastError();  // clear it: the caller falls back, this is not a failure
+      return "no kernel image for this GPU's architecture in this build (see RESNET_FUSED_CUDA_ARCHS)";
+    }
+    return nullptr;
+  }
+
+  static const char* run(const ConvBiasActProblem& pr, void* workspace, cudaStream_t stream) {
+    Conv conv;
+    const auto args = arguments(pr);
+    cutlass::Status status = conv.initialize(args, workspace, stream);
+    if (status == cutlass::Status::kSuccess) {
+      status = conv.run(stream);
+    }
+    if (status != cutlass::Status::kSuccess) {
+      return cutlassGetStatusString(status);
+    }
+    cudaError_t error = cudaGetLastError();
+    return error == cudaSuccess ? nullptr : cudaGetErrorString(error);
+  }
+};
+
+}  // namespace cutlass_conv
+}  // namespace resnet_fused
+
+// Defines the four entry points of one instantiation, named NAME_{can_implement,
+// check_device,workspace_size,run}, declared in conv_bias_act_sm80_dispatch.cpp.
+#define RESNET_FUSED_CONV_BIAS_ACT_SM80(NAME, ELEMENT, ACTIVATION)                                          \
+  namespace resnet_fused {                                                                                   \
+  namespace cutlass_conv {                                                                                   \
+  using NAME##_t = ConvBiasActSm80<ELEMENT, ACTIVATION>;                                                     \
+  const char* NAME##_can_implement(const ConvBiasActProblem& pr) { return NAME##_t::can_implement(pr); }     \
+  const char* NAME##_check_device() { return NAME##_t::check_device(); }                                     \
+  size_t NAME##_workspace_size(const ConvBiasActProblem& pr) { return NAME##_t::workspace_size(pr); }        \
+  const char* NAME##_run(const ConvBiasActProblem& pr, void* ws, cudaStream_t s) {                          \
+    return NAME##_t::run(pr, ws, s);                                                                         \
+  }                                                                                                          \
+  }                                                                                                          \
+  }

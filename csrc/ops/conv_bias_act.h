@@ -1,0 +1,94 @@
+// The native implementation of resnet_fused::conv_bias_act:
+//   y = relu?(conv2d(x, weight, stride, padding, dilation, groups) + bias + residual?)
+//
+// One schema (ops/conv_bias_act.cpp), one kernel per dispatch key
+// (ops/cpu/conv_bias_act_kernel.cpp, ops/cuda/conv_bias_act_kernel.cpp), the fake
+// kernel in Python (resnet_fused/backends/native_backend.py). The checks below are
+// the ones the Python front and the fake kernel make (resnet_fused.ops).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <array>
+#include <optional>
+#include <string>
+
+namespace resnet_fused {
+namespace ops {
+
+struct ConvGeometry {
+  std::array<int64_t, 2> stride, padding, dilation;
+  int64_t groups;
+};
+
+inline std::string shape_str(at::IntArrayRef sizes) {
+  std::string s = "(";
+  for (size_t i = 0; i < sizes.size(); ++i) {
+    s += (i ? ", " : "") + std::to_string(sizes[i]);
+  }
+  return s + (sizes.size() == 1 ? ",)" : ")");
+}
+
+// Validates one call and returns (geometry, output sizes N, K, P, Q).
+inline std::pair<ConvGeometry, std::array<int64_t, 4>> check_conv_bias_act_args(
+    const at::Tensor& x,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& residual,
+    at::IntArrayRef stride,
+    at::IntArrayRef padding,
+    at::IntArrayRef dilation,
+    int64_t groups) {
+  TORCH_CHECK(x.dim() == 4, "x should be 4-D (N, C, H, W), got ", x.dim(), "-D with shape ", shape_str(x.sizes()));
+  TORCH_CHECK(weight.dim() == 4, "weight should be 4-D (K, C/groups, R, S), got ", weight.dim(),
+              "-D with shape ", shape_str(weight.sizes()));
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()),
+              "x should be a floating-point tensor (float32, float16, bfloat16, float64), got ", x.scalar_type());
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "weight dtype should match x (", x.scalar_type(), "), got ",
+              weight.scalar_type());
+  TORCH_CHECK(weight.device() == x.device(), "weight should be on x's device (", x.device(), "), got ", weight.device());
+  TORCH_CHECK(stride.size() == 2 && stride[0] >= 1 && stride[1] >= 1, "stride should be two ints >= 1, got ", stride);
+  TORCH_CHECK(padding.size() == 2 && padding[0] >= 0 && padding[1] >= 0, "padding should be two ints >= 0, got ",
+              padding);
+  TORCH_CHECK(dilation.size() == 2 && dilation[0] >= 1 && dilation[1] >= 1, "dilation should be two ints >= 1, got ",
+              dilation);
+  TORCH_CHECK(groups >= 1, "groups should be a positive int, got ", groups);
+  const int64_t n = x.size(0), c = x.size(1), k = weight.size(0), c_per_group = weight.size(1);
+  TORCH_CHECK(k % groups == 0, "weight's output channels (", k, ") should be divisible by groups (", groups, ")");
+  TORCH_CHECK(c == c_per_group * groups, "x should have ", c_per_group * groups, " channels (weight ",
+              shape_str(weight.sizes()), " with groups=", groups, "), got ", c, " channels in x of shape ",
+              shape_str(x.sizes()));
+  std::array<int64_t, 2> out_hw{};
+  for (int i = 0; i < 2; ++i) {
+    out_hw[i] = (x.size(2 + i) + 2 * padding[i] - dilation[i] * (weight.size(2 + i) - 1) - 1) / stride[i] + 1;
+  }
+  TORCH_CHECK(out_hw[0] >= 1 && out_hw[1] >= 1, "the convolution output would be empty (", out_hw[0], "x", out_hw[1],
+              "): input ", shape_str(x.sizes().slice(2)), ", kernel ", shape_str(weight.sizes().slice(2)),
+              ", stride ", stride, ", padding ", padding, ", dilation ", dilation);
+  std::array<int64_t, 4> out{n, k, out_hw[0], out_hw[1]};
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == k, "bias should have shape (", k, ",), got ",
+                shape_str(bias->sizes()));
+    TORCH_CHECK(bias->scalar_type() == x.scalar_type() && bias->device() == x.device(), "bias should be ",
+                x.scalar_type(), " on ", x.device(), ", got ", bias->scalar_type(), " on ", bias->device());
+  }
+  if (residual.has_value()) {
+    TORCH_CHECK(residual->sizes() == at::IntArrayRef(out), "residual should have the output's shape ",
+                shape_str(out), ", got ", shape_str(residual->sizes()));
+    TORCH_CHECK(residual->scalar_type() == x.scalar_type() && residual->device() == x.device(), "residual should be ",
+                x.scalar_type(), " on ", x.device(), ", got ", residual->scalar_type(), " on ", residual->device());
+  }
+  ConvGeometry geom{{stride[0], stride[1]}, {padding[0], padding[1]}, {dilation[0], dilation[1]}, groups};
+  return {geom, out};
+}
+
+// The op's output follows its input (resnet_fused/_layout.py): NHWC in -> NHWC out;
+// anything else (including a tensor that is both, like C == 1) -> NCHW.
+inline at::MemoryFormat output_memory_format(const at::Tensor& x) {
+  return x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous() ? at::MemoryFormat::ChannelsLast
+                                                                               : at::MemoryFormat::Contiguous;
+}
+
+}  // namespace ops
+}  // namespace resnet_fused

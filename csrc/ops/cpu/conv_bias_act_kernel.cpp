@@ -1,0 +1,268 @@
+// CPU kernel of resnet_fused::native_conv_bias_act.
+//
+// Fast path: oneDNN's convolution with the bias and the residual (a binary "add"
+// post-op) fused, so conv + bias + residual write the output once. ReLU is then
+// one in-place pass: oneDNN's ReLU post-op maps NaN to 0 where torch.relu keeps
+// NaN, and a garbage input must not come out as plausible numbers (measured cost
+// of the extra pass: ~3% of ResNet-50's convs at batch 8, benchmarks/NOTES.md). The ops are ATen's own oneDNN bindings
+// (mkldnn::_convolution_pointwise[.binary]); the weight is reordered once into
+// oneDNN's blocked layout for the call's geometry and kept in a cache keyed on the
+// weight tensor itself (identity + version counter), so a folded weight is packed
+// once per fold, not once per call.
+//
+// Where oneDNN has no kernel for the dtype on this CPU (bfloat16/float16 without
+// AVX-512), the call is computed in float32 through the same path and cast back.
+// Everything else (float64, a torch built without oneDNN, an empty batch) runs
+// aten's convolution followed by one pass of our own epilogue over the output.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/OpMathType.h>
+#include <c10/util/intrusive_ptr.h>
+#include <torch/library.h>
+
+#include <map>
+#include <mutex>
+#include <vector>
+
+#include "../conv_bias_act.h"
+
+namespace resnet_fused {
+namespace ops {
+namespace {
+
+enum class CpuPath { kOneDnn, kOneDnnFloat32, kConvThenEpilogue };
+
+// ---- ATen's oneDNN fused conv ops, looked up once ----------------------------------
+
+struct OneDnnOps {
+  std::optional<c10::OperatorHandle> unary, binary, bf16_supported, fp16_supported;
+};
+
+const OneDnnOps& onednn_ops() {
+  static const OneDnnOps ops = [] {
+    OneDnnOps o;
+    if (!at::hasMKLDNN()) {
+      return o;
+    }
+    auto& dispatcher = c10::Dispatcher::singleton();
+    o.unary = dispatcher.findSchema({"mkldnn::_convolution_pointwise", ""});
+    o.binary = dispatcher.findSchema({"mkldnn::_convolution_pointwise", "binary"});
+    o.bf16_supported = dispatcher.findSchema({"mkldnn::_is_mkldnn_bf16_supported", ""});
+    o.fp16_supported = dispatcher.findSchema({"mkldnn::_is_mkldnn_fp16_supported", ""});
+    return o;
+  }();
+  return ops;
+}
+
+bool ask_bool(const std::optional<c10::OperatorHandle>& op) {
+  if (!op) {
+    return false;
+  }
+  torch::jit::Stack stack;
+  op->callBoxed(&stack);
+  return stack.at(0).toBool();
+}
+
+bool onednn_has_dtype(at::ScalarType dtype) {
+  static const bool bf16 = ask_bool(onednn_ops().bf16_supported);
+  static const bool fp16 = ask_bool(onednn_ops().fp16_supported);
+  switch (dtype) {
+    case at::kFloat:
+      return true;
+    case at::kBFloat16:
+      return bf16;
+    case at::kHalf:
+      return fp16;
+    default:
+      return false;
+  }
+}
+
+std::pair<CpuPath, std::string> choose_path(const at::Tensor& x) {
+  const auto& ops = onednn_ops();
+  if (!ops.unary || !ops.binary) {
+    return {CpuPath::kConvThenEpilogue,
+            "conv then one epilogue pass: this torch has no oneDNN fused convolution (mkldnn::_convolution_pointwise)"};
+  }
+  if (x.size(0) == 0) {
+    return {CpuPath::kConvThenEpilogue, "conv then one epilogue pass: empty batch"};
+  }
+  const auto dtype = x.scalar_type();
+  if (onednn_has_dtype(dtype)) {
+    return {CpuPath::kOneDnn, "oneDNN conv with the bias and residual add as post-ops (weight pre-packed), then ReLU in place"};
+  }
+  if (dtype == at::kBFloat16 || dtype == at::kHalf) {
+    return {CpuPath::kOneDnnFloat32,
+            std::string("oneDNN conv with the bias and residual add as post-ops in float32 (this CPU has no ") +
+                c10::toString(dtype) + " oneDNN kernels), then ReLU, cast back to " + c10::toString(dtype)};
+  }
+  return {CpuPath::kConvThenEpilogue,
+          std::string("conv then one epilogue pass: oneDNN has no ") + c10::toString(dtype) + " convolution"};
+}
+
+// ---- weights packed once per (weight tensor, version, geometry) ---------------------
+
+using WeakTensorImpl = c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>;
+
+struct PackedWeight {
+  WeakTensorImpl source;  // the weight it was packed from; expired -> the entry is stale
+  at::Tensor packed;
+};
+
+class PackedWeightCache {
+ public:
+  // ``source`` is the caller's weight; ``weight`` the same values in the compute dtype.
+  at::Tensor get(const at::Tensor& source, const at::Tensor& weight, const ConvGeometry& g, at::IntArrayRef x_sizes) {
+    std::vector<int64_t> key{reinterpret_cast<int64_t>(source.unsafeGetTensorImpl()),
+                             static_cast<int64_t>(source._version()),
+                             static_cast<int64_t>(weight.scalar_type()),
+                             g.stride[0], g.stride[1], g.padding[0], g.padding[1],
+                             g.dilation[0], g.dilation[1], g.groups};
+    key.insert(key.end(), x_sizes.begin(), x_sizes.end());
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto it = entries_.find(key);
+    if (it != entries_.end() && it->second.source.lock().get() == source.unsafeGetTensorImpl()) {
+      return it->second.packed;
+    }
+    at::Tensor packed = at::mkldnn_reorder_conv2d_weight(weight.contiguous().to_mkldnn(), g.padding, g.stride,
+                                                         g.dilation, g.groups, x_sizes);
+    if (entries_.size() >= kMaxEntries) {
+      evict_expired();
+    }
+    entries_.insert_or_assign(key, PackedWeight{WeakTensorImpl(source.getIntrusivePtr()), packed});
+    return packed;
+  }
+
+ private:
+  // ResNet-152 has 155 convs; a few batch sizes of it fit.
+  static constexpr size_t kMaxEntries = 1024;
+
+  void evict_expired() {
+    for (auto it = entries_.begin(); it != entries_.end();) {
+      it = it->second.source.expired() ? entries_.erase(it) : std::next(it);
+    }
+    if (entries_.size() >= kMaxEntries) {
+      entries_.clear();
+    }
+  }
+
+  std::mutex mutex_;
+  std::map<std::vector<int64_t>, PackedWeight> entries_;
+};
+
+PackedWeightCache& packed_weights() {
+  static PackedWeightCache cache;
+  return cache;
+}
+
+// ---- the paths ----------------------------------------------------------------------
+
+at::Tensor onednn_conv_bias_act(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                const std::optional<at::Tensor>& residual, const ConvGeometry& g, bool relu,
+                                at::ScalarType compute, at::MemoryFormat fmt) {
+  const at::Tensor xc = x.to(compute).contiguous(fmt);
+  const at::Tensor packed = packed_weights().get(weight, weight.to(compute), g, xc.sizes());
+  const std::vector<int64_t> padding(g.padding.begin(), g.padding.end());
+  const std::vector<int64_t> stride(g.stride.begin(), g.stride.end());
+  const std::vector<int64_t> dilation(g.dilation.begin(), g.dilation.end());
+  c10::IValue b = bias.has_value() ? c10::IValue(bias->to(compute)) : c10::IValue();
+  const c10::List<std::optional<at::Scalar>> no_scalars;
+  torch::jit::Stack stack;
+  if (residual.has_value()) {
+    stack = {xc, residual->to(compute).contiguous(fmt), packed, b, padding, stride, dilation, g.groups,
+             std::string("add"), c10::IValue(), c10::IValue(), no_scalars, c10::IValue()};
+    onednn_ops().binary->callBoxed(&stack);
+  } else {
+    stack = {xc, packed, b, padding, stride, dilation, g.groups, std::string("none"), no_scalars, c10::IValue()};
+    onednn_ops().unary->callBoxed(&stack);
+  }
+  at::Tensor y = stack.at(0).toTensor();
+  if (relu) {
+    y.relu_();
+  }
+  if (y.scalar_type() != x.scalar_type()) {
+    y = y.to(x.scalar_type());
+  }
+  return y.is_contiguous(fmt) ? y : y.contiguous(fmt);
+}
+
+// y <- relu?(y + bias + residual), in place, one pass, computed in opmath (float for
+// the 16-bit types). ``rows`` runs of ``len`` contiguous elements; the bias index is
+// the position in the run (channels_last: a run is one pixel's channels) or the run
+// number mod K (NCHW: a run is one channel plane).
+template <typename scalar_t>
+void bias_residual_relu_(scalar_t* y, const scalar_t* bias, const scalar_t* residual, int64_t rows, int64_t len,
+                         int64_t k, bool bias_along_run, bool relu) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / std::max<int64_t>(len, 1)), [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      scalar_t* out = y + row * len;
+      const scalar_t* res = residual ? residual + row * len : nullptr;
+      const opmath_t row_bias = (bias && !bias_along_run) ? static_cast<opmath_t>(bias[row % k]) : opmath_t(0);
+      for (int64_t i = 0; i < len; ++i) {
+        opmath_t v = static_cast<opmath_t>(out[i]) + row_bias;
+        if (bias && bias_along_run) v += static_cast<opmath_t>(bias[i]);
+        if (res) v += static_cast<opmath_t>(res[i]);
+        if (relu) v = v < opmath_t(0) ? opmath_t(0) : v;  // NaN stays NaN, as in torch.relu
+        out[i] = static_cast<scalar_t>(v);
+      }
+    }
+  });
+}
+
+at::Tensor conv_then_epilogue(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                              const std::optional<at::Tensor>& residual, const ConvGeometry& g, bool relu,
+                              at::MemoryFormat fmt) {
+  at::Tensor y = at::convolution(x, weight, std::nullopt, g.stride, g.padding, g.dilation, false, {0, 0}, g.groups);
+  y = y.contiguous(fmt);
+  if (!bias.has_value() && !residual.has_value() && !relu) {
+    return y;
+  }
+  const bool channels_last = fmt == at::MemoryFormat::ChannelsLast;
+  const int64_t k = y.size(1);
+  const int64_t len = channels_last ? k : y.size(2) * y.size(3);
+  const int64_t rows = len == 0 ? 0 : y.numel() / len;
+  const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  const at::Tensor r = residual.has_value() ? residual->contiguous(fmt) : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "conv_bias_act_epilogue", [&] {
+    bias_residual_relu_<scalar_t>(y.data_ptr<scalar_t>(), b.defined() ? b.const_data_ptr<scalar_t>() : nullptr,
+                                  r.defined() ? r.const_data_ptr<scalar_t>() : nullptr, rows, len, k, channels_last,
+                                  relu);
+  });
+  return y;
+}
+
+at::Tensor native_conv_bias_act_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                    const std::optional<at::Tensor>& residual, at::IntArrayRef stride,
+                                    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool relu) {
+  const auto [g, out] = check_conv_bias_act_args(x, weight, bias, residual, stride, padding, dilation, groups);
+  (void)out;
+  const at::MemoryFormat fmt = output_memory_format(x);
+  switch (choose_path(x).first) {
+    case CpuPath::kOneDnn:
+      return onednn_conv_bias_act(x, weight, bias, residual, g, relu, x.scalar_type(), fmt);
+    case CpuPath::kOneDnnFloat32:
+      return onednn_conv_bias_act(x, weight, bias, residual, g, relu, at::kFloat, fmt);
+    case CpuPath::kConvThenEpilogue:
+      break;
+  }
+  return conv_then_epilogue(x, weight, bias, residual, g, relu, fmt);
+}
+
+std::string native_conv_bias_act_path_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                          const std::optional<at::Tensor>& residual, at::IntArrayRef stride,
+                                          at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  check_conv_bias_act_args(x, weight, std::nullopt, residual, stride, padding, dilation, groups);
+  return choose_path(x).second;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(resnet_fused, CPU, m) {
+  m.impl("native_conv_bias_act", &native_conv_bias_act_cpu);
+  m.impl("native_conv_bias_act_path", &native_conv_bias_act_path_cpu);
+}
+
+}  // namespace ops
+}  // namespace resnet_fused

@@ -1,0 +1,242 @@
+// CUDA kernel of resnet_fused::native_conv_bias_act.
+//
+// fp16/bf16 NHWC convs run the CUTLASS implicit GEMM with the epilogue fused
+// (csrc/cutlass/). Everything that kernel refuses -- the 3-channel stem, grouped
+// convs, float32, NCHW activations, a misaligned pointer, an architecture this build
+// has no code for -- takes cuDNN: its fused conv+bias+add+ReLU
+// (cudnn_convolution_add_relu) or conv+bias+ReLU (cudnn_convolution_relu) where
+// there is a ReLU, else conv with bias (+ the residual). The path and the reason
+// are what native_conv_bias_act_path returns.
+//
+// This file holds no device code, so the host compiler builds it; the CUTLASS
+// templates are in torch-free .cu units behind a plain launch interface.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cuda_runtime_api.h>
+
+#include <limits>
+#include <map>
+#include <mutex>
+#include <string>
+
+#include "../../cutlass/conv_bias_act.h"
+#include "../conv_bias_act.h"
+
+namespace resnet_fused {
+namespace ops {
+namespace {
+
+namespace cc = resnet_fused::cutlass_conv;
+
+int device_capability(int device) {
+  static std::mutex mutex;
+  static std::map<int, int> cache;
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = cache.find(device);
+  if (it != cache.end()) {
+    return it->second;
+  }
+  int major = 0, minor = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+  return cache[device] = major * 10 + minor;
+}
+
+// Whether this build carries code for the device, per (device, element, relu).
+const char* kernel_image_error(int device, cc::Element element, bool relu) {
+  static std::mutex mutex;
+  static std::map<std::tuple<int, int, bool>, const char*> cache;
+  std::lock_guard<std::mutex> lock(mutex);
+  const auto key = std::make_tuple(device, static_cast<int>(element), relu);
+  auto it = cache.find(key);
+  if (it != cache.end()) {
+    return it->second;
+  }
+  return cache[key] = cc::check_device(element, relu);
+}
+
+bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0; }
+
+cc::ConvBiasActProblem problem_for(const at::Tensor& x, const at::Tensor& weight, const ConvGeometry& g,
+                                   const std::array<int64_t, 4>& out, bool relu) {
+  cc::ConvBiasActProblem p{};
+  p.n = static_cast<int>(x.size(0));
+  p.c = static_cast<int>(x.size(1));
+  p.h = static_cast<int>(x.size(2));
+  p.w = static_cast<int>(x.size(3));
+  p.k = static_cast<int>(weight.size(0));
+  p.r = static_cast<int>(weight.size(2));
+  p.s = static_cast<int>(weight.size(3));
+  p.p = static_cast<int>(out[2]);
+  p.q = static_cast<int>(out[3]);
+  p.pad_h = static_cast<int>(g.padding[0]);
+  p.pad_w = static_cast<int>(g.padding[1]);
+  p.stride_h = static_cast<int>(g.stride[0]);
+  p.stride_w = static_cast<int>(g.stride[1]);
+  p.dilation_h = static_cast<int>(g.dilation[0]);
+  p.dilation_w = static_cast<int>(g.dilation[1]);
+  p.relu = relu;
+  return p;
+}
+
+// Empty when the CUTLASS kernel takes the call, else why not.
+std::string cutlass_refusal(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& residual,
+                            const ConvGeometry& g, const std::array<int64_t, 4>& out, bool relu) {
+  const auto dtype = x.scalar_type();
+  if (dtype != at::kHalf && dtype != at::kBFloat16) {
+    return std::string("the CUTLASS kernels take float16 and bfloat16, got ") + c10::toString(dtype);
+  }
+  const int capability = device_capability(x.get_device());
+  if (capability < 80) {
+    return "compute capability " + std::to_string(capability / 10) + "." + std::to_string(capability % 10) +
+           " (the CUTLASS kernels need 8.0+)";
+  }
+  if (g.groups != 1) {
+    return "grouped conv (groups=" + std::to_string(g.groups) + ")";
+  }
+  if (output_memory_format(x) != at::MemoryFormat::ChannelsLast) {
+    return "x is not channels_last (NHWC); the output follows x's layout";
+  }
+  if (x.size(1) % 8 != 0 || weight.size(0) % 8 != 0) {
+    return "channels C=" + std::to_string(x.size(1)) + ", K=" + std::to_string(weight.size(0)) +
+           " are not multiples of 8 (16-byte vector accesses)";
+  }
+  for (const at::Tensor* t : {&x, &weight}) {
+    if (t->numel() > std::numeric_limits<int32_t>::max() / 2) {
+      return "a tensor of 2^30 or more elements (32-bit offsets in the CUTLASS iterators)";
+    }
+  }
+  if (out[0] * out[1] * out[2] * out[3] > std::numeric_limits<int32_t>::max() / 2) {
+    return "an output of 2^30 or more elements (32-bit offsets in the CUTLASS iterators)";
+  }
+  if (!aligned16(x) || !aligned16(weight) || (residual.has_value() && !aligned16(*residual))) {
+    return "a tensor whose data is not 16-byte aligned";
+  }
+  const auto element = dtype == at::kHalf ? cc::Element::kFloat16 : cc::Element::kBFloat16;
+  if (const char* why = kernel_image_error(x.get_device(), element, relu)) {
+    return why;
+  }
+  if (const char* why = cc::can_implement(element, problem_for(x, weight, g, out, relu))) {
+    return std::string("CUTLASS can_implement: ") + why;
+  }
+  return "";
+}
+
+at::Tensor cutlass_conv_bias_act(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                 const std::optional<at::Tensor>& residual, const ConvGeometry& g,
+                                 const std::array<int64_t, 4>& out, bool relu) {
+  const at::Tensor xc = x.contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor wc = weight.contiguous(at::MemoryFormat::ChannelsLast);
+  at::Tensor b = bias.has_value() ? bias->contiguous() : at::zeros({weight.size(0)}, x.options());
+  if (!aligned16(b)) {
+    b = b.clone();
+  }
+  at::Tensor r;
+  if (residual.has_value()) {
+    r = residual->contiguous(at::MemoryFormat::ChannelsLast);
+    if (!aligned16(r)) {
+      r = r.clone(at::MemoryFormat::ChannelsLast);
+    }
+  }
+  at::Tensor y = at::empty({out[0], out[1], out[2], out[3]}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  cc::ConvBiasActProblem p = problem_for(x, weight, g, out, relu);
+  p.x = xc.const_data_ptr();
+  p.weight = wc.const_data_ptr();
+  p.bias = b.const_data_ptr();
+  p.residual = r.defined() ? r.const_data_ptr() : nullptr;
+  p.y = y.data_ptr();
+  const auto element = x.scalar_type() == at::kHalf ? cc::Element::kFloat16 : cc::Element::kBFloat16;
+  const size_t workspace_bytes = cc::workspace_size(element, p);
+  at::Tensor workspace;
+  if (workspace_bytes > 0) {
+    workspace = at::empty({static_cast<int64_t>(workspace_bytes)}, x.options().dtype(at::kByte));
+  }
+  const char* error = cc::run(element, p, workspace.defined() ? workspace.data_ptr() : nullptr,
+                              c10::cuda::getCurrentCUDAStream(x.get_device()).stream());
+  TORCH_CHECK(error == nullptr, "resnet_fused native CUDA conv failed: ", error, " (x ", shape_str(x.sizes()),
+              ", weight ", shape_str(weight.sizes()), ", ", x.scalar_type(), ")");
+  return y;
+}
+
+at::Tensor cudnn_conv_bias_act(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                               const std::optional<at::Tensor>& residual, const ConvGeometry& g, bool relu,
+                               at::MemoryFormat fmt) {
+  at::Tensor y;
+  if (relu && residual.has_value()) {
+    y = at::cudnn_convolution_add_relu(x, weight, residual->contiguous(x.suggest_memory_format()), 1, bias, g.stride,
+                                       g.padding, g.dilation, g.groups);
+  } else if (relu) {
+    y = at::cudnn_convolution_relu(x, weight, bias, g.stride, g.padding, g.dilation, g.groups);
+  } else {
+    y = at::convolution(x, weight, bias, g.stride, g.padding, g.dilation, false, {0, 0}, g.groups);
+    if (residual.has_value()) {
+      y.add_(*residual);
+    }
+  }
+  return y.is_contiguous(fmt) ? y : y.contiguous(fmt);
+}
+
+std::string cudnn_path(const at::Tensor& x, bool relu, bool residual) {
+  if (!at::globalContext().userEnabledCuDNN() || !at::detail::getCUDAHooks().compiledWithCuDNN()) {
+    return "cuDNN is off";
+  }
+  if (relu && residual) return "cudnn_convolution_add_relu";
+  if (relu) return "cudnn_convolution_relu";
+  return residual ? "conv with bias, then the residual add" : "conv with bias";
+}
+
+at::Tensor generic_conv_bias_act(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                 const std::optional<at::Tensor>& residual, const ConvGeometry& g, bool relu,
+                                 at::MemoryFormat fmt) {
+  at::Tensor y = at::convolution(x, weight, bias, g.stride, g.padding, g.dilation, false, {0, 0}, g.groups);
+  y = y.contiguous(fmt);
+  if (residual.has_value()) y.add_(*residual);
+  if (relu) y.relu_();
+  return y;
+}
+
+at::Tensor native_conv_bias_act_cuda(const at::Tensor& x, const at::Tensor& weight,
+                                     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
+                                     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                     int64_t groups, bool relu) {
+  const auto [g, out] = check_conv_bias_act_args(x, weight, bias, residual, stride, padding, dilation, groups);
+  c10::cuda::CUDAGuard guard(x.device());
+  if (cutlass_refusal(x, weight, residual, g, out, relu).empty()) {
+    return cutlass_conv_bias_act(x, weight, bias, residual, g, out, relu);
+  }
+  const at::MemoryFormat fmt = output_memory_format(x);
+  if (cudnn_path(x, relu, residual.has_value()) == "cuDNN is off" || x.numel() == 0) {
+    return generic_conv_bias_act(x, weight, bias, residual, g, relu, fmt);
+  }
+  return cudnn_conv_bias_act(x, weight, bias, residual, g, relu, fmt);
+}
+
+std::string native_conv_bias_act_path_cuda(const at::Tensor& x, const at::Tensor& weight,
+                                           const std::optional<at::Tensor>& residual, at::IntArrayRef stride,
+                                           at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  const auto [g, out] = check_conv_bias_act_args(x, weight, std::nullopt, residual, stride, padding, dilation, groups);
+  c10::cuda::CUDAGuard guard(x.device());
+  // The path is the same with and without ReLU except for cuDNN's op name; report the ReLU case.
+  const std::string why = cutlass_refusal(x, weight, residual, g, out, /*relu=*/true);
+  if (why.empty()) {
+    return "CUTLASS sm80 implicit GEMM with the bias, residual and ReLU epilogue fused";
+  }
+  const std::string fallback = cudnn_path(x, true, residual.has_value());
+  if (fallback == "cuDNN is off" || x.numel() == 0) {
+    return "conv, then the residual add and ReLU (" + why + "; " + (x.numel() == 0 ? "empty input" : fallback) + ")";
+  }
+  return "cuDNN " + fallback + " (CUTLASS refused: " + why + ")";
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(resnet_fused, CUDA, m) {
+  m.impl("native_conv_bias_act", &native_conv_bias_act_cuda);
+  m.impl("native_conv_bias_act_path", &native_conv_bias_act_path_cuda);
+}
+
+}  // namespace ops
+}  // namespace resnet_fused

@@ -1,0 +1,64 @@
+"""The "native" backend: the compiled extension ``resnet_fused._C``.
+
+One op, ``torch.ops.resnet_fused.native_conv_bias_act``, with its schema in
+csrc/ops/conv_bias_act.cpp and one kernel per device type:
+
+* CPU (csrc/ops/cpu/): oneDNN's convolution with bias, residual add and ReLU as
+  post-ops, the weight packed once per fold; a conv + one epilogue pass where oneDNN
+  has no kernel for the dtype.
+* CUDA (csrc/ops/cuda/, csrc/cutlass/): a CUTLASS implicit GEMM with the epilogue
+  fused for fp16/bf16 NHWC; what it refuses (the 3-channel stem, groups, float32,
+  NCHW) takes cuDNN's fused conv ops.
+
+Which path a call takes, and why, is what ``native_conv_bias_act_path`` returns and
+what :func:`resnet_fused.explain` shows. The fake kernel lives here, as the C++
+checks' Python twin.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import _extension
+from .._layout import output_memory_format
+from . import Backend, register
+
+
+def _register_fake() -> None:
+    from ..ops import check_conv_bias_act_args
+
+    @torch.library.register_fake("resnet_fused::native_conv_bias_act")
+    def _fake(x, weight, bias, residual, stride, padding, dilation, groups, relu):
+        shape = check_conv_bias_act_args(x, weight, bias, residual, stride, padding, dilation, groups)
+        return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=output_memory_format(x))
+
+
+class NativeBackend(Backend):
+    name = "native"
+
+    def unavailable_reason(self) -> Optional[str]:
+        return _extension.load()
+
+    def runs_on(self, device_type: str, auto: bool = False) -> bool:
+        if device_type == "cpu":
+            return True
+        if device_type == "cuda":
+            return bool(_extension.extension_info().get("cuda")) and torch.cuda.is_available()
+        return False
+
+    def describe(self, x, weight, residual, stride, padding, dilation, groups) -> Optional[str]:
+        return torch.ops.resnet_fused.native_conv_bias_act_path(
+            x, weight, residual, list(stride), list(padding), list(dilation), groups
+        )
+
+    def run(self, x, weight, bias, residual, stride, padding, dilation, groups, relu) -> Tensor:
+        return torch.ops.resnet_fused.native_conv_bias_act(
+            x, weight, bias, residual, list(stride), list(padding), list(dilation), groups, relu
+        )
+
+
+if _extension.load() is None:
+    _register_fake()
+register(NativeBackend())

@@ -1,0 +1,340 @@
+"""The "native" backend: the compiled extension resnet_fused._C.
+
+On the CPU (CI) its C++ kernels run for real: oneDNN with fused post-ops for
+float32 (and bfloat16 where this CPU has oneDNN kernels for it, else computed in
+float32), conv + our epilogue pass for float64; every conv kind, random shapes
+(hypothesis), opcheck, whole models. The CUDA kernels are compile-checked here (the
+library holds sm_80 and sm_90 machine code) and run under the ``gpu`` marker.
+"""
+import copy
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import resnet_fused
+from resnet_fused import backends, ops
+from resnet_fused.bench import conv_layers
+from resnet_fused.testing import TOLERANCES, reference_conv_bias_act, relative_error, seeded_torchvision_model
+
+from test_conv_bias_act import CONV_KINDS, make_case
+
+INFO = resnet_fused.extension_info()
+#: CI sets this ("cpu" or "cuda") so that an extension that silently did not build fails.
+REQUIRED = os.environ.get("RESNET_FUSED_REQUIRE_EXTENSION", "")
+ON_GPU = torch.cuda.is_available()
+
+needs_extension = pytest.mark.skipif(INFO["error"] is not None, reason=f"native backend unavailable: {INFO['error']}")
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+
+
+@pytest.mark.skipif(not REQUIRED, reason="RESNET_FUSED_REQUIRE_EXTENSION is not set (CI sets it)")
+def test_extension_was_built_and_loads():
+    assert INFO["built"] and INFO["loaded"] and INFO["error"] is None, INFO
+    assert INFO["torch_version"] == torch.__version__
+    assert "native" in resnet_fused.available_backends("cpu")
+    if REQUIRED == "cuda":
+        assert INFO["cuda"] is True and INFO["cuda_archs"].split(";") == ["80", "90"], INFO
+
+
+def _cuobjdump():
+    from_triton = os.path.join(os.path.dirname(__import__("triton").__file__), "backends", "nvidia", "bin", "cuobjdump")
+    for candidate in (shutil.which("cuobjdump"), os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin",
+                                                                   "cuobjdump"), from_triton):
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+@needs_extension
+@pytest.mark.skipif(not INFO.get("cuda"), reason="this build has no CUDA kernels")
+def test_library_holds_machine_code_for_each_arch():
+    tool = _cuobjdump()
+    if tool is None:
+        pytest.skip("no cuobjdump on this machine")
+    listing = subprocess.run([tool, "--list-elf", INFO["path"]], capture_output=True, text=True, check=True).stdout
+    for arch in INFO["cuda_archs"].split(";"):
+        assert f".sm_{arch}." in listing, f"no sm_{arch} cubin in {INFO['path']}:\n{listing}"
+    ptx = subprocess.run([tool, "--list-ptx", INFO["path"]], capture_output=True, text=True, check=True).stdout
+    assert f"sm_{INFO['cuda_archs'].split(';')[-1]}" in ptx, ptx
+
+
+def run_native(x, weight, bias, res, s, p, d, g, relu):
+    assert ops.explain(x, weight, res, s, p, d, g, backend="native").startswith("runs on 'native'")
+    return ops.conv_bias_act(x, weight, bias, res, stride=s, padding=p, dilation=d, groups=g, relu=relu,
+                             backend="native")
+
+
+@needs_extension
+@pytest.mark.parametrize("kind", CONV_KINDS, ids=[k[0] for k in CONV_KINDS])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("residual", [False, True], ids=["no_residual", "residual"])
+@pytest.mark.parametrize("relu", [False, True], ids=["no_relu", "relu"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_cpu_conv_kinds_match_reference(gen, kind, dtype, residual, relu, channels_last):
+    _, n, c, h, w, k, r, s, p, d, g = kind
+    x, weight, bias, res = make_case(gen, n, c, h, w, k, r, s, p, d, g, dtype, residual, channels_last)
+    out = run_native(x, weight, bias, res, s, p, d, g, relu)
+    ref = reference_conv_bias_act(x, weight, bias, res, s, p, d, g, relu)
+    assert out.dtype == dtype and out.shape == ref.shape
+    assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    assert relative_error(out, ref) <= TOLERANCES[dtype]
+
+
+@needs_extension
+@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    n=st.integers(1, 3), c_per_group=st.integers(1, 12), k_per_group=st.integers(1, 12), groups=st.sampled_from([1, 2, 3]),
+    h=st.integers(1, 13), w=st.integers(1, 13), r=st.integers(1, 5), s=st.integers(1, 5),
+    stride=st.tuples(st.integers(1, 3), st.integers(1, 3)), padding=st.tuples(st.integers(0, 3), st.integers(0, 3)),
+    dilation=st.tuples(st.integers(1, 3), st.integers(1, 3)), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    residual=st.booleans(), relu=st.booleans(), channels_last=st.booleans(), seed=st.integers(0, 2**31 - 1),
+)
+def test_cpu_random_shapes_match_reference(n, c_per_group, k_per_group, groups, h, w, r, s, stride, padding, dilation,
+                                           dtype, residual, relu, channels_last, seed):
+    p = (h + 2 * padding[0] - dilation[0] * (r - 1) - 1) // stride[0] + 1
+    q = (w + 2 * padding[1] - dilation[1] * (s - 1) - 1) // stride[1] + 1
+    if p < 1 or q < 1:
+        return  # an empty output is rejected by the argument checks (tested below)
+    gen = torch.Generator().manual_seed(seed)
+    c, k = c_per_group * groups, k_per_group * groups
+    x = torch.randn(n, c, h, w, generator=gen).to(dtype)
+    weight = (torch.randn(k, c_per_group, r, s, generator=gen) / (c_per_group * r * s) ** 0.5).to(dtype)
+    bias = torch.randn(k, generator=gen).to(dtype)
+    res = torch.randn(n, k, p, q, generator=gen).to(dtype) if residual else None
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    out = run_native(x, weight, bias, res, list(stride), list(padding), list(dilation), groups, relu)
+    ref = reference_conv_bias_act(x, weight, bias, res, stride, padding, dilation, groups, relu)
+    assert relative_error(out, ref) <= TOLERANCES[dtype]
+
+
+@needs_extension
+def test_cpu_paths_are_explained(gen):
+    x, weight, _, res = make_case(gen, 2, 8, 6, 6, 8, 3, 1, 1, 1, 1, torch.float32, True)
+    assert "oneDNN conv with the bias and residual add as post-ops" in ops.explain(x, weight, res, padding=1)
+    x64, w64 = x.double(), weight.double()
+    assert "conv then one epilogue pass: oneDNN has no Double convolution" in ops.explain(x64, w64, padding=1)
+    text = ops.explain(x.bfloat16(), weight.bfloat16(), padding=1, backend="native")
+    assert "oneDNN" in text and text.startswith("runs on 'native'")
+
+
+@needs_extension
+def test_cpu_packed_weight_follows_in_place_edits_and_new_tensors(gen):
+    x, weight, bias, res = make_case(gen, 2, 8, 7, 7, 16, 3, 1, 1, 1, 1, torch.float32, True)
+    for _ in range(2):  # the second call is served from the packed-weight cache
+        out = ops.conv_bias_act(x, weight, bias, res, padding=1, backend="native")
+        assert relative_error(out, reference_conv_bias_act(x, weight, bias, res, 1, 1)) <= 1e-5
+    with torch.no_grad():
+        weight.mul_(-2.0)  # bumps the version counter: the packed copy is stale
+    out = ops.conv_bias_act(x, weight, bias, res, padding=1, backend="native")
+    assert relative_error(out, reference_conv_bias_act(x, weight, bias, res, 1, 1)) <= 1e-5
+    for _ in range(3):  # fresh weights, possibly at a recycled address, version 0 again
+        weight = torch.randn(16, 8, 3, 3, generator=gen)
+        out = ops.conv_bias_act(x, weight, bias, res, padding=1, backend="native")
+        assert relative_error(out, reference_conv_bias_act(x, weight, bias, res, 1, 1)) <= 1e-5
+
+
+@needs_extension
+def test_cpu_nan_reaches_the_output(gen):
+    """NaN propagates through conv + bias + residual? + ReLU as through torch.relu (oneDNN's
+    ReLU post-op would map it to 0), and through a whole fused ResNet."""
+    x, weight, bias, res = make_case(gen, 1, 8, 5, 5, 8, 3, 1, 1, 1, 1, torch.float32, True)
+    x[0, :, 2, 2] = float("nan")
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        for r in (res, None):
+            out = ops.conv_bias_act(x.to(dtype), weight.to(dtype), bias.to(dtype), None if r is None else r.to(dtype),
+                                    padding=1, backend="native")
+            ref = reference_conv_bias_act(x, weight, bias, r, 1, 1)
+            assert ref.isnan().any() and torch.equal(out.isnan(), ref.isnan()), dtype
+    tv_model = seeded_torchvision_model("resnet18", seed=3, calibration_size=8)
+    fused = resnet_fused.fuse(tv_model, backend="native")
+    images = torch.randn(3, 3, 32, 32, generator=gen)
+    images[1, :, 5, 7] = float("nan")
+    with torch.no_grad():
+        assert torch.equal(fused(images).isnan().any(1), tv_model(images).isnan().any(1))
+
+
+@needs_extension
+@pytest.mark.parametrize("case", [
+    ((2, 8, 9, 9), (16, 8, 3, 3), True, True, [1, 1], [1, 1], [1, 1], 1, True),
+    ((1, 6, 7, 8), (6, 2, 3, 3), True, False, [2, 1], [1, 0], [1, 2], 3, False),
+    ((2, 4, 5, 5), (8, 4, 1, 1), False, True, [1, 1], [0, 0], [1, 1], 1, True),
+], ids=["3x3_residual_relu", "grouped_dilated", "1x1_no_bias"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_cpu_opcheck(gen, case, dtype):
+    x_shape, w_shape, has_bias, has_res, s, p, d, g, relu = case
+    x = torch.randn(x_shape, generator=gen, dtype=dtype)
+    weight = torch.randn(w_shape, generator=gen, dtype=dtype)
+    bias = torch.randn(w_shape[0], generator=gen, dtype=dtype) if has_bias else None
+    out_shape = ops.check_conv_bias_act_args(x, weight, bias, None, s, p, d, g)
+    res = torch.randn(out_shape, generator=gen, dtype=dtype) if has_res else None
+    torch.library.opcheck(torch.ops.resnet_fused.native_conv_bias_act.default, (x, weight, bias, res, s, p, d, g, relu))
+
+
+@needs_extension
+@pytest.mark.parametrize("bad, message", [
+    (dict(x=torch.randn(2, 8, 5)), r"x should be 4-D \(N, C, H, W\), got 3-D with shape \(2, 8, 5\)"),
+    (dict(weight=torch.randn(16, 4, 3, 3)), r"x should have 4 channels .* got 8 channels in x of shape \(2, 8, 7, 7\)"),
+    (dict(bias=torch.randn(15)), r"bias should have shape \(16,\), got \(15,\)"),
+    (dict(residual=torch.randn(2, 16, 6, 6)), r"residual should have the output's shape \(2, 16, 7, 7\), got \(2, 16, 6, 6\)"),
+    (dict(residual=torch.randn(2, 16, 7, 7, dtype=torch.float64)), r"residual should be Float on cpu, got Double on cpu"),
+    (dict(weight=torch.randn(16, 8, 3, 3, dtype=torch.float64)), r"weight dtype should match x \(Float\), got Double"),
+    (dict(padding=[-1, 1]), r"padding should be two ints >= 0, got \[-1, 1\]"),
+    (dict(groups=3), r"weight's output channels \(16\) should be divisible by groups \(3\)"),
+    (dict(x=torch.randn(2, 8, 1, 1), padding=[0, 0]), r"the convolution output would be empty \(-1x-1\)"),
+], ids=["x_3d", "channels", "bias_shape", "residual_shape", "residual_dtype", "weight_dtype", "padding", "groups",
+        "empty_output"])
+def test_native_op_rejects_bad_input_clearly(bad, message):
+    args = dict(x=torch.randn(2, 8, 7, 7), weight=torch.randn(16, 8, 3, 3), bias=torch.randn(16), residual=None,
+                stride=[1, 1], padding=[1, 1], dilation=[1, 1], groups=1, relu=True)
+    args.update(bad)
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.resnet_fused.native_conv_bias_act(*args.values())
+
+
+@needs_extension
+def test_native_path_query_checks_its_arguments_too():
+    with pytest.raises(RuntimeError, match=r"x should be 4-D"):
+        torch.ops.resnet_fused.native_conv_bias_act_path(torch.randn(8, 5, 5), torch.randn(4, 8, 3, 3), None,
+                                                         [1, 1], [1, 1], [1, 1], 1)
+
+
+@needs_extension
+@pytest.mark.slow
+@pytest.mark.parametrize("arch, dtype", [("resnet18", torch.float32), ("resnet50", torch.float32),
+                                         ("resnext50_32x4d", torch.float32), ("resnet18", torch.bfloat16)])
+def test_cpu_whole_model_matches_torchvision(arch, dtype, gen):
+    tv_model = seeded_torchvision_model(arch, seed=17, calibration_size=32)
+    fused = resnet_fused.get_model(arch, backend="native")
+    fused.load_state_dict(tv_model.state_dict())
+    fused = fused.eval().to(dtype)
+    x = torch.randn(2, 3, 64, 64, generator=gen)
+    with torch.no_grad():
+        out = fused(x.to(dtype).contiguous(memory_format=torch.channels_last))
+        ref = copy.deepcopy(tv_model).double()(x.double())
+        own = copy.deepcopy(tv_model).to(dtype)(x.to(dtype))  # torchvision's own error at this dtype
+    assert relative_error(out, ref) <= max(TOLERANCES[dtype], 2 * relative_error(own, ref))
+
+
+def test_package_runs_without_the_extension():
+    """With the library absent (here: switched off), 'native' says why and the rest runs."""
+    code = (
+        "import torch, resnet_fused as rf\n"
+        "info = rf.extension_info()\n"
+        "assert info['error'] == 'disabled by RESNET_FUSED_DISABLE_EXTENSION', info\n"
+        "assert 'native' not in rf.available_backends()\n"
+        "x, w = torch.randn(1, 4, 6, 6), torch.randn(4, 4, 3, 3)\n"
+        "text = rf.explain(x, w, padding=1, backend='native')\n"
+        "assert text == \"runs on 'torch'; skipped 'native': disabled by RESNET_FUSED_DISABLE_EXTENSION\", text\n"
+        "y = rf.ops.conv_bias_act(x, w, padding=1, backend='native')\n"
+        "print('ok', tuple(y.shape))\n"
+    )
+    env = dict(os.environ, RESNET_FUSED_DISABLE_EXTENSION="1")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    assert "ok (1, 4, 6, 6)" in done.stdout
+
+
+def test_broken_library_warns_once_with_how_to_rebuild(tmp_path):
+    broken = tmp_path / "_C.so"
+    broken.write_bytes(b"not an ELF file")
+    code = (
+        "import warnings, resnet_fused._extension as e\n"
+        f"e._library_path = lambda: {str(broken)!r}\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    reason = e.load(); again = e.load()\n"
+        "assert reason == again and reason.startswith('resnet_fused._C failed to load'), reason\n"
+        "assert len(caught) == 1 and issubclass(caught[0].category, e.ExtensionWarning), caught\n"
+        "assert 'pip install --no-build-isolation -e .' in str(caught[0].message)\n"
+        "import resnet_fused as rf\n"
+        "assert 'native' not in rf.available_backends() and rf.extension_info()['error'] == reason\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=dict(os.environ, RESNET_FUSED_DISABLE_EXTENSION="0"))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"
+
+
+# ---- GPU --------------------------------------------------------------------------------
+
+GPU_NATIVE = ON_GPU and INFO.get("cuda") and INFO["error"] is None
+
+
+def _gpu_cases():
+    cases = []
+    for arch in ("resnet50", "resnext50_32x4d"):
+        for batch in (1, 32, 256):
+            cases += [(arch, batch, layer) for layer, _ in conv_layers(arch, batch, 224)]
+    return cases
+
+
+GPU_CASES = _gpu_cases()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(ON_GPU and not GPU_NATIVE, reason=f"no CUDA kernels in this build: {INFO}")
+@pytest.mark.parametrize("residual", [False, True], ids=["no_residual", "residual"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", GPU_CASES, ids=[f"{a}-b{b}-{l.name.replace(' ', '_')}" for a, b, l in GPU_CASES])
+def test_gpu_resnet_layers(case, dtype, residual):
+    _, batch, layer = case
+    gen = torch.Generator().manual_seed(batch)
+    x, weight, bias, res = layer.tensors(dtype, "cuda", gen)
+    if residual and res is None:
+        res = torch.randn(layer.n, layer.k, *layer.out_hw, generator=gen).to("cuda", dtype)
+        res = res.contiguous(memory_format=torch.channels_last)
+    elif not residual:
+        res = None
+    s, p, d, g = layer.stride, layer.padding, layer.dilation, layer.groups
+    path = ops.explain(x, weight, res, s, p, d, g, backend="native")
+    out = run_native(x, weight, bias, res, s, p, d, g, layer.relu)
+    ref = reference_conv_bias_act(x, weight, bias, res, s, p, d, g, layer.relu, device="cuda")
+    assert relative_error(out, ref) <= TOLERANCES[dtype], path
+    if layer.groups == 1 and layer.c % 8 == 0:
+        assert "CUTLASS" in path and "refused" not in path, path
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(ON_GPU and not GPU_NATIVE, reason=f"no CUDA kernels in this build: {INFO}")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+def test_gpu_stem_and_float32_fall_back_to_cudnn(gen, dtype):
+    x, weight, bias, _ = make_case(gen, 2, 3, 32, 32, 64, 7, 2, 3, 1, 1, dtype, False, channels_last=True)
+    x, weight, bias = x.cuda(), weight.cuda(), bias.cuda()
+    path = ops.explain(x, weight, None, 2, 3, 1, 1, backend="native")
+    assert "cuDNN" in path and "refused" in path, path
+    out = run_native(x, weight, bias, None, 2, 3, 1, 1, True)
+    tol = 5e-4 if dtype == torch.float32 else TOLERANCES[dtype]
+    assert relative_error(out, reference_conv_bias_act(x, weight, bias, None, 2, 3, device="cuda")) <= tol
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(ON_GPU and not GPU_NATIVE, reason=f"no CUDA kernels in this build: {INFO}")
+@pytest.mark.parametrize("arch", resnet_fused.ARCHS)
+def test_gpu_whole_model_parity(arch, gen):
+    tv_model = seeded_torchvision_model(arch, seed=5, calibration_size=32)
+    fused = resnet_fused.get_model(arch, backend="native")
+    fused.load_state_dict(tv_model.state_dict())
+    fused = fused.eval().cuda().half()
+    x = torch.randn(4, 3, 96, 96, generator=gen)
+    with torch.no_grad():
+        out = fused(x.cuda().half().contiguous(memory_format=torch.channels_last))
+        ref = copy.deepcopy(tv_model).double()(x.double())
+        own = copy.deepcopy(tv_model).cuda().half()(x.cuda().half())
+    assert relative_error(out, ref) <= max(TOLERANCES[torch.float16], 2 * relative_error(own, ref))
+
+
+def test_native_is_the_cpu_default_when_built(gen):
+    x, weight, _, _ = make_case(gen, 1, 4, 5, 5, 4, 3, 1, 1, 1, 1, torch.float32, False)
+    text = ops.explain(x, weight, padding=1)
+    if backends.unavailable_reason("native") is None:
+        assert text.startswith("runs on 'native'"), text
+    else:
+        assert text.startswith("runs on 'torch'; skipped 'native'"), text
