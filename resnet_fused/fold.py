@@ -98,7 +98,10 @@ class FoldCache:
         key = _state_key(tensors, bn.eps, channels_last)
         if key is not None and key == self._key:
             return self._value
-        with torch.no_grad():
+        # Outside inference mode even when called inside it: the folded tensors are then
+        # ordinary tensors with version counters, which kernels caching a packed copy
+        # of the weight (the native CPU backend) key on.
+        with torch.inference_mode(False), torch.no_grad():
             weight, bias = fold_modules(conv, bn)
             if channels_last:
                 weight = weight.contiguous(memory_format=torch.channels_last)

@@ -5,6 +5,8 @@ import sys
 
 import pytest
 
+import resnet_fused
+
 from resnet_fused import cli
 
 
@@ -14,14 +16,16 @@ def test_validate_writes_json_and_passes(tmp_path, capsys):
                      "--batch-size", "1", "--json", str(path), "--no-progress"])
     assert code == 0
     printed = capsys.readouterr().out
-    assert "resnet18" in printed and "PASS" in printed and "2 passed, 0 failed, 0 skipped" in printed
+    cpu_backends = resnet_fused.backends.default_backends("cpu")  # torch, and native where built
+    total = 2 * len(cpu_backends)
+    assert "resnet18" in printed and "PASS" in printed and f"{total} passed, 0 failed, 0 skipped" in printed
     data = json.loads(path.read_text())
     assert data["command"] == "validate"
     assert data["args"]["image_size"] == 32 and data["args"]["batch_size"] == 1
     assert {"torch", "resnet_fused", "backends"} <= set(data["environment"])
     rows = data["results"]
-    assert [(r["arch"], r["backend"], r["device"], r["dtype"]) for r in rows] == [
-        ("resnet18", "torch", "cpu", "float32"), ("resnext50_32x4d", "torch", "cpu", "float32")]
+    assert sorted((r["arch"], r["backend"], r["device"], r["dtype"]) for r in rows) == sorted(
+        (arch, backend, "cpu", "float32") for arch in ("resnet18", "resnext50_32x4d") for backend in cpu_backends)
     for r in rows:
         assert set(r) == {"arch", "backend", "device", "dtype", "max_abs_err", "rel_err", "torch_rel_err",
                           "tolerance", "status", "note", "seconds"}

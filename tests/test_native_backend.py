@@ -141,6 +141,35 @@ def test_cpu_packed_weight_follows_in_place_edits_and_new_tensors(gen):
 
 
 @needs_extension
+def test_cpu_inference_mode_weights_are_correct(gen):
+    """Inference tensors keep no version counter; the op packs such a weight per call."""
+    x, weight, bias, res = make_case(gen, 2, 8, 7, 7, 16, 3, 1, 1, 1, 1, torch.float32, True)
+    with torch.inference_mode():
+        w = weight.clone()
+        first = ops.conv_bias_act(x, w, bias, res, padding=1, backend="native")
+        w.mul_(-1.0)  # in place, no version bump
+        second = ops.conv_bias_act(x, w, bias, res, padding=1, backend="native")
+    assert relative_error(first, reference_conv_bias_act(x, weight, bias, res, 1, 1)) <= 1e-5
+    assert relative_error(second, reference_conv_bias_act(x, -weight, bias, res, 1, 1)) <= 1e-5
+
+
+@needs_extension
+def test_cpu_fused_model_under_inference_mode_follows_weight_edits(gen):
+    tv_model = seeded_torchvision_model("resnet18", seed=2, calibration_size=8)
+    fused = resnet_fused.fuse(tv_model, backend="native")
+    x = torch.randn(2, 3, 32, 32, generator=gen)
+    with torch.inference_mode():
+        before = fused(x)
+    with torch.no_grad():
+        fused.layer1[0].conv1.weight.mul_(0.5)
+        tv_model.layer1[0].conv1.weight.mul_(0.5)
+    with torch.inference_mode():
+        after = fused(x)
+        ref = copy.deepcopy(tv_model).double()(x.double())
+    assert relative_error(after, ref) <= 1e-5 and relative_error(before, ref) > 1e-3
+
+
+@needs_extension
 def test_cpu_nan_reaches_the_output(gen):
     """NaN propagates through conv + bias + residual? + ReLU as through torch.relu (oneDNN's
     ReLU post-op would map it to 0), and through a whole fused ResNet."""

@@ -114,6 +114,11 @@ class PackedWeightCache {
  public:
   // ``source`` is the caller's weight; ``weight`` the same values in the compute dtype.
   at::Tensor get(const at::Tensor& source, const at::Tensor& weight, const ConvGeometry& g, at::IntArrayRef x_sizes) {
+    if (source.is_inference()) {
+      // No version counter: an in-place edit could not be seen, so no caching (the
+      // fused modules fold outside inference mode, so their weights are cached).
+      return pack(weight, g, x_sizes);
+    }
     std::vector<int64_t> key{reinterpret_cast<int64_t>(source.unsafeGetTensorImpl()),
                              static_cast<int64_t>(source._version()),
                              static_cast<int64_t>(weight.scalar_type()),
@@ -125,8 +130,7 @@ class PackedWeightCache {
     if (it != entries_.end() && it->second.source.lock().get() == source.unsafeGetTensorImpl()) {
       return it->second.packed;
     }
-    at::Tensor packed = at::mkldnn_reorder_conv2d_weight(weight.contiguous().to_mkldnn(), g.padding, g.stride,
-                                                         g.dilation, g.groups, x_sizes);
+    at::Tensor packed = pack(weight, g, x_sizes);
     if (entries_.size() >= kMaxEntries) {
       evict_expired();
     }
@@ -135,6 +139,11 @@ class PackedWeightCache {
   }
 
  private:
+  static at::Tensor pack(const at::Tensor& weight, const ConvGeometry& g, at::IntArrayRef x_sizes) {
+    return at::mkldnn_reorder_conv2d_weight(weight.contiguous().to_mkldnn(), g.padding, g.stride, g.dilation,
+                                            g.groups, x_sizes);
+  }
+
   // ResNet-152 has 155 convs; a few batch sizes of it fit.
   static constexpr size_t kMaxEntries = 1024;
 

@@ -21,6 +21,7 @@
 #include <map>
 #include <mutex>
 #include <string>
+#include <tuple>
 
 #include "../../cutlass/conv_bias_act.h"
 #include "../conv_bias_act.h"
@@ -86,6 +87,9 @@ cc::ConvBiasActProblem problem_for(const at::Tensor& x, const at::Tensor& weight
 std::string cutlass_refusal(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& residual,
                             const ConvGeometry& g, const std::array<int64_t, 4>& out, bool relu) {
   const auto dtype = x.scalar_type();
+  if (x.numel() == 0) {
+    return "empty input";
+  }
   if (dtype != at::kHalf && dtype != at::kBFloat16) {
     return std::string("the CUTLASS kernels take float16 and bfloat16, got ") + c10::toString(dtype);
   }
@@ -161,20 +165,38 @@ at::Tensor cutlass_conv_bias_act(const at::Tensor& x, const at::Tensor& weight, 
   return y;
 }
 
+// Unfused, always correct: conv with bias, then the residual add and ReLU in place.
+at::Tensor generic_conv_bias_act(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                 const std::optional<at::Tensor>& residual, const ConvGeometry& g, bool relu,
+                                 at::MemoryFormat fmt) {
+  at::Tensor y = at::convolution(x, weight, bias, g.stride, g.padding, g.dilation, false, {0, 0}, g.groups);
+  y = y.contiguous(fmt);
+  if (residual.has_value()) y.add_(*residual);
+  if (relu) y.relu_();
+  return y;
+}
+
 at::Tensor cudnn_conv_bias_act(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                                const std::optional<at::Tensor>& residual, const ConvGeometry& g, bool relu,
                                at::MemoryFormat fmt) {
+  if (!relu) {
+    return generic_conv_bias_act(x, weight, bias, residual, g, relu, fmt);
+  }
   at::Tensor y;
-  if (relu && residual.has_value()) {
-    y = at::cudnn_convolution_add_relu(x, weight, residual->contiguous(x.suggest_memory_format()), 1, bias, g.stride,
-                                       g.padding, g.dilation, g.groups);
-  } else if (relu) {
-    y = at::cudnn_convolution_relu(x, weight, bias, g.stride, g.padding, g.dilation, g.groups);
-  } else {
-    y = at::convolution(x, weight, bias, g.stride, g.padding, g.dilation, false, {0, 0}, g.groups);
-    if (residual.has_value()) {
-      y.add_(*residual);
-    }
+  try {
+    y = residual.has_value()
+            ? at::cudnn_convolution_add_relu(x, weight, residual->contiguous(x.suggest_memory_format()), 1, bias,
+                                             g.stride, g.padding, g.dilation, g.groups)
+            : at::cudnn_convolution_relu(x, weight, bias, g.stride, g.padding, g.dilation, g.groups);
+  } catch (const c10::Error& e) {
+    // cuDNN's runtime-fusion engines do not take every shape and dtype; the unfused
+    // ops always run. Say so once, not once per call.
+    static std::once_flag warned;
+    std::call_once(warned, [&] {
+      TORCH_WARN("resnet_fused: cuDNN's fused conv+ReLU refused a call (", e.what_without_backtrace(),
+                 "); running conv, add and ReLU unfused where it does");
+    });
+    return generic_conv_bias_act(x, weight, bias, residual, g, relu, fmt);
   }
   return y.is_contiguous(fmt) ? y : y.contiguous(fmt);
 }
@@ -186,16 +208,6 @@ std::string cudnn_path(const at::Tensor& x, bool relu, bool residual) {
   if (relu && residual) return "cudnn_convolution_add_relu";
   if (relu) return "cudnn_convolution_relu";
   return residual ? "conv with bias, then the residual add" : "conv with bias";
-}
-
-at::Tensor generic_conv_bias_act(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                                 const std::optional<at::Tensor>& residual, const ConvGeometry& g, bool relu,
-                                 at::MemoryFormat fmt) {
-  at::Tensor y = at::convolution(x, weight, bias, g.stride, g.padding, g.dilation, false, {0, 0}, g.groups);
-  y = y.contiguous(fmt);
-  if (residual.has_value()) y.add_(*residual);
-  if (relu) y.relu_();
-  return y;
 }
 
 at::Tensor native_conv_bias_act_cuda(const at::Tensor& x, const at::Tensor& weight,
