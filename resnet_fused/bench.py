@@ -145,6 +145,7 @@ def time_fn(
     min_time_s: float = 0.0,
     cuda_graph: bool = False,
     buffers: int = 2,
+    out_times: Optional[list] = None,
 ) -> Timing:
     """Time ``fn(i)`` (``i`` picks the input buffer) after ``warmup`` calls.
 
@@ -152,7 +153,8 @@ def time_fn(
     Runs at least ``runs`` times and at least ``min_time_s`` seconds.
     ``cuda_graph``: capture ``fn(i)`` for each of ``buffers`` inputs after the warm-up
     and time graph replays, so the host's dispatch cost (tens of microseconds, as
-    long as a small kernel) stays out of a kernel's time.
+    long as a small kernel) stays out of a kernel's time. ``out_times``: a list the
+    raw per-run milliseconds are appended to.
     """
     device = torch.device(device)
     for i in range(warmup):
@@ -165,7 +167,8 @@ def time_fn(
             with torch.cuda.graph(graph):
                 fn(b)
             graphs.append(graph)
-        return time_fn(lambda i: graphs[i % buffers].replay(), device, warmup=2, runs=runs, min_time_s=min_time_s)
+        return time_fn(lambda i: graphs[i % buffers].replay(), device, warmup=2, runs=runs, min_time_s=min_time_s,
+                       out_times=out_times)
     times: list[float] = []
     start_wall = time.perf_counter()
     i = 0
@@ -191,6 +194,13 @@ def time_fn(
             i += 1
             if len(times) >= 1000:
                 break
+    if out_times is not None:
+        out_times.extend(times)
+    return timing_of(times)
+
+
+def timing_of(times: Sequence[float]) -> Timing:
+    """Median, p10 and p90 of per-run milliseconds."""
     return Timing(statistics.median(times), _quantile(times, 0.1), _quantile(times, 0.9), len(times))
 
 
@@ -339,8 +349,13 @@ def run_model_bench(
     warmup: int = 5,
     buffers: int = 3,
     on_row: Optional[Callable[[dict], None]] = None,
+    rounds: int = 1,
 ) -> list[dict]:
     """Time every provider at every batch size; one row (a dict) per pair.
+
+    ``rounds`` > 1 splits each provider's ``runs`` into that many rounds taken in turn
+    (A, B, C, A, B, C, ...), so a machine whose speed drifts (a shared CPU) slows every
+    provider alike; the row pools all its runs.
 
     A provider that fails (say, torch.compile on a machine without a compiler) gets a
     row with its error instead of ending the run. Ratios to ``eager_nchw`` and to
@@ -349,29 +364,48 @@ def run_model_bench(
     tv_model = seeded_model(arch, image_size)
     gen = torch.Generator().manual_seed(1)
     rows = []
+    rounds = max(1, min(rounds, runs))
     for batch in batch_sizes:
         inputs = [torch.randn(batch, 3, image_size, image_size, generator=gen).to(device, dtype)
                   for _ in range(buffers)]
-        batch_rows = []
-        for provider in providers:
-            row = {"arch": arch, "provider": provider, "batch_size": batch, "dtype": str(dtype).removeprefix("torch."),
-                   "device": str(device), "image_size": image_size, "error": None, "median_ms": None,
-                   "p10_ms": None, "p90_ms": None, "runs": 0, "images_per_s": None, "setup_s": None,
-                   "vs_eager": None, "vs_compile": None}
-            try:
-                run, setup_s = model_runner(provider, arch, tv_model, inputs[0])
-                with torch.inference_mode():
-                    timing = time_fn(lambda i: run(inputs[i % buffers]), device, warmup=warmup, runs=runs)
-                row.update(timing.as_dict(), setup_s=setup_s, images_per_s=batch / (timing.median_ms / 1e3))
-            except Exception as exc:  # reported in the row and the exit code, never swallowed
-                row["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0]
-            finally:
+        batch_rows = {}
+        runners: dict[str, Callable[[Tensor], Tensor]] = {}
+        times: dict[str, list] = {p: [] for p in providers}
+        for round_ in range(rounds):
+            for provider in providers:
+                row = batch_rows.setdefault(provider, {
+                    "arch": arch, "provider": provider, "batch_size": batch,
+                    "dtype": str(dtype).removeprefix("torch."), "device": str(device), "image_size": image_size,
+                    "error": None, "median_ms": None, "p10_ms": None, "p90_ms": None, "runs": 0,
+                    "images_per_s": None, "setup_s": None, "vs_eager": None, "vs_compile": None})
+                if row["error"]:
+                    continue
                 run = None
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-            batch_rows.append(row)
-            if on_row is not None:
-                on_row(row)
+                try:
+                    if provider in runners:
+                        run = runners[provider]
+                    else:
+                        run, row["setup_s"] = model_runner(provider, arch, tv_model, inputs[0])
+                    share = runs // rounds + (1 if round_ < runs % rounds else 0)
+                    with torch.inference_mode():
+                        time_fn(lambda i: run(inputs[i % buffers]), device, warmup=warmup if round_ == 0 else 1,
+                                runs=share, out_times=times[provider])
+                    if rounds > 1:
+                        runners[provider] = run  # kept for the next round
+                except Exception as exc:  # reported in the row and the exit code, never swallowed
+                    row["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0]
+                finally:
+                    run = None
+                    if device.type == "cuda" and rounds == 1:
+                        torch.cuda.empty_cache()
+                if round_ == rounds - 1 or row["error"]:
+                    if not row["error"]:
+                        timing = timing_of(times[provider])
+                        row.update(timing.as_dict(), images_per_s=batch / (timing.median_ms / 1e3))
+                    if on_row is not None:
+                        on_row(row)
+        runners.clear()
+        batch_rows = list(batch_rows.values())
         by_name = {r["provider"]: r for r in batch_rows if not r["error"]}
         for r in batch_rows:
             if r["error"]:

@@ -179,6 +179,9 @@ def _add_bench(sub) -> None:
     p.add_argument("--cuda-graphs", action="store_true", help="also time each fused provider as a CUDA graph")
     p.add_argument("--runs", type=_positive_int, default=30, help="timed runs per provider (default 30)")
     p.add_argument("--warmup", type=_positive_int, default=5, help="untimed runs first (default 5)")
+    p.add_argument("--rounds", type=_positive_int, default=1,
+                   help="split the runs into this many rounds taken in turn across providers, so a machine whose "
+                        "speed drifts (a shared CPU) slows them alike (default 1)")
     p.add_argument("--json", metavar="PATH", help="write the results as JSON to PATH")
     p.add_argument("--plot", metavar="PATH", help="draw images/s per provider into a PNG at PATH")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -227,7 +230,7 @@ def _cmd_bench(args, parser) -> int:
                 _write_bench_json(args, batch_sizes, dtype, device, providers, done_rows)
 
         rows = run_model_bench(args.arch, batch_sizes, providers, device, dtype, args.image_size,
-                               runs=args.runs, warmup=args.warmup, on_row=advance)
+                               runs=args.runs, warmup=args.warmup, on_row=advance, rounds=args.rounds)
     table = Table(title=f"resnet_fused bench: {args.arch}, {args.image_size}x{args.image_size}, "
                         f"{str(dtype).removeprefix('torch.')}, {environment().get('gpu', 'cpu')}")
     for col in ("batch", "provider", "images/s", "median ms", "p10 ms", "p90 ms", "setup s", "x eager", "x compile"):
@@ -257,7 +260,8 @@ def _write_bench_json(args, batch_sizes, dtype, device, providers, rows) -> None
     payload = {
         "command": "bench",
         "args": {"arch": args.arch, "batch_size": batch_sizes, "dtype": str(dtype), "device": str(device),
-                 "providers": providers, "image_size": args.image_size, "runs": args.runs, "warmup": args.warmup},
+                 "providers": providers, "image_size": args.image_size, "runs": args.runs, "warmup": args.warmup,
+                 "rounds": args.rounds},
         "environment": environment(),
         "results": rows,
     }

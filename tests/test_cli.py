@@ -6,7 +6,6 @@ import sys
 import pytest
 
 import resnet_fused
-
 from resnet_fused import cli
 
 
@@ -108,6 +107,34 @@ def test_bench_writes_table_json_and_plot(tmp_path, capsys):
         assert r["vs_eager"] == pytest.approx(r["images_per_s"] / next(
             e["images_per_s"] for e in rows if e["provider"] == "eager_nchw" and e["batch_size"] == r["batch_size"]))
     assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_rounds_take_providers_in_turn_and_pool_runs(monkeypatch, tmp_path):
+    import resnet_fused.bench as bench
+
+    order, built = [], []
+    real_runner, real_time = bench.model_runner, bench.time_fn
+
+    def runner(provider, *args):
+        built.append(provider)
+        return real_runner(provider, *args)
+
+    def timed(fn, device, warmup=5, runs=30, **kw):
+        order.append(runs)
+        return real_time(fn, device, warmup=warmup, runs=runs, **kw)
+
+    monkeypatch.setattr(bench, "model_runner", runner)
+    monkeypatch.setattr(bench, "time_fn", timed)
+    json_path = tmp_path / "r.json"
+    code = cli.main(["bench", "--arch", "resnet18", "--image-size", "32", "--batch-size", "1", "--runs", "7",
+                     "--warmup", "1", "--rounds", "3", "--providers", "eager_nchw", "fused_torch", "--device", "cpu",
+                     "--json", str(json_path), "--no-progress"])
+    assert code == 0
+    assert built == ["eager_nchw", "fused_torch"]  # each set up once, kept across rounds
+    assert order == [3, 3, 2, 2, 2, 2]  # A B A B A B, 7 runs split 3 + 2 + 2
+    data = json.loads(json_path.read_text())
+    assert data["args"]["rounds"] == 3
+    assert [r["runs"] for r in data["results"]] == [7, 7]
 
 
 def test_bench_reports_a_failing_provider_and_exits_nonzero(monkeypatch, capsys):
