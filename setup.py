@@ -78,7 +78,7 @@ def _archs() -> list[int]:
     try:
         archs = sorted({int(a.strip().replace(".", "")) for a in text.replace(",", ";").split(";") if a.strip()})
     except ValueError:
-        raise SystemExit(f"RESNET_FUSED_CUDA_ARCHS should be like '80;90', got {text!r}")
+        raise SystemExit(f"RESNET_FUSED_CUDA_ARCHS should be like '80;90', got {text!r}") from None
     if not archs or min(archs) < 80:
         raise SystemExit(f"RESNET_FUSED_CUDA_ARCHS: the CUTLASS kernels need sm_80 or newer, got {text!r}")
     return archs
@@ -116,14 +116,16 @@ def _extension():
     with_cuda = bool(nvcc and cutlass)
     if not with_cuda:
         why = "RESNET_FUSED_BUILD_CUDA=0" if want_cuda == "0" else (
-            "no CUDA toolkit found (set CUDA_HOME to the directory holding bin/nvcc)" if not nvcc else "nvidia-cutlass is not installed (pip install nvidia-cutlass)")
+            "no CUDA toolkit found (set CUDA_HOME to the directory holding bin/nvcc)" if not nvcc
+            else "nvidia-cutlass is not installed (pip install nvidia-cutlass)")
         if want_cuda == "1":
             raise SystemExit(f"RESNET_FUSED_BUILD_CUDA=1 but the CUDA part cannot be built: {why}")
         _say(f"CPU kernels only: {why}")
 
     generated = os.path.join("build", "generated")
     defines = {"RESNET_FUSED_TORCH_VERSION": torch.__version__}
-    sources = sorted(glob.glob(os.path.join(CSRC, "ops", "*.cpp")) + glob.glob(os.path.join(CSRC, "ops", "cpu", "*.cpp")))
+    sources = sorted(glob.glob(os.path.join(CSRC, "ops", "*.cpp")))
+    sources += sorted(glob.glob(os.path.join(CSRC, "ops", "cpu", "*.cpp")))
     cxx = ["-O3", "-g0", "-include", os.path.join(ROOT, generated, "build_config.h")]
     include_dirs = [os.path.join(ROOT, CSRC)]
     jobs = os.environ.get("MAX_JOBS", str(os.cpu_count() or 1))

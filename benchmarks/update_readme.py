@@ -33,10 +33,36 @@ def newest_results() -> pathlib.Path | None:
     return max(found)[1] if found else None
 
 
+CPU_RESULTS = ROOT / "benchmarks" / "results" / "cpu_2core" / "models.json"
+
+
+def cpu_section() -> str:
+    """Ratios only: absolute times from a shared 2-core CPU are not worth quoting."""
+    if not CPU_RESULTS.exists():
+        return ""
+    data = json.loads(CPU_RESULTS.read_text())
+    rows = [r for r in data["results"] if not r["error"]]
+    args = data["args"]
+    lines = [
+        f"CPU, the project's 2-core machine, {args['arch']} {args['image_size']}px float32, providers interleaved in "
+        f"{args.get('rounds', 1)} rounds (`resnet-fused bench --device cpu ... --rounds {args.get('rounds', 1)}`; "
+        f"source: `{CPU_RESULTS.relative_to(ROOT)}`), ratios of medians:",
+        "",
+        "| batch | provider | × eager NCHW | × optimize_for_inference |",
+        "|---|---|---|---|",
+    ]
+    for r in rows:
+        ofi = next((b for b in rows if b["provider"] == "jit_optimized" and b["batch_size"] == r["batch_size"]), None)
+        vs_ofi = f"{r['images_per_s'] / ofi['images_per_s']:.2f}" if ofi else "-"
+        vs_eager = f"{r['vs_eager']:.2f}" if r.get("vs_eager") else "-"
+        lines.append(f"| {r['batch_size']} | {r['provider']} | {vs_eager} | {vs_ofi} |")
+    return "\n".join(lines) + "\n"
+
+
 def section() -> str:
     path = newest_results()
     if path is None:
-        return "Not yet measured on a GPU.\n\n" + ANCHORS
+        return "Not yet measured on a GPU.\n\n" + cpu_section() + "\n" + ANCHORS
     data = json.loads(path.read_text())
     env = data["environment"]
     rel = path.relative_to(ROOT)
@@ -51,6 +77,9 @@ def section() -> str:
     plot = path.parent / "models.png"
     if plot.exists():
         lines += [f"![images/s per provider]({plot.relative_to(ROOT)})", ""]
+    cpu = cpu_section()
+    if cpu:
+        lines += [cpu]
     lines.append(ANCHORS)
     return "\n".join(lines)
 

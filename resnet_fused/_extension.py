@@ -20,7 +20,8 @@ import torch
 
 __all__ = ["extension_info", "load", "ExtensionWarning"]
 
-REBUILD = "rebuild it with `pip install --no-build-isolation -e .` (needs a C++ compiler; nvcc and nvidia-cutlass for CUDA)"
+REBUILD = ("rebuild it with `pip install --no-build-isolation -e .` "
+           "(needs a C++ compiler; nvcc and nvidia-cutlass for CUDA)")
 
 
 class ExtensionWarning(UserWarning):

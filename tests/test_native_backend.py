@@ -89,7 +89,8 @@ def test_cpu_conv_kinds_match_reference(gen, kind, dtype, residual, relu, channe
 @needs_extension
 @settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    n=st.integers(1, 3), c_per_group=st.integers(1, 12), k_per_group=st.integers(1, 12), groups=st.sampled_from([1, 2, 3]),
+    n=st.integers(1, 3), c_per_group=st.integers(1, 12), k_per_group=st.integers(1, 12),
+    groups=st.sampled_from([1, 2, 3]),
     h=st.integers(1, 13), w=st.integers(1, 13), r=st.integers(1, 5), s=st.integers(1, 5),
     stride=st.tuples(st.integers(1, 3), st.integers(1, 3)), padding=st.tuples(st.integers(0, 3), st.integers(0, 3)),
     dilation=st.tuples(st.integers(1, 3), st.integers(1, 3)), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
@@ -211,8 +212,10 @@ def test_cpu_opcheck(gen, case, dtype):
     (dict(x=torch.randn(2, 8, 5)), r"x should be 4-D \(N, C, H, W\), got 3-D with shape \(2, 8, 5\)"),
     (dict(weight=torch.randn(16, 4, 3, 3)), r"x should have 4 channels .* got 8 channels in x of shape \(2, 8, 7, 7\)"),
     (dict(bias=torch.randn(15)), r"bias should have shape \(16,\), got \(15,\)"),
-    (dict(residual=torch.randn(2, 16, 6, 6)), r"residual should have the output's shape \(2, 16, 7, 7\), got \(2, 16, 6, 6\)"),
-    (dict(residual=torch.randn(2, 16, 7, 7, dtype=torch.float64)), r"residual should be Float on cpu, got Double on cpu"),
+    (dict(residual=torch.randn(2, 16, 6, 6)),
+     r"residual should have the output's shape \(2, 16, 7, 7\), got \(2, 16, 6, 6\)"),
+    (dict(residual=torch.randn(2, 16, 7, 7, dtype=torch.float64)),
+     r"residual should be Float on cpu, got Double on cpu"),
     (dict(weight=torch.randn(16, 8, 3, 3, dtype=torch.float64)), r"weight dtype should match x \(Float\), got Double"),
     (dict(padding=[-1, 1]), r"padding should be two ints >= 0, got \[-1, 1\]"),
     (dict(groups=3), r"weight's output channels \(16\) should be divisible by groups \(3\)"),
@@ -312,7 +315,8 @@ GPU_CASES = _gpu_cases()
 @pytest.mark.skipif(ON_GPU and not GPU_NATIVE, reason=f"no CUDA kernels in this build: {INFO}")
 @pytest.mark.parametrize("residual", [False, True], ids=["no_residual", "residual"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("case", GPU_CASES, ids=[f"{a}-b{b}-{l.name.replace(' ', '_')}" for a, b, l in GPU_CASES])
+@pytest.mark.parametrize("case", GPU_CASES,
+                         ids=[f"{a}-b{b}-{layer.name.replace(' ', '_')}" for a, b, layer in GPU_CASES])
 def test_gpu_resnet_layers(case, dtype, residual):
     _, batch, layer = case
     gen = torch.Generator().manual_seed(batch)
