@@ -22,9 +22,12 @@ log = logging.getLogger("resnet_fused")
 #: Every backend name the package knows, whether or not this machine can run it.
 BACKEND_NAMES = ("torch", "triton", "native")
 
-#: What backend="auto" tries, fastest first, by device type.
+#: What backend="auto" tries, fastest first, by device type. On CUDA the Triton
+#: backend leads: it is the one measured on a GPU (benchmarks/NOTES.md); the native
+#: CUTLASS kernels compile for sm_80/sm_90 but have not run on one yet, and take the
+#: lead when a GPU session shows them right and faster.
 AUTO_ORDER = {
-    "cuda": ("native", "triton", "torch"),
+    "cuda": ("triton", "native", "torch"),
     "cpu": ("native", "torch"),
 }
 
