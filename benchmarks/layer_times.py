@@ -7,40 +7,50 @@ import json
 import sys
 
 import torch
-
-from resnet_fused import ops
-from resnet_fused.bench import conv_layers, eager_conv_bn_add_relu, time_fn
-
 import torch.nn.functional as F
 
+from resnet_fused import backends, ops
+from resnet_fused.bench import conv_layers, eager_conv_bn_add_relu, time_fn
 
-def main(batch: int = 256, out_path: str | None = None) -> None:
-    device, dtype = torch.device("cuda"), torch.float16
+
+def main(batch: int = 256, out_path: str | None = None, device: str = "cuda", arch: str = "resnet50") -> None:
+    device, dtype = torch.device(device), torch.float16 if device == "cuda" else torch.float32
+    fused = [b for b in ("triton", "native") if b in backends.default_backends(device)]
+    names = [f"fused_{b}" for b in fused] + ["cudnn_conv", "eager_conv_bn_add_relu"]
     rows = []
-    print("layer | count | triton ms | cudnn conv ms | eager conv+bn+add+relu ms | triton/cudnn | triton/eager", flush=True)
-    for layer, count in conv_layers("resnet50", batch, 224):
+    print("layer | count | " + " | ".join(f"{n} ms" for n in names) + " | "
+          + " | ".join(f"{n}/cudnn {n}/eager" for n in names[:len(fused)]), flush=True)
+    for layer, count in conv_layers(arch, batch, 224):
         gen = torch.Generator().manual_seed(0)
         sets = [layer.tensors(dtype, device, gen) for _ in range(2)]
         bn = [t.to(device, dtype) for t in (torch.randn(layer.k), torch.rand(layer.k) + 0.5,
                                             torch.rand(layer.k) + 0.5, torch.randn(layer.k))]
-        calls = {
-            "fused_triton": lambda i: ops.conv_bias_act(*sets[i % 2], layer.stride, layer.padding, layer.dilation,
-                                                        layer.groups, layer.relu, backend="triton"),
-            "cudnn_conv": lambda i: F.conv2d(sets[i % 2][0], sets[i % 2][1], None, layer.stride, layer.padding,
-                                             layer.dilation, layer.groups),
-            "eager_conv_bn_add_relu": lambda i: eager_conv_bn_add_relu(layer, sets[i % 2][0], sets[i % 2][1],
-                                                                       sets[i % 2][3], bn),
-        }
+
+        def fused_call(backend, layer=layer, sets=sets):
+            return lambda i: ops.conv_bias_act(*sets[i % 2], layer.stride, layer.padding, layer.dilation,
+                                               layer.groups, layer.relu, backend=backend)
+
+        calls = {f"fused_{b}": fused_call(b) for b in fused}
+        calls["cudnn_conv"] = lambda i, layer=layer, sets=sets: F.conv2d(
+            sets[i % 2][0], sets[i % 2][1], None, layer.stride, layer.padding, layer.dilation, layer.groups)
+        calls["eager_conv_bn_add_relu"] = lambda i, layer=layer, sets=sets, bn=bn: eager_conv_bn_add_relu(
+            layer, sets[i % 2][0], sets[i % 2][1], sets[i % 2][3], bn)
         row = {"layer": layer.name, "count": count, "batch": batch, "flops": layer.flops}
+        if "native" in fused:
+            x, w, _, r = sets[0]
+            row["native_path"] = ops.explain(x, w, r, layer.stride, layer.padding, layer.dilation, layer.groups,
+                                             backend="native")
         with torch.inference_mode():
             for name, call in calls.items():
                 row[name] = time_fn(call, device, warmup=3, runs=20, cuda_graph=True).median_ms
         rows.append(row)
-        t, c, e = row["fused_triton"], row["cudnn_conv"], row["eager_conv_bn_add_relu"]
-        print(f"{layer.name} | {count} | {t:.3f} | {c:.3f} | {e:.3f} | {t / c:.2f} | {t / e:.2f}", flush=True)
+        c, e = row["cudnn_conv"], row["eager_conv_bn_add_relu"]
+        print(f"{layer.name} | {count} | " + " | ".join(f"{row[n]:.3f}" for n in names) + " | "
+              + " | ".join(f"{row[n] / c:.2f} {row[n] / e:.2f}" for n in names[:len(fused)]), flush=True)
         if out_path:
-            json.dump(rows, open(out_path, "w"), indent=1)
-    for name in ("fused_triton", "cudnn_conv", "eager_conv_bn_add_relu"):
+            with open(out_path, "w") as f:
+                json.dump(rows, f, indent=1)
+    for name in names:
         print(f"count-weighted total {name}: {sum(r[name] * r['count'] for r in rows):.3f} ms", flush=True)
 
 

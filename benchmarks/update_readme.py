@@ -48,14 +48,15 @@ def cpu_section() -> str:
         f"{args.get('rounds', 1)} rounds (`resnet-fused bench --device cpu ... --rounds {args.get('rounds', 1)}`; "
         f"source: `{CPU_RESULTS.relative_to(ROOT)}`), ratios of medians:",
         "",
-        "| batch | provider | × eager NCHW | × optimize_for_inference |",
-        "|---|---|---|---|",
+        "| batch | provider | × eager NCHW | × optimize_for_inference | × torch.compile |",
+        "|---|---|---|---|---|",
     ]
     for r in rows:
         ofi = next((b for b in rows if b["provider"] == "jit_optimized" and b["batch_size"] == r["batch_size"]), None)
         vs_ofi = f"{r['images_per_s'] / ofi['images_per_s']:.2f}" if ofi else "-"
         vs_eager = f"{r['vs_eager']:.2f}" if r.get("vs_eager") else "-"
-        lines.append(f"| {r['batch_size']} | {r['provider']} | {vs_eager} | {vs_ofi} |")
+        vs_compile = f"{r['vs_compile']:.2f}" if r.get("vs_compile") else "-"
+        lines.append(f"| {r['batch_size']} | {r['provider']} | {vs_eager} | {vs_ofi} | {vs_compile} |")
     return "\n".join(lines) + "\n"
 
 

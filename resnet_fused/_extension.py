@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 import torch
 
-__all__ = ["extension_info", "load", "ExtensionWarning"]
+__all__ = ["extension_info", "has_cuda_kernels", "load", "ExtensionWarning"]
 
 REBUILD = ("rebuild it with `pip install --no-build-isolation -e .` "
            "(needs a C++ compiler; nvcc and nvidia-cutlass for CUDA)")
@@ -62,8 +62,14 @@ def load() -> Optional[str]:
     return None
 
 
+@functools.lru_cache(maxsize=None)
 def _build_info() -> dict[str, Any]:
     return json.loads(torch.ops.resnet_fused.native_build_info())
+
+
+def has_cuda_kernels() -> bool:
+    """True when the library is usable and holds its CUDA kernels."""
+    return load() is None and bool(_build_info().get("cuda"))
 
 
 def extension_info() -> dict[str, Any]:

@@ -10,6 +10,7 @@ from typing import Optional, Sequence
 import torch
 
 from . import __version__, backends
+from ._extension import extension_info
 from .models import ARCHS
 from .testing import parse_dtype
 
@@ -50,6 +51,7 @@ def environment() -> dict:
         "platform": platform.platform(),
         "cuda_available": torch.cuda.is_available(),
         "backends": backends.available_backends(),
+        "extension": extension_info(),
     }
     try:
         import triton

@@ -337,6 +337,40 @@ def test_gpu_resnet_layers(case, dtype, residual):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(ON_GPU and not GPU_NATIVE, reason=f"no CUDA kernels in this build: {INFO}")
+@pytest.mark.parametrize("tile", ["128x128", "64x64"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [
+    (2, 64, 15, 17, 64, 3, 1, 1, 1, True),     # odd H/W, K = 64
+    (3, 128, 14, 14, 256, 1, 2, 0, 1, False),  # 1x1 stride 2 (downsample), no ReLU
+    (2, 256, 9, 9, 512, 3, 1, 2, 2, True),     # dilation 2
+    (1, 512, 7, 7, 2048, 1, 1, 0, 1, True),    # batch 1, 49 rows
+], ids=["odd_k64", "1x1_stride2", "dilation2", "batch1_7x7"])
+def test_gpu_every_cutlass_tile_is_correct(monkeypatch, gen, tile, dtype, shape):
+    """The heuristic may pick either tile: each must be right for every conv kind."""
+    n, c, h, w, k, r, s, p, d, relu = shape
+    monkeypatch.setenv("RESNET_FUSED_CUTLASS_TILE", tile)
+    for residual in (False, True):
+        x, weight, bias, res = make_case(gen, n, c, h, w, k, r, s, p, d, 1, dtype, residual, channels_last=True)
+        x, weight, bias = x.cuda(), weight.cuda().contiguous(memory_format=torch.channels_last), bias.cuda()
+        res = None if res is None else res.cuda()
+        path = ops.explain(x, weight, res, s, p, d, 1, backend="native")
+        assert f"CUTLASS sm80 implicit GEMM, {tile} tile" in path, path
+        out = run_native(x, weight, bias, res, s, p, d, 1, relu)
+        ref = reference_conv_bias_act(x, weight, bias, res, s, p, d, 1, relu, device="cuda")
+        assert relative_error(out, ref) <= TOLERANCES[dtype], (tile, residual)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(ON_GPU and not GPU_NATIVE, reason=f"no CUDA kernels in this build: {INFO}")
+def test_gpu_unknown_tile_is_a_clear_error(monkeypatch, gen):
+    monkeypatch.setenv("RESNET_FUSED_CUTLASS_TILE", "96x96")
+    x, weight, bias, _ = make_case(gen, 1, 64, 8, 8, 64, 3, 1, 1, 1, 1, torch.float16, False, channels_last=True)
+    with pytest.raises(RuntimeError, match="RESNET_FUSED_CUTLASS_TILE should be auto, 128x128 or 64x64, got '96x96'"):
+        run_native(x.cuda(), weight.cuda(), bias.cuda(), None, 1, 1, 1, 1, True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(ON_GPU and not GPU_NATIVE, reason=f"no CUDA kernels in this build: {INFO}")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
 def test_gpu_stem_and_float32_fall_back_to_cudnn(gen, dtype):
     x, weight, bias, _ = make_case(gen, 2, 3, 32, 32, 64, 7, 2, 3, 1, 1, dtype, False, channels_last=True)

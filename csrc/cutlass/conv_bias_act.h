@@ -13,6 +13,20 @@ namespace cutlass_conv {
 
 enum class Element { kFloat16, kBFloat16 };
 
+// Threadblock tiles compiled in, each for both element types and both activations:
+// 128x128 (3 stages) for large problems, 64x64 (4 stages) for small ones (few output
+// rows at batch 1, or 64 output channels) where a 128x128 grid leaves SMs idle.
+enum class Tile { k128x128, k64x64 };
+
+// One instantiation.
+struct KernelKey {
+  Element element;
+  Tile tile;
+  bool relu;
+};
+
+const char* tile_name(Tile tile);
+
 struct ConvBiasActProblem {
   const void* x;         // N x H x W x C, packed NHWC
   const void* weight;    // K x R x S x C, packed KRSC (a channels_last (K, C, R, S) weight)
@@ -21,21 +35,20 @@ struct ConvBiasActProblem {
   void* y;               // N x P x Q x K packed NHWC
   int n, h, w, c, k, r, s, p, q;
   int pad_h, pad_w, stride_h, stride_w, dilation_h, dilation_w;
-  bool relu;
 };
 
 // nullptr when the kernel takes the problem, else why it does not.
-const char* can_implement(Element element, const ConvBiasActProblem& problem);
+const char* can_implement(const KernelKey& key, const ConvBiasActProblem& problem);
 
 // nullptr when the current device can run the kernel (this build has its machine
 // code or PTX for the device's architecture), else why not.
-const char* check_device(Element element, bool relu);
+const char* check_device(const KernelKey& key);
 
 // Bytes of device workspace `run` needs (0 for these kernels; asked for all the same).
-size_t workspace_size(Element element, const ConvBiasActProblem& problem);
+size_t workspace_size(const KernelKey& key, const ConvBiasActProblem& problem);
 
 // Launches on `stream`. nullptr on success, else what failed.
-const char* run(Element element, const ConvBiasActProblem& problem, void* workspace, cudaStream_t stream);
+const char* run(const KernelKey& key, const ConvBiasActProblem& problem, void* workspace, cudaStream_t stream);
 
 }  // namespace cutlass_conv
 }  // namespace resnet_fused

@@ -7,8 +7,8 @@
 //   Z = Act(Plus(Identity(accumulator + bias), beta * C))
 // with the bias as the broadcast vector and C the residual (beta = 1). Without a
 // residual, C is the bias again with all strides 0 and beta = 0, so the source read
-// stays in bounds and finite. Act is ReLu or Identity (a template argument, hence two
-// instantiations per element type).
+// stays in bounds and finite. Act is ReLu (which keeps NaN) or Identity; with two
+// element types and two tiles that makes 8 instantiations, one per .cu file.
 #pragma once
 
 #include "cutlass/cutlass.h"
@@ -25,7 +25,24 @@
 namespace resnet_fused {
 namespace cutlass_conv {
 
-template <typename ElementT, template <typename> class Activation>
+template <int M, int N>
+struct TileShape;
+
+template <>
+struct TileShape<128, 128> {  // 4 warps of 64x64, 3 stages: 96 KiB of shared memory
+  using Threadblock = cutlass::gemm::GemmShape<128, 128, 64>;
+  using Warp = cutlass::gemm::GemmShape<64, 64, 64>;
+  static constexpr int kStages = 3;
+};
+
+template <>
+struct TileShape<64, 64> {  // 4 warps of 32x32, 4 stages: 64 KiB
+  using Threadblock = cutlass::gemm::GemmShape<64, 64, 64>;
+  using Warp = cutlass::gemm::GemmShape<32, 32, 64>;
+  static constexpr int kStages = 4;
+};
+
+template <typename ElementT, template <typename> class Activation, int TileM, int TileN>
 struct ConvBiasActSm80 {
   using Element = ElementT;
   using ElementAccumulator = float;
@@ -37,13 +54,12 @@ struct ConvBiasActSm80 {
       Element, ElementAccumulator, ElementCompute, Element, kAlignment,
       cutlass::epilogue::thread::Identity, cutlass::plus, Activation>;
 
-  // 128x128x64 threadblock tile, 4 warps of 64x64, 3 stages (96 KiB of shared memory).
+  using Tile = TileShape<TileM, TileN>;
   using Kernel = typename cutlass::conv::kernel::DefaultConv2dFpropWithBroadcast<
       Element, Layout, Element, Layout, Element, Layout, ElementAccumulator,
       cutlass::arch::OpClassTensorOp, cutlass::arch::Sm80,
-      cutlass::gemm::GemmShape<128, 128, 64>, cutlass::gemm::GemmShape<64, 64, 64>,
-      cutlass::gemm::GemmShape<16, 8, 16>, EpilogueOp,
-      cutlass::gemm::threadblock::GemmIdentityThreadblockSwizzle<4>, 3, cutlass::arch::OpMultiplyAdd,
+      typename Tile::Threadblock, typename Tile::Warp, cutlass::gemm::GemmShape<16, 8, 16>, EpilogueOp,
+      cutlass::gemm::threadblock::GemmIdentityThreadblockSwizzle<4>, Tile::kStages, cutlass::arch::OpMultiplyAdd,
       cutlass::conv::IteratorAlgorithm::kOptimized>::Kernel;
 
   using Conv = cutlass::conv::device::ImplicitGemmConvolution<Kernel>;
@@ -104,10 +120,10 @@ struct ConvBiasActSm80 {
 
 // Defines the four entry points of one instantiation, named NAME_{can_implement,
 // check_device,workspace_size,run}, declared in conv_bias_act_sm80_dispatch.cpp.
-#define RESNET_FUSED_CONV_BIAS_ACT_SM80(NAME, ELEMENT, ACTIVATION)                                          \
+#define RESNET_FUSED_CONV_BIAS_ACT_SM80(NAME, ELEMENT, ACTIVATION, TILE_M, TILE_N)                          \
   namespace resnet_fused {                                                                                   \
   namespace cutlass_conv {                                                                                   \
-  using NAME##_t = ConvBiasActSm80<ELEMENT, ACTIVATION>;                                                     \
+  using NAME##_t = ConvBiasActSm80<ELEMENT, ACTIVATION, TILE_M, TILE_N>;                                     \
   const char* NAME##_can_implement(const ConvBiasActProblem& pr) { return NAME##_t::can_implement(pr); }     \
   const char* NAME##_check_device() { return NAME##_t::check_device(); }                                     \
   size_t NAME##_workspace_size(const ConvBiasActProblem& pr) { return NAME##_t::workspace_size(pr); }        \

@@ -1,4 +1,4 @@
-// Picks the instantiation for an element type and activation. Torch-free and
+// Picks the instantiation for a (element type, tile, activation). Torch-free and
 // CUTLASS-free: the templates live in the conv_bias_act_sm80_*.cu units.
 #include "conv_bias_act.h"
 
@@ -11,10 +11,14 @@ namespace cutlass_conv {
   size_t NAME##_workspace_size(const ConvBiasActProblem& pr);                            \
   const char* NAME##_run(const ConvBiasActProblem& pr, void* ws, cudaStream_t stream);
 
-RESNET_FUSED_DECLARE(sm80_f16_relu)
-RESNET_FUSED_DECLARE(sm80_f16_linear)
-RESNET_FUSED_DECLARE(sm80_bf16_relu)
-RESNET_FUSED_DECLARE(sm80_bf16_linear)
+RESNET_FUSED_DECLARE(sm80_f16_relu_128x128)
+RESNET_FUSED_DECLARE(sm80_f16_linear_128x128)
+RESNET_FUSED_DECLARE(sm80_f16_relu_64x64)
+RESNET_FUSED_DECLARE(sm80_f16_linear_64x64)
+RESNET_FUSED_DECLARE(sm80_bf16_relu_128x128)
+RESNET_FUSED_DECLARE(sm80_bf16_linear_128x128)
+RESNET_FUSED_DECLARE(sm80_bf16_relu_64x64)
+RESNET_FUSED_DECLARE(sm80_bf16_linear_64x64)
 #undef RESNET_FUSED_DECLARE
 
 namespace {
@@ -25,28 +29,40 @@ struct Entry {
   const char* (*run)(const ConvBiasActProblem&, void*, cudaStream_t);
 };
 
-Entry entry(Element element, bool relu) {
-  if (element == Element::kFloat16) {
-    return relu ? Entry{sm80_f16_relu_can_implement, sm80_f16_relu_check_device, sm80_f16_relu_workspace_size, sm80_f16_relu_run}
-                : Entry{sm80_f16_linear_can_implement, sm80_f16_linear_check_device, sm80_f16_linear_workspace_size, sm80_f16_linear_run};
-  }
-  return relu ? Entry{sm80_bf16_relu_can_implement, sm80_bf16_relu_check_device, sm80_bf16_relu_workspace_size, sm80_bf16_relu_run}
-              : Entry{sm80_bf16_linear_can_implement, sm80_bf16_linear_check_device, sm80_bf16_linear_workspace_size, sm80_bf16_linear_run};
+#define ENTRY(NAME) Entry{NAME##_can_implement, NAME##_check_device, NAME##_workspace_size, NAME##_run}
+
+// [element][tile][relu]
+const Entry kEntries[2][2][2] = {
+    {  // float16
+        {ENTRY(sm80_f16_linear_128x128), ENTRY(sm80_f16_relu_128x128)},
+        {ENTRY(sm80_f16_linear_64x64), ENTRY(sm80_f16_relu_64x64)},
+    },
+    {  // bfloat16
+        {ENTRY(sm80_bf16_linear_128x128), ENTRY(sm80_bf16_relu_128x128)},
+        {ENTRY(sm80_bf16_linear_64x64), ENTRY(sm80_bf16_relu_64x64)},
+    },
+};
+#undef ENTRY
+
+const Entry& entry(const KernelKey& key) {
+  return kEntries[static_cast<int>(key.element)][static_cast<int>(key.tile)][key.relu ? 1 : 0];
 }
 }  // namespace
 
-const char* can_implement(Element element, const ConvBiasActProblem& problem) {
-  return entry(element, problem.relu).can_implement(problem);
+const char* tile_name(Tile tile) { return tile == Tile::k128x128 ? "128x128" : "64x64"; }
+
+const char* can_implement(const KernelKey& key, const ConvBiasActProblem& problem) {
+  return entry(key).can_implement(problem);
 }
 
-const char* check_device(Element element, bool relu) { return entry(element, relu).check_device(); }
+const char* check_device(const KernelKey& key) { return entry(key).check_device(); }
 
-size_t workspace_size(Element element, const ConvBiasActProblem& problem) {
-  return entry(element, problem.relu).workspace_size(problem);
+size_t workspace_size(const KernelKey& key, const ConvBiasActProblem& problem) {
+  return entry(key).workspace_size(problem);
 }
 
-const char* run(Element element, const ConvBiasActProblem& problem, void* workspace, cudaStream_t stream) {
-  return entry(element, problem.relu).run(problem, workspace, stream);
+const char* run(const KernelKey& key, const ConvBiasActProblem& problem, void* workspace, cudaStream_t stream) {
+  return entry(key).run(problem, workspace, stream);
 }
 
 }  // namespace cutlass_conv

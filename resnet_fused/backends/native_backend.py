@@ -45,7 +45,7 @@ class NativeBackend(Backend):
         if device_type == "cpu":
             return True
         if device_type == "cuda":
-            return bool(_extension.extension_info().get("cuda")) and torch.cuda.is_available()
+            return _extension.has_cuda_kernels() and torch.cuda.is_available()
         return False
 
     def describe(self, x, weight, residual, stride, padding, dilation, groups) -> Optional[str]:

@@ -112,16 +112,16 @@ struct PackedWeight {
 
 class PackedWeightCache {
  public:
-  // ``source`` is the caller's weight; ``weight`` the same values in the compute dtype.
-  at::Tensor get(const at::Tensor& source, const at::Tensor& weight, const ConvGeometry& g, at::IntArrayRef x_sizes) {
+  // ``source`` is the caller's weight, packed in the ``compute`` dtype.
+  at::Tensor get(const at::Tensor& source, at::ScalarType compute, const ConvGeometry& g, at::IntArrayRef x_sizes) {
     if (source.is_inference()) {
       // No version counter: an in-place edit could not be seen, so no caching (the
       // fused modules fold outside inference mode, so their weights are cached).
-      return pack(weight, g, x_sizes);
+      return pack(source.to(compute), g, x_sizes);
     }
     std::vector<int64_t> key{reinterpret_cast<int64_t>(source.unsafeGetTensorImpl()),
                              static_cast<int64_t>(source._version()),
-                             static_cast<int64_t>(weight.scalar_type()),
+                             static_cast<int64_t>(compute),
                              g.stride[0], g.stride[1], g.padding[0], g.padding[1],
                              g.dilation[0], g.dilation[1], g.groups};
     key.insert(key.end(), x_sizes.begin(), x_sizes.end());
@@ -130,7 +130,7 @@ class PackedWeightCache {
     if (it != entries_.end() && it->second.source.lock().get() == source.unsafeGetTensorImpl()) {
       return it->second.packed;
     }
-    at::Tensor packed = pack(weight, g, x_sizes);
+    at::Tensor packed = pack(source.to(compute), g, x_sizes);
     if (entries_.size() >= kMaxEntries) {
       evict_expired();
     }
@@ -171,7 +171,7 @@ at::Tensor onednn_conv_bias_act(const at::Tensor& x, const at::Tensor& weight, c
                                 const std::optional<at::Tensor>& residual, const ConvGeometry& g, bool relu,
                                 at::ScalarType compute, at::MemoryFormat fmt) {
   const at::Tensor xc = x.to(compute).contiguous(fmt);
-  const at::Tensor packed = packed_weights().get(weight, weight.to(compute), g, xc.sizes());
+  const at::Tensor packed = packed_weights().get(weight, compute, g, xc.sizes());
   const std::vector<int64_t> padding(g.padding.begin(), g.padding.end());
   const std::vector<int64_t> stride(g.stride.begin(), g.stride.end());
   const std::vector<int64_t> dilation(g.dilation.begin(), g.dilation.end());

@@ -17,6 +17,7 @@
 
 #include <cuda_runtime_api.h>
 
+#include <cstdlib>
 #include <limits>
 #include <map>
 #include <mutex>
@@ -32,37 +33,61 @@ namespace {
 
 namespace cc = resnet_fused::cutlass_conv;
 
-int device_capability(int device) {
+struct DeviceFacts {
+  int capability;  // major * 10 + minor
+  int sm_count;
+};
+
+const DeviceFacts& device_facts(int device) {
   static std::mutex mutex;
-  static std::map<int, int> cache;
+  static std::map<int, DeviceFacts> cache;
   std::lock_guard<std::mutex> lock(mutex);
   auto it = cache.find(device);
   if (it != cache.end()) {
     return it->second;
   }
-  int major = 0, minor = 0;
+  int major = 0, minor = 0, sms = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
-  return cache[device] = major * 10 + minor;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  return cache[device] = DeviceFacts{major * 10 + minor, sms};
 }
 
-// Whether this build carries code for the device, per (device, element, relu).
-const char* kernel_image_error(int device, cc::Element element, bool relu) {
+// Whether this build carries code for the device, per (device, instantiation).
+const char* kernel_image_error(int device, const cc::KernelKey& key) {
   static std::mutex mutex;
-  static std::map<std::tuple<int, int, bool>, const char*> cache;
+  static std::map<std::tuple<int, int, int, bool>, const char*> cache;
   std::lock_guard<std::mutex> lock(mutex);
-  const auto key = std::make_tuple(device, static_cast<int>(element), relu);
-  auto it = cache.find(key);
+  const auto k = std::make_tuple(device, static_cast<int>(key.element), static_cast<int>(key.tile), key.relu);
+  auto it = cache.find(k);
   if (it != cache.end()) {
     return it->second;
   }
-  return cache[key] = cc::check_device(element, relu);
+  return cache[k] = cc::check_device(key);
+}
+
+// RESNET_FUSED_CUTLASS_TILE=128x128|64x64 forces a tile (for measuring); else the
+// 64x64 tile where a 128x128 grid would not cover the GPU twice or the conv has at
+// most 64 output channels (half of a 128-wide tile would idle).
+cc::Tile choose_tile(const cc::ConvBiasActProblem& p, int device) {
+  const char* forced = std::getenv("RESNET_FUSED_CUTLASS_TILE");
+  if (forced != nullptr && *forced != '\0' && std::string(forced) != "auto") {
+    if (std::string(forced) == "128x128") return cc::Tile::k128x128;
+    if (std::string(forced) == "64x64") return cc::Tile::k64x64;
+    TORCH_CHECK(false, "RESNET_FUSED_CUTLASS_TILE should be auto, 128x128 or 64x64, got '", forced, "'");
+  }
+  const int64_t rows = static_cast<int64_t>(p.n) * p.p * p.q;
+  const int64_t tiles = ((rows + 127) / 128) * ((p.k + 127) / 128);
+  if (p.k <= 64 || tiles < 2 * device_facts(device).sm_count) {
+    return cc::Tile::k64x64;
+  }
+  return cc::Tile::k128x128;
 }
 
 bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0; }
 
 cc::ConvBiasActProblem problem_for(const at::Tensor& x, const at::Tensor& weight, const ConvGeometry& g,
-                                   const std::array<int64_t, 4>& out, bool relu) {
+                                   const std::array<int64_t, 4>& out) {
   cc::ConvBiasActProblem p{};
   p.n = static_cast<int>(x.size(0));
   p.c = static_cast<int>(x.size(1));
@@ -79,8 +104,12 @@ cc::ConvBiasActProblem problem_for(const at::Tensor& x, const at::Tensor& weight
   p.stride_w = static_cast<int>(g.stride[1]);
   p.dilation_h = static_cast<int>(g.dilation[0]);
   p.dilation_w = static_cast<int>(g.dilation[1]);
-  p.relu = relu;
   return p;
+}
+
+cc::KernelKey kernel_key(const at::Tensor& x, const cc::ConvBiasActProblem& p, bool relu) {
+  return cc::KernelKey{x.scalar_type() == at::kHalf ? cc::Element::kFloat16 : cc::Element::kBFloat16,
+                       choose_tile(p, x.get_device()), relu};
 }
 
 // Empty when the CUTLASS kernel takes the call, else why not.
@@ -93,7 +122,7 @@ std::string cutlass_refusal(const at::Tensor& x, const at::Tensor& weight, const
   if (dtype != at::kHalf && dtype != at::kBFloat16) {
     return std::string("the CUTLASS kernels take float16 and bfloat16, got ") + c10::toString(dtype);
   }
-  const int capability = device_capability(x.get_device());
+  const int capability = device_facts(x.get_device()).capability;
   if (capability < 80) {
     return "compute capability " + std::to_string(capability / 10) + "." + std::to_string(capability % 10) +
            " (the CUTLASS kernels need 8.0+)";
@@ -119,11 +148,12 @@ std::string cutlass_refusal(const at::Tensor& x, const at::Tensor& weight, const
   if (!aligned16(x) || !aligned16(weight) || (residual.has_value() && !aligned16(*residual))) {
     return "a tensor whose data is not 16-byte aligned";
   }
-  const auto element = dtype == at::kHalf ? cc::Element::kFloat16 : cc::Element::kBFloat16;
-  if (const char* why = kernel_image_error(x.get_device(), element, relu)) {
+  const cc::ConvBiasActProblem problem = problem_for(x, weight, g, out);
+  const cc::KernelKey key = kernel_key(x, problem, relu);
+  if (const char* why = kernel_image_error(x.get_device(), key)) {
     return why;
   }
-  if (const char* why = cc::can_implement(element, problem_for(x, weight, g, out, relu))) {
+  if (const char* why = cc::can_implement(key, problem)) {
     return std::string("CUTLASS can_implement: ") + why;
   }
   return "";
@@ -146,19 +176,19 @@ at::Tensor cutlass_conv_bias_act(const at::Tensor& x, const at::Tensor& weight, 
     }
   }
   at::Tensor y = at::empty({out[0], out[1], out[2], out[3]}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
-  cc::ConvBiasActProblem p = problem_for(x, weight, g, out, relu);
+  cc::ConvBiasActProblem p = problem_for(x, weight, g, out);
   p.x = xc.const_data_ptr();
   p.weight = wc.const_data_ptr();
   p.bias = b.const_data_ptr();
   p.residual = r.defined() ? r.const_data_ptr() : nullptr;
   p.y = y.data_ptr();
-  const auto element = x.scalar_type() == at::kHalf ? cc::Element::kFloat16 : cc::Element::kBFloat16;
-  const size_t workspace_bytes = cc::workspace_size(element, p);
+  const cc::KernelKey key = kernel_key(x, p, relu);
+  const size_t workspace_bytes = cc::workspace_size(key, p);
   at::Tensor workspace;
   if (workspace_bytes > 0) {
     workspace = at::empty({static_cast<int64_t>(workspace_bytes)}, x.options().dtype(at::kByte));
   }
-  const char* error = cc::run(element, p, workspace.defined() ? workspace.data_ptr() : nullptr,
+  const char* error = cc::run(key, p, workspace.defined() ? workspace.data_ptr() : nullptr,
                               c10::cuda::getCurrentCUDAStream(x.get_device()).stream());
   TORCH_CHECK(error == nullptr, "resnet_fused native CUDA conv failed: ", error, " (x ", shape_str(x.sizes()),
               ", weight ", shape_str(weight.sizes()), ", ", x.scalar_type(), ")");
@@ -234,7 +264,9 @@ std::string native_conv_bias_act_path_cuda(const at::Tensor& x, const at::Tensor
   // The path is the same with and without ReLU except for cuDNN's op name; report the ReLU case.
   const std::string why = cutlass_refusal(x, weight, residual, g, out, /*relu=*/true);
   if (why.empty()) {
-    return "CUTLASS sm80 implicit GEMM with the bias, residual and ReLU epilogue fused";
+    const cc::Tile tile = choose_tile(problem_for(x, weight, g, out), x.get_device());
+    return std::string("CUTLASS sm80 implicit GEMM, ") + cc::tile_name(tile) +
+           " tile, with the bias, residual and ReLU epilogue fused";
   }
   const std::string fallback = cudnn_path(x, true, residual.has_value());
   if (fallback == "cuDNN is off" || x.numel() == 0) {

@@ -1,4 +1,0 @@
-// One instantiation per translation unit, so the build runs them in parallel.
-#include "conv_bias_act_sm80.cuh"
-
-RESNET_FUSED_CONV_BIAS_ACT_SM80(sm80_f16_relu, cutlass::half_t, cutlass::epilogue::thread::ReLu)
