@@ -79,6 +79,8 @@ def check_conv_bias_act_args(
         raise ValueError(f"groups should be a positive int, got {groups!r}")
     n, c = x.shape[0], x.shape[1]
     k, c_per_group = weight.shape[0], weight.shape[1]
+    if k < 1:
+        raise ValueError(f"weight should have at least one output channel, got shape {tuple(weight.shape)}")
     if k % groups != 0:
         raise ValueError(f"weight's output channels ({k}) should be divisible by groups ({groups})")
     if c != c_per_group * groups:

@@ -129,6 +129,8 @@ BAD_INPUTS = [
     ("dtype mismatch", lambda x, w: (x, w.double(), {}), ValueError, r"weight dtype should match x \(torch.float32\), got torch.float64"),
     ("wrong channel count", lambda x, w: (x[:, :3], w, {}), ValueError, r"x should have 4 channels .* got 3 channels"),
     ("groups do not divide", lambda x, w: (x, w, {"groups": 4}), ValueError, r"divisible by groups"),
+    ("no output channels", lambda x, w: (x, w[:0], {}), ValueError,
+     r"weight should have at least one output channel, got shape \(0, 4, 3, 3\)"),
     ("device mismatch", lambda x, w: (x, w.to("meta"), {}), ValueError, r"weight should be on x's device \(cpu\), got meta"),
     ("bias shape", lambda x, w: (x, w, {"bias": torch.zeros(5)}), ValueError, r"bias should have shape \(6,\), got \(5,\)"),
     ("bias dtype", lambda x, w: (x, w, {"bias": torch.zeros(6, dtype=torch.float64)}), ValueError, r"bias should be torch.float32"),

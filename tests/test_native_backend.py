@@ -139,6 +139,9 @@ def test_cpu_packed_weight_follows_in_place_edits_and_new_tensors(gen):
         weight = torch.randn(16, 8, 3, 3, generator=gen)
         out = ops.conv_bias_act(x, weight, bias, res, padding=1, backend="native")
         assert relative_error(out, reference_conv_bias_act(x, weight, bias, res, 1, 1)) <= 1e-5
+    weight.data = torch.randn(16, 8, 3, 3, generator=gen)  # same tensor and version, new storage
+    out = ops.conv_bias_act(x, weight, bias, res, padding=1, backend="native")
+    assert relative_error(out, reference_conv_bias_act(x, weight, bias, res, 1, 1)) <= 1e-5
 
 
 @needs_extension
@@ -219,15 +222,25 @@ def test_cpu_opcheck(gen, case, dtype):
     (dict(weight=torch.randn(16, 8, 3, 3, dtype=torch.float64)), r"weight dtype should match x \(Float\), got Double"),
     (dict(padding=[-1, 1]), r"padding should be two ints >= 0, got \[-1, 1\]"),
     (dict(groups=3), r"weight's output channels \(16\) should be divisible by groups \(3\)"),
+    (dict(weight=torch.randn(0, 8, 3, 3), bias=None),
+     r"weight should have at least one output channel, got shape \(0, 8, 3, 3\)"),
     (dict(x=torch.randn(2, 8, 1, 1), padding=[0, 0]), r"the convolution output would be empty \(-1x-1\)"),
 ], ids=["x_3d", "channels", "bias_shape", "residual_shape", "residual_dtype", "weight_dtype", "padding", "groups",
-        "empty_output"])
+        "no_output_channels", "empty_output"])
 def test_native_op_rejects_bad_input_clearly(bad, message):
     args = dict(x=torch.randn(2, 8, 7, 7), weight=torch.randn(16, 8, 3, 3), bias=torch.randn(16), residual=None,
                 stride=[1, 1], padding=[1, 1], dilation=[1, 1], groups=1, relu=True)
     args.update(bad)
     with pytest.raises(RuntimeError, match=message):
         torch.ops.resnet_fused.native_conv_bias_act(*args.values())
+
+
+@needs_extension
+def test_cpu_empty_batch_gives_an_empty_output(gen):
+    x, weight, bias, _ = make_case(gen, 1, 8, 6, 6, 4, 3, 1, 1, 1, 1, torch.float32, False)
+    out = ops.conv_bias_act(x[:0], weight, bias, padding=1, backend="native")
+    assert out.shape == (0, 4, 6, 6)
+    assert "empty input" in ops.explain(x[:0], weight, padding=1, backend="native")
 
 
 @needs_extension

@@ -27,10 +27,11 @@ struct KernelKey {
 
 const char* tile_name(Tile tile);
 
+// Every pointer 16-byte aligned.
 struct ConvBiasActProblem {
   const void* x;         // N x H x W x C, packed NHWC
   const void* weight;    // K x R x S x C, packed KRSC (a channels_last (K, C, R, S) weight)
-  const void* bias;      // K values, the element type
+  const void* bias;      // K values, the element type, or nullptr (zeros)
   const void* residual;  // N x P x Q x K packed NHWC, or nullptr
   void* y;               // N x P x Q x K packed NHWC
   int n, h, w, c, k, r, s, p, q;

@@ -6,8 +6,9 @@
 // epilogue is LinearCombinationResidualBlock with a broadcast vector:
 //   Z = Act(Plus(Identity(accumulator + bias), beta * C))
 // with the bias as the broadcast vector and C the residual (beta = 1). Without a
-// residual, C is the bias again with all strides 0 and beta = 0, so the source read
-// stays in bounds and finite. Act is ReLu (which keeps NaN) or Identity; with two
+// residual C is a null pointer: CUTLASS's source iterator then reads nothing and
+// leaves its fragment zero (predicated_tile_iterator.h: "Null pointer performs no
+// accesses"), and beta = 0. A null bias likewise reads as zeros. Act is ReLu (which keeps NaN) or Identity; with two
 // element types and two tiles that makes 8 instantiations, one per .cu file.
 #pragma once
 
@@ -74,12 +75,11 @@ struct ConvBiasActSm80 {
     auto* bias = static_cast<Element*>(const_cast<void*>(pr.bias));
     auto* residual = static_cast<Element*>(const_cast<void*>(pr.residual));
     auto* y = static_cast<Element*>(pr.y);
-    Ref ref_c = residual ? Ref(residual, Layout::packed({pr.n, pr.p, pr.q, pr.k}))
-                         : Ref(bias, Layout(typename Layout::Stride(0)));
+    const Layout out_layout = Layout::packed({pr.n, pr.p, pr.q, pr.k});
     typename EpilogueOp::Params epilogue(ElementCompute(1), ElementCompute(residual ? 1 : 0));
     return typename Conv::Arguments(size, Ref(x, Layout::packed({pr.n, pr.h, pr.w, pr.c})),
-                                    Ref(w, Layout::packed({pr.k, pr.r, pr.s, pr.c})), ref_c,
-                                    Ref(y, Layout::packed({pr.n, pr.p, pr.q, pr.k})), epilogue,
+                                    Ref(w, Layout::packed({pr.k, pr.r, pr.s, pr.c})), Ref(residual, out_layout),
+                                    Ref(y, out_layout), epilogue,
                                     cutlass::conv::SplitKMode::kSerial, bias, nullptr, 0, 0);
   }
 
@@ -108,6 +108,7 @@ struct ConvBiasActSm80 {
       status = conv.run(stream);
     }
     if (status != cutlass::Status::kSuccess) {
+      cudaGetLastError();  // a failed setup call must not surface in an unrelated later check
       return cutlassGetStatusString(status);
     }
     cudaError_t error = cudaGetLastError();

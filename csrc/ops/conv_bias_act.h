@@ -55,6 +55,7 @@ inline std::pair<ConvGeometry, std::array<int64_t, 4>> check_conv_bias_act_args(
               dilation);
   TORCH_CHECK(groups >= 1, "groups should be a positive int, got ", groups);
   const int64_t n = x.size(0), c = x.size(1), k = weight.size(0), c_per_group = weight.size(1);
+  TORCH_CHECK(k >= 1, "weight should have at least one output channel, got shape ", shape_str(weight.sizes()));
   TORCH_CHECK(k % groups == 0, "weight's output channels (", k, ") should be divisible by groups (", groups, ")");
   TORCH_CHECK(c == c_per_group * groups, "x should have ", c_per_group * groups, " channels (weight ",
               shape_str(weight.sizes()), " with groups=", groups, "), got ", c, " channels in x of shape ",

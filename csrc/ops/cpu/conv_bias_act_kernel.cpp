@@ -79,14 +79,14 @@ bool onednn_has_dtype(at::ScalarType dtype) {
   }
 }
 
-std::pair<CpuPath, std::string> choose_path(const at::Tensor& x) {
+std::pair<CpuPath, std::string> choose_path(const at::Tensor& x, const at::Tensor& weight) {
   const auto& ops = onednn_ops();
   if (!ops.unary || !ops.binary) {
     return {CpuPath::kConvThenEpilogue,
             "conv then one epilogue pass: this torch has no oneDNN fused convolution (mkldnn::_convolution_pointwise)"};
   }
-  if (x.size(0) == 0) {
-    return {CpuPath::kConvThenEpilogue, "conv then one epilogue pass: empty batch"};
+  if (x.numel() == 0 || weight.numel() == 0) {
+    return {CpuPath::kConvThenEpilogue, "conv then one epilogue pass: empty input or weight"};
   }
   const auto dtype = x.scalar_type();
   if (onednn_has_dtype(dtype)) {
@@ -102,11 +102,19 @@ std::pair<CpuPath, std::string> choose_path(const at::Tensor& x) {
 }
 
 // ---- weights packed once per (weight tensor, version, geometry) ---------------------
+//
+// An entry is served only while its weight tensor is alive and unchanged: same
+// TensorImpl, version counter, data pointer, sizes and strides. That catches in-place
+// edits, optimizer steps, load_state_dict, `w.data = t` and address reuse. Not seen:
+// edits through `w.data.add_(...)` (a detached alias has its own version counter).
+// On a miss, the weight's older entries and those of freed weights are dropped, so the
+// cache holds about one packed copy per live weight and input shape.
 
 using WeakTensorImpl = c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>;
 
 struct PackedWeight {
-  WeakTensorImpl source;  // the weight it was packed from; expired -> the entry is stale
+  WeakTensorImpl source;  // the weight it was packed from
+  std::vector<int64_t> state;  // its version, data pointer, sizes and strides then
   at::Tensor packed;
 };
 
@@ -119,22 +127,27 @@ class PackedWeightCache {
       // fused modules fold outside inference mode, so their weights are cached).
       return pack(source.to(compute), g, x_sizes);
     }
-    std::vector<int64_t> key{reinterpret_cast<int64_t>(source.unsafeGetTensorImpl()),
-                             static_cast<int64_t>(source._version()),
-                             static_cast<int64_t>(compute),
+    const c10::TensorImpl* impl = source.unsafeGetTensorImpl();
+    std::vector<int64_t> key{reinterpret_cast<int64_t>(impl), static_cast<int64_t>(compute),
                              g.stride[0], g.stride[1], g.padding[0], g.padding[1],
                              g.dilation[0], g.dilation[1], g.groups};
     key.insert(key.end(), x_sizes.begin(), x_sizes.end());
+    std::vector<int64_t> state{static_cast<int64_t>(source._version()),
+                               reinterpret_cast<int64_t>(source.const_data_ptr())};
+    state.insert(state.end(), source.sizes().begin(), source.sizes().end());
+    state.insert(state.end(), source.strides().begin(), source.strides().end());
+
     std::lock_guard<std::mutex> lock(mutex_);
     auto it = entries_.find(key);
-    if (it != entries_.end() && it->second.source.lock().get() == source.unsafeGetTensorImpl()) {
+    if (it != entries_.end() && it->second.source.lock().get() == impl && it->second.state == state) {
       return it->second.packed;
     }
     at::Tensor packed = pack(source.to(compute), g, x_sizes);
+    drop_stale(impl, state);
     if (entries_.size() >= kMaxEntries) {
-      evict_expired();
+      entries_.clear();
     }
-    entries_.insert_or_assign(key, PackedWeight{WeakTensorImpl(source.getIntrusivePtr()), packed});
+    entries_.insert_or_assign(key, PackedWeight{WeakTensorImpl(source.getIntrusivePtr()), state, packed});
     return packed;
   }
 
@@ -144,15 +157,15 @@ class PackedWeightCache {
                                             g.groups, x_sizes);
   }
 
-  // ResNet-152 has 155 convs; a few batch sizes of it fit.
+  // A bound for pathological use (a new input shape every call); ResNet-152 has 155 convs.
   static constexpr size_t kMaxEntries = 1024;
 
-  void evict_expired() {
+  // Entries of freed weights, and of ``impl`` in any other state than ``state``.
+  void drop_stale(const c10::TensorImpl* impl, const std::vector<int64_t>& state) {
     for (auto it = entries_.begin(); it != entries_.end();) {
-      it = it->second.source.expired() ? entries_.erase(it) : std::next(it);
-    }
-    if (entries_.size() >= kMaxEntries) {
-      entries_.clear();
+      const auto alive = it->second.source.lock();
+      const bool stale = !alive || (alive.get() == impl && it->second.state != state);
+      it = stale ? entries_.erase(it) : std::next(it);
     }
   }
 
@@ -248,7 +261,7 @@ at::Tensor native_conv_bias_act_cpu(const at::Tensor& x, const at::Tensor& weigh
   const auto [g, out] = check_conv_bias_act_args(x, weight, bias, residual, stride, padding, dilation, groups);
   (void)out;
   const at::MemoryFormat fmt = output_memory_format(x);
-  switch (choose_path(x).first) {
+  switch (choose_path(x, weight).first) {
     case CpuPath::kOneDnn:
       return onednn_conv_bias_act(x, weight, bias, residual, g, relu, x.scalar_type(), fmt);
     case CpuPath::kOneDnnFloat32:
@@ -263,7 +276,7 @@ std::string native_conv_bias_act_path_cpu(const at::Tensor& x, const at::Tensor&
                                           const std::optional<at::Tensor>& residual, at::IntArrayRef stride,
                                           at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
   check_conv_bias_act_args(x, weight, std::nullopt, residual, stride, padding, dilation, groups);
-  return choose_path(x).second;
+  return choose_path(x, weight).second;
 }
 
 }  // namespace

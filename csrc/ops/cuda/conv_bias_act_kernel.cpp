@@ -116,8 +116,8 @@ cc::KernelKey kernel_key(const at::Tensor& x, const cc::ConvBiasActProblem& p, b
 std::string cutlass_refusal(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& residual,
                             const ConvGeometry& g, const std::array<int64_t, 4>& out, bool relu) {
   const auto dtype = x.scalar_type();
-  if (x.numel() == 0) {
-    return "empty input";
+  if (x.numel() == 0 || weight.numel() == 0) {
+    return "empty input or weight";
   }
   if (dtype != at::kHalf && dtype != at::kBFloat16) {
     return std::string("the CUTLASS kernels take float16 and bfloat16, got ") + c10::toString(dtype);
@@ -145,9 +145,6 @@ std::string cutlass_refusal(const at::Tensor& x, const at::Tensor& weight, const
   if (out[0] * out[1] * out[2] * out[3] > std::numeric_limits<int32_t>::max() / 2) {
     return "an output of 2^30 or more elements (32-bit offsets in the CUTLASS iterators)";
   }
-  if (!aligned16(x) || !aligned16(weight) || (residual.has_value() && !aligned16(*residual))) {
-    return "a tensor whose data is not 16-byte aligned";
-  }
   const cc::ConvBiasActProblem problem = problem_for(x, weight, g, out);
   const cc::KernelKey key = kernel_key(x, problem, relu);
   if (const char* why = kernel_image_error(x.get_device(), key)) {
@@ -162,24 +159,21 @@ std::string cutlass_refusal(const at::Tensor& x, const at::Tensor& weight, const
 at::Tensor cutlass_conv_bias_act(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                                  const std::optional<at::Tensor>& residual, const ConvGeometry& g,
                                  const std::array<int64_t, 4>& out, bool relu) {
-  const at::Tensor xc = x.contiguous(at::MemoryFormat::ChannelsLast);
-  const at::Tensor wc = weight.contiguous(at::MemoryFormat::ChannelsLast);
-  at::Tensor b = bias.has_value() ? bias->contiguous() : at::zeros({weight.size(0)}, x.options());
-  if (!aligned16(b)) {
-    b = b.clone();
-  }
-  at::Tensor r;
-  if (residual.has_value()) {
-    r = residual->contiguous(at::MemoryFormat::ChannelsLast);
-    if (!aligned16(r)) {
-      r = r.clone(at::MemoryFormat::ChannelsLast);
-    }
-  }
+  // Packed NHWC/KRSC with 16-byte aligned data; a view that is not gets copied
+  // (the fused modules pass tensors that already are).
+  const auto operand = [](const at::Tensor& t, at::MemoryFormat fmt) {
+    at::Tensor c = t.contiguous(fmt);
+    return aligned16(c) ? c : c.clone(fmt);
+  };
+  const at::Tensor xc = operand(x, at::MemoryFormat::ChannelsLast);
+  const at::Tensor wc = operand(weight, at::MemoryFormat::ChannelsLast);
+  const at::Tensor b = bias.has_value() ? operand(*bias, at::MemoryFormat::Contiguous) : at::Tensor();
+  const at::Tensor r = residual.has_value() ? operand(*residual, at::MemoryFormat::ChannelsLast) : at::Tensor();
   at::Tensor y = at::empty({out[0], out[1], out[2], out[3]}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
   cc::ConvBiasActProblem p = problem_for(x, weight, g, out);
   p.x = xc.const_data_ptr();
   p.weight = wc.const_data_ptr();
-  p.bias = b.const_data_ptr();
+  p.bias = b.defined() ? b.const_data_ptr() : nullptr;
   p.residual = r.defined() ? r.const_data_ptr() : nullptr;
   p.y = y.data_ptr();
   const cc::KernelKey key = kernel_key(x, p, relu);
