@@ -3,7 +3,8 @@
 # benchmarks, a compute-sanitizer memcheck of a fused forward. Everything lands in one
 # folder (the model benchmark runs before the kernel suite: it autotunes every
 # ResNet-50 layer once, and the kernel suite reuses those winners): environment.json,
-# session.log, build.log, gpu_tests.log, kernels.json, models.json, models.png, sanitizer.log.
+# session.log, build.log, native_tests.log, gpu_tests.log, kernels.json, models.json, models.png,
+# sanitizer.log.
 #
 # The build step compiles resnet_fused._C in place for this machine's torch (a library
 # built elsewhere against another torch will not load). It needs nvcc and the
@@ -12,7 +13,7 @@
 #
 # Usage (from anywhere, on any machine with an NVIDIA GPU and this repo's deps):
 #   benchmarks/gpu_session.sh [OUTDIR]        default OUTDIR: benchmarks/results/<gpu name>
-#   STEPS="build tests kernels models compile sanitizer" benchmarks/gpu_session.sh   # choose steps
+#   STEPS="build native models kernels tests sanitizer compile" benchmarks/gpu_session.sh   # choose steps
 # Each step has its own time limit so the whole session fits in 9 minutes on an H100.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -21,7 +22,7 @@ out=${1:-benchmarks/results/${gpu:-unknown_gpu}}
 mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$PWD/.triton-cache}
-steps=${STEPS:-"build models kernels tests sanitizer compile"}
+steps=${STEPS:-"build native models kernels tests sanitizer compile"}
 log="$out/session.log"
 start=$(date +%s)
 step() { echo "== $1 (t=$(( $(date +%s) - start ))s)" | tee -a "$log"; }
@@ -41,6 +42,14 @@ if has build; then
     python setup.py build_ext --inplace >"$out/build.log" 2>&1
   echo "exit $?" | tee -a "$log"
   python -c "import json, resnet_fused; print(json.dumps(resnet_fused.extension_info()))" 2>&1 | tee -a "$log"
+fi
+
+if has native; then
+  # the native CUDA kernels' correctness first: they had never run on a GPU before
+  step "native backend gpu tests"
+  timeout ${NATIVE_TIMEOUT:-150} python -m pytest tests/test_native_backend.py -m gpu -q -x -p no:cacheprovider \
+    >"$out/native_tests.log" 2>&1
+  echo "exit $?" >>"$out/native_tests.log"; tail -n 3 "$out/native_tests.log" | tee -a "$log"
 fi
 
 if has models; then
@@ -64,6 +73,7 @@ if has tests; then
   step "gpu tests"
   # one heuristic tile config per shape: hundreds of shapes, no time to autotune each
   RESNET_FUSED_TRITON_AUTOTUNE=0 timeout ${TESTS_TIMEOUT:-240} python -m pytest tests -m gpu -q -p no:cacheprovider \
+    $(has native && echo --ignore=tests/test_native_backend.py) \
     ${TESTS_K:+-k "$TESTS_K"} >"$out/gpu_tests.log" 2>&1
   echo "exit $?" >>"$out/gpu_tests.log"; tail -n 3 "$out/gpu_tests.log" | tee -a "$log"
 fi
