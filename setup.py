@@ -4,8 +4,10 @@ The pure-Python package (torch and Triton backends) works without it. What is bu
 
 * always (unless skipped): the op schema and the CPU kernels (csrc/ops/*.cpp,
   csrc/ops/cpu/);
-* where nvcc is found: the CUDA kernels (csrc/ops/cuda/, csrc/cutlass/), compiled for
-  the architectures below even on a machine without a GPU. CUTLASS's headers come
+* where nvcc is found: the CUDA kernels (csrc/ops/cuda/, csrc/cutlass/), compiled even
+  on a machine without a GPU: CUTLASS 2.x sm80 kernels for each architecture below and,
+  where 90 is listed, CUTLASS 3.x Hopper kernels for sm_90a (compiled apart, since
+  torch's build gives every .cu file the same -gencode flags). CUTLASS's headers come
   from the nvidia-cutlass wheel (``pip install nvidia-cutlass``), never vendored.
 
 Environment knobs:
@@ -13,8 +15,9 @@ Environment knobs:
     RESNET_FUSED_BUILD_EXTENSION=0   pure-Python install, no extension
     RESNET_FUSED_BUILD_CUDA=auto|1|0 auto: CUDA part where nvcc and CUTLASS are found;
                                      1: fail if they are not; 0: CPU part only
-    RESNET_FUSED_CUDA_ARCHS="80;90"  SM architectures to emit machine code for (the
-                                     highest also gets PTX, for newer GPUs)
+    RESNET_FUSED_CUDA_ARCHS="80;90"  SM architectures to emit sm80-kernel machine code for
+                                     (the highest also gets PTX, for newer GPUs); with 90
+                                     listed, the sm90a Hopper kernels are built too
     MAX_JOBS=N                       parallel compile jobs (torch's knob; default: cores)
 
 Install with ``pip install --no-build-isolation -e .`` so the extension is built
@@ -22,9 +25,11 @@ against the torch already installed (a build-isolated pip would bring another on
 """
 from __future__ import annotations
 
+import concurrent.futures
 import glob
 import os
 import shutil
+import subprocess
 import sys
 
 from setuptools import setup
@@ -82,6 +87,30 @@ def _archs() -> list[int]:
     if not archs or min(archs) < 80:
         raise SystemExit(f"RESNET_FUSED_CUDA_ARCHS: the CUTLASS kernels need sm_80 or newer, got {text!r}")
     return archs
+
+
+def _compile_sm90a_units(units: list[str], nvcc: str, includes: list[str], jobs: int) -> list[str]:
+    """nvcc the CUTLASS 3.x Hopper units for sm_90a alone (torch's build gives every .cu
+    file the same -gencode flags); returns the objects, rebuilt only when out of date."""
+    out_dir = os.path.join(ROOT, "build", "sm90a")
+    os.makedirs(out_dir, exist_ok=True)
+    headers = glob.glob(os.path.join(ROOT, CSRC, "cutlass", "*.h")) + glob.glob(os.path.join(ROOT, CSRC, "cutlass", "*.cuh"))
+    newest_header = max(os.path.getmtime(h) for h in headers)
+    flags = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-DNDEBUG", "-Xcompiler", "-fPIC",
+             "-gencode=arch=compute_90a,code=sm_90a"] + [f"-I{d}" for d in includes]
+
+    def build(unit: str) -> str:
+        obj = os.path.join(out_dir, os.path.basename(unit).replace(".cu", ".o"))
+        if os.path.exists(obj) and os.path.getmtime(obj) > max(newest_header, os.path.getmtime(unit)):
+            return obj
+        _say(f"nvcc (sm_90a) {os.path.relpath(unit, ROOT)}")
+        done = subprocess.run([nvcc, *flags, "-c", unit, "-o", obj], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise SystemExit(f"compiling {unit} for sm_90a failed:\n{done.stdout}{done.stderr}")
+        return obj
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        return list(pool.map(build, [os.path.join(ROOT, u) for u in units]))
 
 
 def _write_build_config(path: str, defines: dict[str, str]) -> None:
@@ -145,8 +174,9 @@ def _extension():
         )
         sources += sorted(glob.glob(os.path.join(CSRC, "ops", "cuda", "*.cpp")))
         sources += sorted(glob.glob(os.path.join(CSRC, "cutlass", "*.cpp")))
-        cutlass_units = sorted(glob.glob(os.path.join(CSRC, "cutlass", "*.cu")))
-        sources += cutlass_units
+        sm80_units = sorted(glob.glob(os.path.join(CSRC, "cutlass", "*_sm80_*.cu")))
+        sm90a_units = sorted(glob.glob(os.path.join(CSRC, "cutlass", "*_sm90_*.cu"))) if 90 in archs else []
+        sources += sm80_units
         gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
         gencode.append(f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}")
         nvcc_flags = [
@@ -157,21 +187,35 @@ def _extension():
             "-I" + cutlass,
         ] + gencode
         cxx.append("-DRESNET_FUSED_WITH_CUDA")
+        if sm90a_units:
+            cxx.append("-DRESNET_FUSED_WITH_SM90A")
         include_dirs += _nvidia_wheel_includes()
         _say(
-            f"building resnet_fused._C: CPU kernels + CUDA kernels ({len(cutlass_units)} CUTLASS units) for "
-            f"sm_{', sm_'.join(map(str, archs))} (+PTX compute_{archs[-1]}), nvcc {nvcc}, CUTLASS {cutlass_version} "
-            f"from {cutlass}, torch {torch.__version__}, {jobs} jobs"
+            f"building resnet_fused._C: CPU kernels + CUDA kernels ({len(sm80_units)} CUTLASS sm80 units for "
+            f"sm_{', sm_'.join(map(str, archs))} (+PTX compute_{archs[-1]}), {len(sm90a_units)} sm90a units), "
+            f"nvcc {nvcc}, CUTLASS {cutlass_version} from {cutlass}, torch {torch.__version__}, {jobs} jobs"
         )
         ext = CUDAExtension(
             "resnet_fused._C", sources, include_dirs=include_dirs,
             extra_compile_args={"cxx": cxx, "nvcc": nvcc_flags},
         )
+        cutlass_util = os.path.join(os.path.dirname(cutlass), "tools", "util", "include")
+        ext.sm90a_build = (sm90a_units, nvcc, [cutlass, cutlass_util, os.path.join(ROOT, CSRC)], int(jobs))
     else:
         _say(f"building resnet_fused._C: CPU kernels, torch {torch.__version__}, {jobs} jobs")
         ext = CppExtension("resnet_fused._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx})
     _write_build_config(os.path.join(ROOT, generated, "build_config.h"), defines)
-    return [ext], {"build_ext": BuildExtension.with_options(no_python_abi_suffix=False)}
+
+    class BuildExt(BuildExtension):
+        def build_extensions(self):
+            for e in self.extensions:
+                units, nvcc_path, includes, n_jobs = getattr(e, "sm90a_build", ([], None, [], 1))
+                if units:
+                    e.extra_objects = list(e.extra_objects or []) + _compile_sm90a_units(units, nvcc_path, includes,
+                                                                                         n_jobs)
+            super().build_extensions()
+
+    return [ext], {"build_ext": BuildExt}
 
 
 ext_modules, cmdclass = _extension()

@@ -40,6 +40,7 @@ def test_extension_was_built_and_loads():
     assert "native" in resnet_fused.available_backends("cpu")
     if REQUIRED == "cuda":
         assert INFO["cuda"] is True and INFO["cuda_archs"].split(";") == ["80", "90"], INFO
+        assert INFO["cutlass_kernels"].split(";") == ["sm80_128x128", "sm80_64x64", "sm90a_128x128"], INFO
 
 
 def _cuobjdump():
@@ -60,6 +61,8 @@ def test_library_holds_machine_code_for_each_arch():
     listing = subprocess.run([tool, "--list-elf", INFO["path"]], capture_output=True, text=True, check=True).stdout
     for arch in INFO["cuda_archs"].split(";"):
         assert f".sm_{arch}." in listing, f"no sm_{arch} cubin in {INFO['path']}:\n{listing}"
+    if "sm90a" in INFO["cutlass_kernels"]:
+        assert listing.count(".sm_90a.") == 4, listing  # the Hopper kernels: 2 dtypes x 2 activations
     ptx = subprocess.run([tool, "--list-ptx", INFO["path"]], capture_output=True, text=True, check=True).stdout
     assert f"sm_{INFO['cuda_archs'].split(';')[-1]}" in ptx, ptx
 
@@ -348,9 +351,13 @@ def test_gpu_resnet_layers(case, dtype, residual):
         assert "CUTLASS" in path and "refused" not in path, path
 
 
+def _hopper():
+    return ON_GPU and torch.cuda.get_device_capability() == (9, 0)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(ON_GPU and not GPU_NATIVE, reason=f"no CUDA kernels in this build: {INFO}")
-@pytest.mark.parametrize("tile", ["128x128", "64x64"])
+@pytest.mark.parametrize("kernel", ["sm80_128x128", "sm80_64x64", "sm90a_128x128"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape", [
     (2, 64, 15, 17, 64, 3, 1, 1, 1, True),     # odd H/W, K = 64
@@ -358,27 +365,30 @@ def test_gpu_resnet_layers(case, dtype, residual):
     (2, 256, 9, 9, 512, 3, 1, 2, 2, True),     # dilation 2
     (1, 512, 7, 7, 2048, 1, 1, 0, 1, True),    # batch 1, 49 rows
 ], ids=["odd_k64", "1x1_stride2", "dilation2", "batch1_7x7"])
-def test_gpu_every_cutlass_tile_is_correct(monkeypatch, gen, tile, dtype, shape):
-    """The heuristic may pick either tile: each must be right for every conv kind."""
+def test_gpu_every_cutlass_kernel_is_correct(monkeypatch, gen, kernel, dtype, shape):
+    """The heuristic may pick any kernel, and a user may force one: each must be right."""
+    if kernel.startswith("sm90a") and not _hopper():
+        pytest.skip("the sm90a kernels run on compute capability 9.0 only")
     n, c, h, w, k, r, s, p, d, relu = shape
-    monkeypatch.setenv("RESNET_FUSED_CUTLASS_TILE", tile)
+    monkeypatch.setenv("RESNET_FUSED_CUTLASS_KERNEL", kernel)
     for residual in (False, True):
         x, weight, bias, res = make_case(gen, n, c, h, w, k, r, s, p, d, 1, dtype, residual, channels_last=True)
         x, weight, bias = x.cuda(), weight.cuda().contiguous(memory_format=torch.channels_last), bias.cuda()
         res = None if res is None else res.cuda()
         path = ops.explain(x, weight, res, s, p, d, 1, backend="native")
-        assert f"CUTLASS sm80 implicit GEMM, {tile} tile" in path, path
+        assert f"CUTLASS implicit GEMM {kernel}," in path, path
         out = run_native(x, weight, bias, res, s, p, d, 1, relu)
         ref = reference_conv_bias_act(x, weight, bias, res, s, p, d, 1, relu, device="cuda")
-        assert relative_error(out, ref) <= TOLERANCES[dtype], (tile, residual)
+        assert relative_error(out, ref) <= TOLERANCES[dtype], (kernel, residual)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(ON_GPU and not GPU_NATIVE, reason=f"no CUDA kernels in this build: {INFO}")
-def test_gpu_unknown_tile_is_a_clear_error(monkeypatch, gen):
-    monkeypatch.setenv("RESNET_FUSED_CUTLASS_TILE", "96x96")
+def test_gpu_unknown_kernel_is_a_clear_error(monkeypatch, gen):
+    monkeypatch.setenv("RESNET_FUSED_CUTLASS_KERNEL", "96x96")
     x, weight, bias, _ = make_case(gen, 1, 64, 8, 8, 64, 3, 1, 1, 1, 1, torch.float16, False, channels_last=True)
-    with pytest.raises(RuntimeError, match="RESNET_FUSED_CUTLASS_TILE should be auto, 128x128 or 64x64, got '96x96'"):
+    with pytest.raises(RuntimeError, match="RESNET_FUSED_CUTLASS_KERNEL should be auto, sm80_128x128, sm80_64x64 or "
+                                           "sm90a_128x128, got '96x96'"):
         run_native(x.cuda(), weight.cuda(), bias.cuda(), None, 1, 1, 1, 1, True)
 
 

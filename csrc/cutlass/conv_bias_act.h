@@ -13,19 +13,25 @@ namespace cutlass_conv {
 
 enum class Element { kFloat16, kBFloat16 };
 
-// Threadblock tiles compiled in, each for both element types and both activations:
-// 128x128 (3 stages) for large problems, 64x64 (4 stages) for small ones (few output
-// rows at batch 1, or 64 output channels) where a 128x128 grid leaves SMs idle.
-enum class Tile { k128x128, k64x64 };
+// The kernels compiled in, each for both element types and both activations:
+// sm80 (mma.sync, cp.async; runs on sm80 through sm90) with a 128x128 tile (3 stages)
+// for large problems or a 64x64 tile (4 stages) for small ones (few output rows at
+// batch 1, or 64 output channels) where a 128x128 grid leaves SMs idle; and sm90a
+// (TMA + wgmma, 128x128; compute capability 9.0 only, built where 90 is in the arch list).
+enum class Variant { kSm80Tile128, kSm80Tile64, kSm90aTile128 };
 
 // One instantiation.
 struct KernelKey {
   Element element;
-  Tile tile;
+  Variant variant;
   bool relu;
 };
 
-const char* tile_name(Tile tile);
+// "sm80_128x128", "sm80_64x64", "sm90a_128x128": the names RESNET_FUSED_CUTLASS_KERNEL takes.
+const char* variant_name(Variant variant);
+
+// Whether this build holds the sm90a kernels.
+bool has_sm90a();
 
 // Every pointer 16-byte aligned.
 struct ConvBiasActProblem {
@@ -36,6 +42,7 @@ struct ConvBiasActProblem {
   void* y;               // N x P x Q x K packed NHWC
   int n, h, w, c, k, r, s, p, q;
   int pad_h, pad_w, stride_h, stride_w, dilation_h, dilation_w;
+  int sm_count;          // the GPU's multiprocessors (the sm90 kernels' grid)
 };
 
 // nullptr when the kernel takes the problem, else why it does not.

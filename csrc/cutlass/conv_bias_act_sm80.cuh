@@ -120,7 +120,7 @@ struct ConvBiasActSm80 {
 }  // namespace resnet_fused
 
 // Defines the four entry points of one instantiation, named NAME_{can_implement,
-// check_device,workspace_size,run}, declared in conv_bias_act_sm80_dispatch.cpp.
+// check_device,workspace_size,run}, declared in conv_bias_act_dispatch.cpp.
 #define RESNET_FUSED_CONV_BIAS_ACT_SM80(NAME, ELEMENT, ACTIVATION, TILE_M, TILE_N)                          \
   namespace resnet_fused {                                                                                   \
   namespace cutlass_conv {                                                                                   \

@@ -21,6 +21,11 @@ std::string build_info() {
   std::string info = "{\"torch_version\": \"" RESNET_FUSED_TORCH_VERSION "\", ";
 #ifdef RESNET_FUSED_WITH_CUDA
   info += "\"cuda\": true, \"cuda_archs\": \"" RESNET_FUSED_CUDA_ARCHS "\", ";
+#ifdef RESNET_FUSED_WITH_SM90A
+  info += "\"cutlass_kernels\": \"sm80_128x128;sm80_64x64;sm90a_128x128\", ";
+#else
+  info += "\"cutlass_kernels\": \"sm80_128x128;sm80_64x64\", ";
+#endif
 #ifdef RESNET_FUSED_CUDA_VERSION
   info += "\"cuda_version\": \"" RESNET_FUSED_CUDA_VERSION "\", ";
 #endif

@@ -1,7 +1,7 @@
 // CUDA kernel of resnet_fused::native_conv_bias_act.
 //
-// fp16/bf16 NHWC convs run the CUTLASS implicit GEMM with the epilogue fused
-// (csrc/cutlass/). Everything that kernel refuses -- the 3-channel stem, grouped
+// fp16/bf16 NHWC convs run a CUTLASS implicit GEMM with the epilogue fused
+// (csrc/cutlass/: sm80 kernels with two tiles, and sm90a ones where built). Everything that kernel refuses -- the 3-channel stem, grouped
 // convs, float32, NCHW activations, a misaligned pointer, an architecture this build
 // has no code for -- takes cuDNN: its fused conv+bias+add+ReLU
 // (cudnn_convolution_add_relu) or conv+bias+ReLU (cudnn_convolution_relu) where
@@ -58,7 +58,7 @@ const char* kernel_image_error(int device, const cc::KernelKey& key) {
   static std::mutex mutex;
   static std::map<std::tuple<int, int, int, bool>, const char*> cache;
   std::lock_guard<std::mutex> lock(mutex);
-  const auto k = std::make_tuple(device, static_cast<int>(key.element), static_cast<int>(key.tile), key.relu);
+  const auto k = std::make_tuple(device, static_cast<int>(key.element), static_cast<int>(key.variant), key.relu);
   auto it = cache.find(k);
   if (it != cache.end()) {
     return it->second;
@@ -66,22 +66,28 @@ const char* kernel_image_error(int device, const cc::KernelKey& key) {
   return cache[k] = cc::check_device(key);
 }
 
-// RESNET_FUSED_CUTLASS_TILE=128x128|64x64 forces a tile (for measuring); else the
-// 64x64 tile where a 128x128 grid would not cover the GPU twice or the conv has at
-// most 64 output channels (half of a 128-wide tile would idle).
-cc::Tile choose_tile(const cc::ConvBiasActProblem& p, int device) {
-  const char* forced = std::getenv("RESNET_FUSED_CUTLASS_TILE");
+// RESNET_FUSED_CUTLASS_KERNEL=sm80_128x128|sm80_64x64|sm90a_128x128 forces a kernel (for
+// measuring); "auto" (default) takes the sm80 64x64 tile where a 128x128 grid would not
+// cover the GPU twice or the conv has at most 64 output channels (half of a 128-wide
+// tile would idle), else the 128x128 one. The sm90a kernel is opt-in until it has been
+// checked and timed on a Hopper GPU (benchmarks/NOTES.md).
+cc::Variant choose_variant(const cc::ConvBiasActProblem& p) {
+  const char* forced = std::getenv("RESNET_FUSED_CUTLASS_KERNEL");
   if (forced != nullptr && *forced != '\0' && std::string(forced) != "auto") {
-    if (std::string(forced) == "128x128") return cc::Tile::k128x128;
-    if (std::string(forced) == "64x64") return cc::Tile::k64x64;
-    TORCH_CHECK(false, "RESNET_FUSED_CUTLASS_TILE should be auto, 128x128 or 64x64, got '", forced, "'");
+    for (cc::Variant v : {cc::Variant::kSm80Tile128, cc::Variant::kSm80Tile64, cc::Variant::kSm90aTile128}) {
+      if (std::string(forced) == cc::variant_name(v)) {
+        return v;
+      }
+    }
+    TORCH_CHECK(false, "RESNET_FUSED_CUTLASS_KERNEL should be auto, sm80_128x128, sm80_64x64 or sm90a_128x128, got '",
+                forced, "'");
   }
   const int64_t rows = static_cast<int64_t>(p.n) * p.p * p.q;
   const int64_t tiles = ((rows + 127) / 128) * ((p.k + 127) / 128);
-  if (p.k <= 64 || tiles < 2 * device_facts(device).sm_count) {
-    return cc::Tile::k64x64;
+  if (p.k <= 64 || tiles < 2 * p.sm_count) {
+    return cc::Variant::kSm80Tile64;
   }
-  return cc::Tile::k128x128;
+  return cc::Variant::kSm80Tile128;
 }
 
 bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0; }
@@ -89,6 +95,7 @@ bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.const
 cc::ConvBiasActProblem problem_for(const at::Tensor& x, const at::Tensor& weight, const ConvGeometry& g,
                                    const std::array<int64_t, 4>& out) {
   cc::ConvBiasActProblem p{};
+  p.sm_count = device_facts(x.get_device()).sm_count;
   p.n = static_cast<int>(x.size(0));
   p.c = static_cast<int>(x.size(1));
   p.h = static_cast<int>(x.size(2));
@@ -109,7 +116,7 @@ cc::ConvBiasActProblem problem_for(const at::Tensor& x, const at::Tensor& weight
 
 cc::KernelKey kernel_key(const at::Tensor& x, const cc::ConvBiasActProblem& p, bool relu) {
   return cc::KernelKey{x.scalar_type() == at::kHalf ? cc::Element::kFloat16 : cc::Element::kBFloat16,
-                       choose_tile(p, x.get_device()), relu};
+                       choose_variant(p), relu};
 }
 
 // Empty when the CUTLASS kernel takes the call, else why not.
@@ -258,9 +265,9 @@ std::string native_conv_bias_act_path_cuda(const at::Tensor& x, const at::Tensor
   // The path is the same with and without ReLU except for cuDNN's op name; report the ReLU case.
   const std::string why = cutlass_refusal(x, weight, residual, g, out, /*relu=*/true);
   if (why.empty()) {
-    const cc::Tile tile = choose_tile(problem_for(x, weight, g, out), x.get_device());
-    return std::string("CUTLASS sm80 implicit GEMM, ") + cc::tile_name(tile) +
-           " tile, with the bias, residual and ReLU epilogue fused";
+    const cc::Variant variant = choose_variant(problem_for(x, weight, g, out));
+    return std::string("CUTLASS implicit GEMM ") + cc::variant_name(variant) +
+           ", with the bias, residual and ReLU epilogue fused";
   }
   const std::string fallback = cudnn_path(x, true, residual.has_value());
   if (fallback == "cuDNN is off" || x.numel() == 0) {

@@ -1,0 +1,136 @@
+// The Hopper kernel: a CUTLASS 3.x sm90a implicit GEMM (TMA im2col loads of the
+// activations, wgmma, warp-specialized), with the same fused epilogue as the sm80 one
+// expressed as CUTLASS's epilogue fusion LinCombPerColBiasEltAct:
+//   D = Act(alpha * acc + beta * C + bias[k])
+// with C the residual (beta = 1) or null (beta = 0: the epilogue then reads no source).
+// Act is ReLu (which keeps NaN) or Identity. Runs on compute capability 9.0 only (sm_90a
+// code), and the host takes it only where the GPU is one; everything else runs sm80.
+#pragma once
+
+#include "cutlass/cutlass.h"
+#include "cutlass/kernel_hardware_info.hpp"
+#include "cute/tensor.hpp"
+#include "cutlass/conv/collective/collective_builder.hpp"
+#include "cutlass/conv/convnd_problem_shape.hpp"
+#include "cutlass/conv/device/conv_universal_adapter.hpp"
+#include "cutlass/conv/dispatch_policy.hpp"
+#include "cutlass/conv/kernel/conv_universal.hpp"
+#include "cutlass/epilogue/collective/collective_builder.hpp"
+#include "cutlass/epilogue/fusion/operations.hpp"
+#include "cutlass/epilogue/thread/activation.h"
+
+#include "conv_bias_act.h"
+
+namespace resnet_fused {
+namespace cutlass_conv {
+
+template <typename ElementT, template <typename> class Activation>
+struct ConvBiasActSm90 {
+  using Element = ElementT;
+  using ElementAccumulator = float;
+  using ElementCompute = float;
+  using Layout = cutlass::layout::TensorNHWC;
+  static constexpr int kAlignment = 128 / cute::sizeof_bits_v<Element>;
+  static constexpr cutlass::conv::Operator kConvOp = cutlass::conv::Operator::kFprop;
+
+  // 128x128 output tile, 64-deep K steps, one CTA per cluster, a producer warp feeding
+  // the consumer warpgroup through TMA (CUTLASS's conv has no persistent schedules yet);
+  // stages fill what the epilogue leaves of shared memory.
+  using TileShape = cute::Shape<cute::_128, cute::_128, cute::Shape<cute::_64>>;
+  using ClusterShape = cute::Shape<cute::_1, cute::_1, cute::_1>;
+
+  using Fusion = cutlass::epilogue::fusion::LinCombPerColBiasEltAct<Activation, Element, ElementCompute, Element,
+                                                                     Element, ElementCompute>;
+  using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
+      cutlass::epilogue::collective::EpilogueTileAuto, ElementAccumulator, ElementCompute, Element, Layout,
+      kAlignment, Element, Layout, kAlignment, cutlass::epilogue::TmaWarpSpecialized,
+      Fusion>::CollectiveOp;
+
+  using Mainloop = typename cutlass::conv::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, kConvOp, Element, Layout, kAlignment, Element, Layout,
+      kAlignment, ElementAccumulator, TileShape, ClusterShape,
+      cutlass::conv::collective::StageCountAutoCarveout<static_cast<int>(
+          sizeof(typename Epilogue::SharedStorage))>,
+      cutlass::conv::KernelImplicitTmaWarpSpecializedSm90>::CollectiveOp;
+
+  using ProblemShape = cutlass::conv::ConvProblemShape<kConvOp, Mainloop::NumSpatialDimensions>;
+  using Kernel = cutlass::conv::kernel::ConvUniversal<ProblemShape, Mainloop, Epilogue>;
+  using Conv = cutlass::conv::device::ConvUniversalAdapter<Kernel>;
+
+  // The epilogue sees the NPQK output as ((q, p, n), k): the M mode's strides are those
+  // of q, p and n, innermost first (as CUTLASS packs the NHWC activation's).
+  template <typename Stride>
+  static Stride output_stride(const ProblemShape& shape) {
+    Stride stride{};
+    cute::for_each(cute::make_seq<3>{}, [&](auto i) { cute::get<0, i>(stride) = shape.stride_C[2 - i]; });
+    return stride;
+  }
+
+  static typename Conv::Arguments arguments(const ConvBiasActProblem& pr) {
+    ProblemShape shape(cutlass::conv::Mode::kCrossCorrelation, {pr.n, pr.h, pr.w, pr.c}, {pr.k, pr.r, pr.s, pr.c},
+                       {pr.pad_h, pr.pad_w}, {pr.pad_h, pr.pad_w}, {pr.stride_h, pr.stride_w},
+                       {pr.dilation_h, pr.dilation_w}, 1);
+    typename Conv::Arguments args{};
+    args.mode = cutlass::gemm::GemmUniversalMode::kGemm;
+    args.problem_shape = shape;
+    args.mainloop.ptr_A = static_cast<const Element*>(pr.x);
+    args.mainloop.ptr_B = static_cast<const Element*>(pr.weight);
+    auto& fusion = args.epilogue.thread;
+    fusion.alpha = ElementCompute(1);
+    fusion.beta = ElementCompute(pr.residual ? 1 : 0);
+    fusion.bias_ptr = static_cast<const Element*>(pr.bias);  // null: no bias
+    args.epilogue.ptr_C = static_cast<const Element*>(pr.residual);
+    args.epilogue.dC = output_stride<typename Epilogue::StrideC>(shape);
+    args.epilogue.ptr_D = static_cast<Element*>(pr.y);
+    args.epilogue.dD = output_stride<typename Epilogue::StrideD>(shape);
+    args.hw_info.sm_count = pr.sm_count;
+    return args;
+  }
+
+  static const char* can_implement(const ConvBiasActProblem& pr) {
+    cutlass::Status status = Conv::can_implement(arguments(pr));
+    return status == cutlass::Status::kSuccess ? nullptr : cutlassGetStatusString(status);
+  }
+
+  static size_t workspace_size(const ConvBiasActProblem& pr) { return Conv::get_workspace_size(arguments(pr)); }
+
+  static const char* check_device() {
+    cudaFuncAttributes attributes;
+    if (cudaFuncGetAttributes(&attributes, cutlass::device_kernel<Kernel>) != cudaSuccess) {
+      cudaGetLastError();
+      return "no sm_90a kernel image for this GPU (the Hopper kernels need compute capability 9.0)";
+    }
+    return nullptr;
+  }
+
+  static const char* run(const ConvBiasActProblem& pr, void* workspace, cudaStream_t stream) {
+    Conv conv;
+    cutlass::Status status = conv.initialize(arguments(pr), workspace, stream);
+    if (status == cutlass::Status::kSuccess) {
+      status = conv.run(stream);
+    }
+    if (status != cutlass::Status::kSuccess) {
+      cudaGetLastError();
+      return cutlassGetStatusString(status);
+    }
+    cudaError_t error = cudaGetLastError();
+    return error == cudaSuccess ? nullptr : cudaGetErrorString(error);
+  }
+};
+
+}  // namespace cutlass_conv
+}  // namespace resnet_fused
+
+#define RESNET_FUSED_CONV_BIAS_ACT_SM90(NAME, ELEMENT, ACTIVATION)                                          \
+  namespace resnet_fused {                                                                                   \
+  namespace cutlass_conv {                                                                                   \
+  using NAME##_t = ConvBiasActSm90<ELEMENT, ACTIVATION>;                                                     \
+  const char* NAME##_can_implement(const ConvBiasActProblem& pr) { return NAME##_t::can_implement(pr); }     \
+  const char* NAME##_check_device() { return NAME##_t::check_device(); }                                     \
+  size_t NAME##_workspace_size(const ConvBiasActProblem& pr) { return NAME##_t::workspace_size(pr); }        \
+  const char* NAME##_run(const ConvBiasActProblem& pr, void* ws, cudaStream_t s) {                          \
+    return NAME##_t::run(pr, ws, s);                                                                         \
+  }                                                                                                          \
+  }                                                                                                          \
+  }
