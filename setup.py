@@ -94,7 +94,7 @@ def _compile_sm90a_units(units: list[str], nvcc: str, includes: list[str], jobs:
     file the same -gencode flags); returns the objects, rebuilt only when out of date."""
     out_dir = os.path.join(ROOT, "build", "sm90a")
     os.makedirs(out_dir, exist_ok=True)
-    headers = glob.glob(os.path.join(ROOT, CSRC, "cutlass", "*.h")) + glob.glob(os.path.join(ROOT, CSRC, "cutlass", "*.cuh"))
+    headers = [h for ext in ("h", "cuh") for h in glob.glob(os.path.join(ROOT, CSRC, "cutlass", f"*.{ext}"))]
     newest_header = max(os.path.getmtime(h) for h in headers)
     flags = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-DNDEBUG", "-Xcompiler", "-fPIC",
              "-gencode=arch=compute_90a,code=sm_90a"] + [f"-I{d}" for d in includes]
