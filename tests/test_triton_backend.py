@@ -67,6 +67,17 @@ def test_no_bias_and_strided_views(gen):
     run_and_check(x, weight, None, None, 1, 1, 1, 1, False)
 
 
+@pytest.mark.parametrize("residual", [False, True], ids=["no_residual", "residual"])
+def test_relu_keeps_nan_as_torch_relu_does(gen, residual):
+    x, weight, bias, res = make_case(gen, 1, 8, 6, 6, 8, 3, 1, 1, 1, 1, torch.float32, residual, channels_last=True)
+    x[0, :, 3, 3] = float("nan")
+    dev = torch.device(DEVICE)
+    out = ops.conv_bias_act(*[t if t is None else t.to(dev) for t in (x, weight, bias, res)], padding=1,
+                            backend="triton")
+    ref = reference_conv_bias_act(x, weight, bias, res, 1, 1)
+    assert ref.isnan().any() and torch.equal(out.isnan().cpu(), ref.isnan())
+
+
 def test_float64_falls_back_and_says_why(gen):
     x, weight, bias, _ = make_case(gen, 1, 4, 5, 5, 4, 3, 1, 1, 1, 1, torch.float64, False)
     x, weight, bias = x.to(DEVICE), weight.to(DEVICE), bias.to(DEVICE)
