@@ -2,7 +2,7 @@
 // activations, wgmma, warp-specialized), with the same fused epilogue as the sm80 one
 // expressed as CUTLASS's epilogue fusion LinCombPerColBiasEltAct:
 //   D = Act(alpha * acc + beta * C + bias[k])
-// with C the residual (beta = 1) or null (beta = 0: the epilogue then reads no source).
+// with C the residual (beta = 1), or beta = 0 and no source read at all.
 // Act is ReLu (which keeps NaN) or Identity. Runs on compute capability 9.0 only (sm_90a
 // code), and the host takes it only where the GPU is one; everything else runs sm80.
 #pragma once
@@ -80,7 +80,9 @@ struct ConvBiasActSm90 {
     fusion.alpha = ElementCompute(1);
     fusion.beta = ElementCompute(pr.residual ? 1 : 0);
     fusion.bias_ptr = static_cast<const Element*>(pr.bias);  // null: no bias
-    args.epilogue.ptr_C = static_cast<const Element*>(pr.residual);
+    // Without a residual, beta = 0 and the epilogue loads no source; C still gets a
+    // valid base (the output) since its TMA descriptor is built either way.
+    args.epilogue.ptr_C = static_cast<const Element*>(pr.residual ? pr.residual : pr.y);
     args.epilogue.dC = output_stride<typename Epilogue::StrideC>(shape);
     args.epilogue.ptr_D = static_cast<Element*>(pr.y);
     args.epilogue.dD = output_stride<typename Epilogue::StrideD>(shape);
