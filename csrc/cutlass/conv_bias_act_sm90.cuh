@@ -91,6 +91,11 @@ struct ConvBiasActSm90 {
   }
 
   static const char* can_implement(const ConvBiasActProblem& pr) {
+    // TMA im2col descriptors take traversal strides up to 8, and CUTLASS only asserts
+    // the descriptor's encoding (compiled out under NDEBUG): refuse here instead.
+    if (pr.stride_h > 8 || pr.stride_w > 8) {
+      return "stride above 8 (TMA im2col)";
+    }
     cutlass::Status status = Conv::can_implement(arguments(pr));
     return status == cutlass::Status::kSuccess ? nullptr : cutlassGetStatusString(status);
   }
