@@ -22,6 +22,7 @@
 #include "cutlass/layout/tensor.h"
 
 #include "conv_bias_act.h"
+#include "entry_points.cuh"
 
 namespace resnet_fused {
 namespace cutlass_conv {
@@ -83,53 +84,13 @@ struct ConvBiasActSm80 {
                                     cutlass::conv::SplitKMode::kSerial, bias, nullptr, 0, 0);
   }
 
-  static const char* can_implement(const ConvBiasActProblem& pr) {
-    cutlass::Status status = Conv::can_implement(arguments(pr));
-    return status == cutlass::Status::kSuccess ? nullptr : cutlassGetStatusString(status);
-  }
+  static constexpr const char* kNoImage =
+      "no kernel image for this GPU's architecture in this build (see RESNET_FUSED_CUDA_ARCHS)";
 
-  static size_t workspace_size(const ConvBiasActProblem& pr) { return Conv::get_workspace_size(arguments(pr)); }
+  static const void* kernel_function() { return reinterpret_cast<const void*>(cutlass::Kernel<Kernel>); }
 
-  // nullptr when the current device has machine code (or PTX) for this kernel.
-  static const char* check_device() {
-    cudaFuncAttributes attributes;
-    if (cudaFuncGetAttributes(&attributes, cutlass::Kernel<Kernel>) != cudaSuccess) {
-      cudaGetLastError();  // clear it: the caller falls back, this is not a failure
-      return "no kernel image for this GPU's architecture in this build (see RESNET_FUSED_CUDA_ARCHS)";
-    }
-    return nullptr;
-  }
-
-  static const char* run(const ConvBiasActProblem& pr, void* workspace, cudaStream_t stream) {
-    Conv conv;
-    const auto args = arguments(pr);
-    cutlass::Status status = conv.initialize(args, workspace, stream);
-    if (status == cutlass::Status::kSuccess) {
-      status = conv.run(stream);
-    }
-    if (status != cutlass::Status::kSuccess) {
-      cudaGetLastError();  // a failed setup call must not surface in an unrelated later check
-      return cutlassGetStatusString(status);
-    }
-    cudaError_t error = cudaGetLastError();
-    return error == cudaSuccess ? nullptr : cudaGetErrorString(error);
-  }
+  static const char* refusal(const ConvBiasActProblem&) { return nullptr; }
 };
 
 }  // namespace cutlass_conv
 }  // namespace resnet_fused
-
-// Defines the four entry points of one instantiation, named NAME_{can_implement,
-// check_device,workspace_size,run}, declared in conv_bias_act_dispatch.cpp.
-#define RESNET_FUSED_CONV_BIAS_ACT_SM80(NAME, ELEMENT, ACTIVATION, TILE_M, TILE_N)                          \
-  namespace resnet_fused {                                                                                   \
-  namespace cutlass_conv {                                                                                   \
-  using NAME##_t = ConvBiasActSm80<ELEMENT, ACTIVATION, TILE_M, TILE_N>;                                     \
-  const char* NAME##_can_implement(const ConvBiasActProblem& pr) { return NAME##_t::can_implement(pr); }     \
-  const char* NAME##_check_device() { return NAME##_t::check_device(); }                                     \
-  size_t NAME##_workspace_size(const ConvBiasActProblem& pr) { return NAME##_t::workspace_size(pr); }        \
-  const char* NAME##_run(const ConvBiasActProblem& pr, void* ws, cudaStream_t s) {                          \
-    return NAME##_t::run(pr, ws, s);                                                                         \
-  }                                                                                                          \
-  }                                                                                                          \
-  }

@@ -1,4 +1,4 @@
 // One instantiation per translation unit, so the build runs them in parallel.
 #include "conv_bias_act_sm80.cuh"
 
-RESNET_FUSED_CONV_BIAS_ACT_SM80(sm80_bf16_relu_128x128, cutlass::bfloat16_t, cutlass::epilogue::thread::ReLu, 128, 128)
+RESNET_FUSED_CONV_ENTRY_POINTS(sm80_bf16_relu_128x128, ConvBiasActSm80<cutlass::bfloat16_t, cutlass::epilogue::thread::ReLu, 128, 128>)

@@ -20,6 +20,7 @@
 #include "cutlass/epilogue/thread/activation.h"
 
 #include "conv_bias_act.h"
+#include "entry_points.cuh"
 
 namespace resnet_fused {
 namespace cutlass_conv {
@@ -90,54 +91,17 @@ struct ConvBiasActSm90 {
     return args;
   }
 
-  static const char* can_implement(const ConvBiasActProblem& pr) {
+  static constexpr const char* kNoImage =
+      "no sm_90a kernel image for this GPU (the Hopper kernels need compute capability 9.0)";
+
+  static const void* kernel_function() { return reinterpret_cast<const void*>(cutlass::device_kernel<Kernel>); }
+
+  static const char* refusal(const ConvBiasActProblem& pr) {
     // TMA im2col descriptors take traversal strides up to 8, and CUTLASS only asserts
     // the descriptor's encoding (compiled out under NDEBUG): refuse here instead.
-    if (pr.stride_h > 8 || pr.stride_w > 8) {
-      return "stride above 8 (TMA im2col)";
-    }
-    cutlass::Status status = Conv::can_implement(arguments(pr));
-    return status == cutlass::Status::kSuccess ? nullptr : cutlassGetStatusString(status);
-  }
-
-  static size_t workspace_size(const ConvBiasActProblem& pr) { return Conv::get_workspace_size(arguments(pr)); }
-
-  static const char* check_device() {
-    cudaFuncAttributes attributes;
-    if (cudaFuncGetAttributes(&attributes, cutlass::device_kernel<Kernel>) != cudaSuccess) {
-      cudaGetLastError();
-      return "no sm_90a kernel image for this GPU (the Hopper kernels need compute capability 9.0)";
-    }
-    return nullptr;
-  }
-
-  static const char* run(const ConvBiasActProblem& pr, void* workspace, cudaStream_t stream) {
-    Conv conv;
-    cutlass::Status status = conv.initialize(arguments(pr), workspace, stream);
-    if (status == cutlass::Status::kSuccess) {
-      status = conv.run(stream);
-    }
-    if (status != cutlass::Status::kSuccess) {
-      cudaGetLastError();
-      return cutlassGetStatusString(status);
-    }
-    cudaError_t error = cudaGetLastError();
-    return error == cudaSuccess ? nullptr : cudaGetErrorString(error);
+    return pr.stride_h > 8 || pr.stride_w > 8 ? "stride above 8 (TMA im2col)" : nullptr;
   }
 };
 
 }  // namespace cutlass_conv
 }  // namespace resnet_fused
-
-#define RESNET_FUSED_CONV_BIAS_ACT_SM90(NAME, ELEMENT, ACTIVATION)                                          \
-  namespace resnet_fused {                                                                                   \
-  namespace cutlass_conv {                                                                                   \
-  using NAME##_t = ConvBiasActSm90<ELEMENT, ACTIVATION>;                                                     \
-  const char* NAME##_can_implement(const ConvBiasActProblem& pr) { return NAME##_t::can_implement(pr); }     \
-  const char* NAME##_check_device() { return NAME##_t::check_device(); }                                     \
-  size_t NAME##_workspace_size(const ConvBiasActProblem& pr) { return NAME##_t::workspace_size(pr); }        \
-  const char* NAME##_run(const ConvBiasActProblem& pr, void* ws, cudaStream_t s) {                          \
-    return NAME##_t::run(pr, ws, s);                                                                         \
-  }                                                                                                          \
-  }                                                                                                          \
-  }

@@ -1,4 +1,4 @@
 // One instantiation per translation unit; compiled for sm_90a only (setup.py).
 #include "conv_bias_act_sm90.cuh"
 
-RESNET_FUSED_CONV_BIAS_ACT_SM90(sm90_f16_linear, cutlass::half_t, cutlass::epilogue::thread::Identity)
+RESNET_FUSED_CONV_ENTRY_POINTS(sm90_f16_linear, ConvBiasActSm90<cutlass::half_t, cutlass::epilogue::thread::Identity>)
