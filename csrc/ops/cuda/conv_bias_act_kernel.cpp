@@ -119,9 +119,10 @@ cc::KernelKey kernel_key(const at::Tensor& x, const cc::ConvBiasActProblem& p, b
                        choose_variant(p), relu};
 }
 
-// Empty when the CUTLASS kernel takes the call, else why not.
+// Empty when a CUTLASS kernel takes the call (``chosen`` then names it), else why not.
 std::string cutlass_refusal(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& residual,
-                            const ConvGeometry& g, const std::array<int64_t, 4>& out, bool relu) {
+                            const ConvGeometry& g, const std::array<int64_t, 4>& out, bool relu,
+                            cc::KernelKey* chosen) {
   const auto dtype = x.scalar_type();
   if (x.numel() == 0 || weight.numel() == 0) {
     return "empty input or weight";
@@ -160,12 +161,13 @@ std::string cutlass_refusal(const at::Tensor& x, const at::Tensor& weight, const
   if (const char* why = cc::can_implement(key, problem)) {
     return std::string("CUTLASS can_implement: ") + why;
   }
+  *chosen = key;
   return "";
 }
 
 at::Tensor cutlass_conv_bias_act(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                                  const std::optional<at::Tensor>& residual, const ConvGeometry& g,
-                                 const std::array<int64_t, 4>& out, bool relu) {
+                                 const std::array<int64_t, 4>& out, const cc::KernelKey& key) {
   // Packed NHWC/KRSC with 16-byte aligned data; a view that is not gets copied
   // (the fused modules pass tensors that already are).
   const auto operand = [](const at::Tensor& t, at::MemoryFormat fmt) {
@@ -183,7 +185,6 @@ at::Tensor cutlass_conv_bias_act(const at::Tensor& x, const at::Tensor& weight, 
   p.bias = b.defined() ? b.const_data_ptr() : nullptr;
   p.residual = r.defined() ? r.const_data_ptr() : nullptr;
   p.y = y.data_ptr();
-  const cc::KernelKey key = kernel_key(x, p, relu);
   const size_t workspace_bytes = cc::workspace_size(key, p);
   at::Tensor workspace;
   if (workspace_bytes > 0) {
@@ -247,8 +248,9 @@ at::Tensor native_conv_bias_act_cuda(const at::Tensor& x, const at::Tensor& weig
                                      int64_t groups, bool relu) {
   const auto [g, out] = check_conv_bias_act_args(x, weight, bias, residual, stride, padding, dilation, groups);
   c10::cuda::CUDAGuard guard(x.device());
-  if (cutlass_refusal(x, weight, residual, g, out, relu).empty()) {
-    return cutlass_conv_bias_act(x, weight, bias, residual, g, out, relu);
+  cc::KernelKey key{};
+  if (cutlass_refusal(x, weight, residual, g, out, relu, &key).empty()) {
+    return cutlass_conv_bias_act(x, weight, bias, residual, g, out, key);
   }
   const at::MemoryFormat fmt = output_memory_format(x);
   if (cudnn_path(x, relu, residual.has_value()) == "cuDNN is off" || x.numel() == 0) {
@@ -263,10 +265,10 @@ std::string native_conv_bias_act_path_cuda(const at::Tensor& x, const at::Tensor
   const auto [g, out] = check_conv_bias_act_args(x, weight, std::nullopt, residual, stride, padding, dilation, groups);
   c10::cuda::CUDAGuard guard(x.device());
   // The path is the same with and without ReLU except for cuDNN's op name; report the ReLU case.
-  const std::string why = cutlass_refusal(x, weight, residual, g, out, /*relu=*/true);
+  cc::KernelKey key{};
+  const std::string why = cutlass_refusal(x, weight, residual, g, out, /*relu=*/true, &key);
   if (why.empty()) {
-    const cc::Variant variant = choose_variant(problem_for(x, weight, g, out));
-    return std::string("CUTLASS implicit GEMM ") + cc::variant_name(variant) +
+    return std::string("CUTLASS implicit GEMM ") + cc::variant_name(key.variant) +
            ", with the bias, residual and ReLU epilogue fused";
   }
   const std::string fallback = cudnn_path(x, true, residual.has_value());
