@@ -17,6 +17,7 @@ import warnings
 from typing import Any, Optional
 
 import torch
+from torch.utils._python_dispatch import _disable_current_modes
 
 __all__ = ["extension_info", "has_cuda_kernels", "load", "ExtensionWarning"]
 
@@ -37,6 +38,7 @@ def _library_path() -> Optional[str]:
     return None
 
 
+@torch.compiler.assume_constant_result  # fixed per process: run, not traced, by torch.compile
 @functools.lru_cache(maxsize=None)
 def load() -> Optional[str]:
     """Load the library once; None on success, else why it is not usable (and warn once)."""
@@ -64,7 +66,9 @@ def load() -> Optional[str]:
 
 @functools.lru_cache(maxsize=None)
 def _build_info() -> dict[str, Any]:
-    return json.loads(torch.ops.resnet_fused.native_build_info())
+    # outside any tracing mode: a first load inside torch.export must not record the call
+    with _disable_current_modes():
+        return json.loads(torch.ops.resnet_fused.native_build_info())
 
 
 def has_cuda_kernels() -> bool:

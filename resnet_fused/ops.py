@@ -5,6 +5,12 @@ implementation and an autograd formula, so ``torch.compile(fullgraph=True)`` and
 ``torch.export`` trace through it. Its body hands the call to a backend (see
 :mod:`resnet_fused.backends`); :func:`conv_bias_act` is the Python front that checks
 the arguments, normalises them and picks the backend.
+
+A backend may also bring an op of its own that the compiler can see into: the Triton
+backend's ``torch.ops.resnet_fused.triton_conv_bias_act`` is a
+``torch.library.triton_op``, so under ``torch.compile`` Inductor calls its Triton
+kernels directly instead of an opaque Python op, and ``torch.export`` keeps it as one
+node. The front calls that op whenever the Triton backend is the one asked for.
 """
 from __future__ import annotations
 
@@ -125,35 +131,44 @@ def _conv_bias_act(
     return impl.run(x, weight, bias, residual, stride, padding, dilation, groups, relu)
 
 
-@_conv_bias_act.register_fake
-def _conv_bias_act_fake(x, weight, bias, residual, stride, padding, dilation, groups, relu, backend):
-    shape = check_conv_bias_act_args(x, weight, bias, residual, stride, padding, dilation, groups)
-    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=output_memory_format(x))
+def register_fake_and_autograd(opdef) -> None:
+    """Give a conv_bias_act-shaped op (x, weight, bias, residual, stride, padding,
+    dilation, groups, relu, *options) its fake kernel and its autograd formula.
+
+    Used by this op and by the Triton backend's ``triton_conv_bias_act``, so every
+    op that computes the fused function agrees on both.
+    """
+
+    def fake(x, weight, bias, residual, stride, padding, dilation, groups, relu, *options):
+        shape = check_conv_bias_act_args(x, weight, bias, residual, stride, padding, dilation, groups)
+        return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=output_memory_format(x))
+
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, residual, stride, padding, dilation, groups, relu = inputs[:9]
+        ctx.save_for_backward(x, weight, output if relu else None)
+        ctx.conv_args = (list(stride), list(padding), list(dilation), groups)
+        ctx.bias_shape = None if bias is None else list(bias.shape)
+        ctx.has_residual = residual is not None
+        ctx.num_options = len(inputs) - 9
+
+    def backward(ctx, grad):
+        x, weight, out = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conv_args
+        if out is not None:
+            grad = torch.where(out > 0, grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
+            grad, x, weight, ctx.bias_shape, stride, padding, dilation, False, [0, 0], groups,
+            [need_x, need_w, need_b and ctx.bias_shape is not None],
+        )
+        grad_residual = grad if ctx.has_residual and ctx.needs_input_grad[3] else None
+        return (grad_x, grad_w, grad_b, grad_residual) + (None,) * (5 + ctx.num_options)
+
+    opdef.register_fake(fake)
+    opdef.register_autograd(backward, setup_context=setup_context)
 
 
-def _setup_context(ctx, inputs, output):
-    x, weight, bias, residual, stride, padding, dilation, groups, relu, _ = inputs
-    ctx.save_for_backward(x, weight, output if relu else None)
-    ctx.conv_args = (list(stride), list(padding), list(dilation), groups)
-    ctx.bias_shape = None if bias is None else list(bias.shape)
-    ctx.has_residual = residual is not None
-
-
-def _backward(ctx, grad):
-    x, weight, out = ctx.saved_tensors
-    stride, padding, dilation, groups = ctx.conv_args
-    if out is not None:
-        grad = torch.where(out > 0, grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
-    need_x, need_w, need_b = ctx.needs_input_grad[:3]
-    grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
-        grad, x, weight, ctx.bias_shape, stride, padding, dilation, False, [0, 0], groups,
-        [need_x, need_w, need_b and ctx.bias_shape is not None],
-    )
-    grad_residual = grad if ctx.has_residual and ctx.needs_input_grad[3] else None
-    return grad_x, grad_w, grad_b, grad_residual, None, None, None, None, None, None
-
-
-_conv_bias_act.register_autograd(_backward, setup_context=_setup_context)
+register_fake_and_autograd(_conv_bias_act)
 
 
 def conv_bias_act(
@@ -191,6 +206,9 @@ def conv_bias_act(
     if _eager_fast_path(x, weight, bias, residual):
         impl, _ = backends.select(name, x, weight, residual, stride, padding, dilation, groups)
         return impl.run(x, weight, bias, residual, stride, padding, dilation, groups, relu)
+    own_op = backends.traceable_op(name)
+    if own_op is not None:  # an op torch.compile can trace into (the Triton backend's)
+        return own_op(x, weight, bias, residual, stride, padding, dilation, groups, relu)
     return torch.ops.resnet_fused.conv_bias_act(x, weight, bias, residual, stride, padding, dilation, groups, relu, name)
 
 

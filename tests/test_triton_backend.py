@@ -143,6 +143,86 @@ def test_algorithm_choice_is_timed_once_and_kept_on_disk(monkeypatch, tmp_path, 
     assert tb.choose_algorithm(args, timing=False) == "implicit_gemm"  # no GPU timing: the one kernel
 
 
+def test_choice_while_tracing_times_real_tensors_of_the_traced_shapes(monkeypatch, tmp_path, gen):
+    """Under torch.compile the op's body is traced with fake tensors; the algorithm is
+    chosen then, by timing both on real tensors of the same shapes and strides."""
+    from torch._subclasses.fake_tensor import FakeTensorMode, is_fake
+
+    from resnet_fused.backends import triton_backend as tb
+
+    monkeypatch.setenv("RESNET_FUSED_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(tb, "_choices", {})
+    monkeypatch.setattr(tb, "_choices_loaded", False)
+    seen = []
+
+    def fake_time(fn):
+        out = fn()  # the candidate really runs, on real tensors
+        seen.append((is_fake(out), tuple(out.shape), out.stride()))
+        return 2.0 if len(seen) == 1 else 1.0  # cudnn_epilogue wins
+
+    monkeypatch.setattr(tb, "_time_ms", fake_time)
+    x, weight, bias, res = make_case(gen, 2, 8, 6, 6, 16, 3, 2, 1, 1, 1, torch.float32, True, channels_last=True)
+    with FakeTensorMode() as mode:
+        args = tuple(None if t is None else mode.from_tensor(t) for t in (x, weight, bias, res))
+        args += ([2, 2], [1, 1], [1, 1], 1, True)
+        assert tb.choose_algorithm(args, timing=True) == "cudnn_epilogue"
+    expected_stride = torch.empty(2, 16, 3, 3).contiguous(memory_format=torch.channels_last).stride()
+    assert seen == [(False, (2, 16, 3, 3), expected_stride)] * 2
+    real = (x, weight, bias, res, [2, 2], [1, 1], [1, 1], 1, True)
+    assert tb.choose_algorithm(real, timing=True) == "cudnn_epilogue" and len(seen) == 2  # same key
+
+
+def test_triton_op_eager_autograd_and_opcheck(gen):
+    """``resnet_fused::triton_conv_bias_act`` (a torch.library.triton_op): the Triton backend
+    as an op torch.compile can trace into; eagerly it runs the same kernels."""
+    x, weight, bias, res = make_case(gen, 2, 8, 7, 7, 16, 3, 2, 1, 1, 2, torch.float32, True, channels_last=True)
+    x, weight, bias, res = (t.to(DEVICE) for t in (x, weight, bias, res))
+    op = torch.ops.resnet_fused.triton_conv_bias_act
+    out = op(x, weight, bias, res, [2, 2], [1, 1], [1, 1], 2, True)
+    ref = reference_conv_bias_act(x, weight, bias, res, 2, 1, 1, 2, True)
+    assert relative_error(out, ref) <= tol(torch.float32)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    for t in (x, weight, bias, res):
+        t.requires_grad_(True)
+    y = ops.conv_bias_act(x, weight, bias, res, stride=2, padding=1, groups=2, backend="triton")
+    assert "triton_conv_bias_act" in type(y.grad_fn).__name__
+    y.square().sum().backward()
+    x64, w64, b64, r64 = (t.detach().double().requires_grad_(True) for t in (x, weight, bias, res))
+    torch.relu(torch.nn.functional.conv2d(x64, w64, b64, 2, 1, 1, 2) + r64).square().sum().backward()
+    for t, t64 in ((x, x64), (weight, w64), (bias, b64), (res, r64)):
+        assert relative_error(t.grad, t64.grad) <= 1e-4
+    torch.library.opcheck(
+        op.default, (x, weight, bias, res, [2, 2], [1, 1], [1, 1], 2, True),
+        test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
+    )
+
+
+@pytest.mark.slow
+def test_export_keeps_the_triton_op_and_compile_has_no_graph_break(gen):
+    """torch.export of a fused model on the Triton backend: one triton_conv_bias_act node per
+    conv and nothing else of ours; torch.compile(fullgraph=True) traces through the op.
+    (On the CPU interpreter the compiled op runs the torch fallback, see explain; the GPU
+    test checks that Inductor calls our kernels.)"""
+    import collections
+
+    tv_model = seeded_torchvision_model("resnet18", seed=5, calibration_size=32)
+    fused = resnet_fused.resnet18(backend="triton")
+    fused.load_state_dict(tv_model.state_dict())
+    fused = fused.eval().to(DEVICE)
+    x = torch.randn(1, 3, 32, 32, generator=gen)
+    with torch.no_grad():
+        ref = copy.deepcopy(tv_model).double()(x.double())
+        exported = torch.export.export(fused, (x.to(DEVICE),))
+        ours = collections.Counter(
+            str(n.target) for n in exported.graph.nodes
+            if n.op == "call_function" and str(n.target).startswith("resnet_fused.")
+        )
+        assert ours == {"resnet_fused.triton_conv_bias_act.default": 20}
+        assert relative_error(exported.module()(x.to(DEVICE)), ref) <= 5e-4
+        compiled = torch.compile(fused, fullgraph=True)
+        assert relative_error(compiled(x.to(DEVICE)), ref) <= 5e-4
+
+
 @pytest.mark.skipif(ON_GPU, reason="the interpreter path is for machines without a GPU")
 def test_auto_never_picks_the_interpreter(gen):
     x, weight, _, _ = make_case(gen, 1, 4, 5, 5, 4, 3, 1, 1, 1, 1, torch.float32, False)
@@ -235,4 +315,21 @@ def test_gpu_torch_compile_and_export_of_fused_resnet50():
         from_export = exported.module()(x)
     assert relative_error(compiled, eager) <= 2e-3
     assert relative_error(from_export, eager) <= 2e-3
-    assert "resnet_fused.conv_bias_act" in str(exported.graph)
+    assert "resnet_fused.triton_conv_bias_act" in str(exported.graph)
+
+
+@pytest.mark.gpu
+def test_gpu_inductor_calls_our_triton_kernels():
+    """The triton_op is decomposed under torch.compile: Inductor's code launches our Triton
+    kernels itself instead of calling back into a Python op."""
+    from torch._inductor.utils import run_and_get_code
+
+    model = resnet_fused.resnet18(backend="triton").eval().cuda().half()
+    x = torch.randn(2, 3, 64, 64, device="cuda", dtype=torch.half)
+    with torch.no_grad():
+        eager = model(x)
+        compiled, code = run_and_get_code(torch.compile(model, fullgraph=True), x)
+    code = "\n".join(code)
+    assert relative_error(compiled, eager) <= 2e-3
+    assert "triton_conv_bias_act" not in code
+    assert "_conv_bias_act_kernel" in code or "_bias_residual_relu_kernel" in code

@@ -73,6 +73,12 @@ class Backend(abc.ABC):
         """How the backend will compute this call, for explain(); None: nothing to add."""
         return None
 
+    #: An op of the backend's own with the signature ``(x, weight, bias, residual,
+    #: stride, padding, dilation, groups, relu)`` that the compiler can trace into
+    #: (a ``torch.library.triton_op``), or None. It must take every call, handing
+    #: what the backend refuses down the fallback chain itself.
+    op = None
+
     @abc.abstractmethod
     def run(
         self,
@@ -102,6 +108,7 @@ def register(backend: Backend) -> Backend:
 _loaded = False
 
 
+@torch.compiler.assume_constant_result  # run, not traced, when a compiled call loads first
 def _load_all() -> None:
     # Import for the side effect of registration; each module registers itself.
     global _loaded
@@ -118,7 +125,13 @@ def _load_all() -> None:
 
 
 def check_name(name: Optional[str]) -> str:
-    """Normalise a user-given backend name; ValueError naming the valid ones."""
+    """Normalise a user-given backend name; ValueError naming the valid ones.
+
+    Also loads the backends (once): the fused modules check their backend name when
+    built, so loading -- the extension's library, Triton's op -- happens then and
+    never inside a torch.compile or torch.export trace.
+    """
+    _load_all()
     if name is None:
         return "auto"
     if not isinstance(name, str) or (name != "auto" and name not in BACKEND_NAMES):
@@ -137,6 +150,7 @@ def get(name: str) -> Backend:
     return backend
 
 
+@torch.compiler.assume_constant_result  # fixed per process: run, not traced, by torch.compile
 def unavailable_reason(name: str) -> Optional[str]:
     """None if this machine can run backend ``name``, else why it cannot."""
     check_name(name)
@@ -146,6 +160,14 @@ def unavailable_reason(name: str) -> Optional[str]:
     if backend is None:
         return "not installed in this build"
     return backend.unavailable_reason()
+
+
+def traceable_op(name: str):
+    """The op of backend ``name`` that torch.compile traces into, or None when the
+    backend has none or cannot run on this machine (then the generic op serves)."""
+    if unavailable_reason(name) is not None:
+        return None
+    return _REGISTRY[name].op
 
 
 def available_backends(device: Optional[str | torch.device] = None) -> list[str]:

@@ -50,8 +50,10 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
+from torch.utils._python_dispatch import _disable_current_modes
 
-from . import Backend, log, register
+from . import Backend, log, register, select
 from .._layout import output_memory_format
 
 import triton
@@ -59,6 +61,17 @@ import triton.language as tl
 import triton.testing
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _traced(t: Tensor) -> bool:
+    """True for the fake tensors torch.compile and torch.export trace with."""
+    return is_fake(t)
+
+
+def _launchable(kernel, x: Tensor):
+    """``kernel`` as called on ``x``: wrapped for tracing (torch.compile sees the launch
+    as a call of this very kernel) when x is a tracing tensor, else launched as is."""
+    return torch.library.wrap_triton(kernel) if _traced(x) else kernel
 
 @triton.jit
 def _conv_bias_act_kernel(
@@ -300,10 +313,10 @@ def implicit_gemm(
 
     with torch.cuda.device(x.device):
         if AUTOTUNE:
-            _tuned[grid](*args, **common, UPCAST=False, GROUPS=groups)
+            _launchable(_tuned, x)[grid](*args, **common, UPCAST=False, GROUPS=groups)
         else:
             cfg = heuristic_config(m, k, c, r * s, groups)
-            _conv_bias_act_kernel[grid(cfg.kwargs)](
+            _launchable(_conv_bias_act_kernel, x)[grid(cfg.kwargs)](
                 *args, **common, UPCAST=False, GROUPS=groups, **cfg.kwargs, num_warps=cfg.num_warps,
                 num_stages=cfg.num_stages,
             )
@@ -340,7 +353,7 @@ def bias_residual_relu_(y: Tensor, bias: Optional[Tensor], residual: Optional[Te
     numel = y.numel()
     block = 1024
     grid = (triton.cdiv(numel, block),)
-    _bias_residual_relu_kernel[grid](
+    _launchable(_bias_residual_relu_kernel, y)[grid](
         y, bias if bias is not None else y, residual if residual is not None else y,
         numel, y.shape[1], y.shape[2] * y.shape[3],
         HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, RELU=relu,
@@ -429,11 +442,31 @@ def choose_algorithm(args: tuple, timing: bool) -> str:
     x, weight, _, residual, stride, padding, dilation, groups, relu = args
     key = _shape_key(x, weight, residual, stride, padding, dilation, groups, relu)
     if key not in _choices:
-        times = {name: _time_ms(lambda fn=fn: fn(*args)) for name, fn in ALGORITHMS.items()}
+        if _traced(x):  # torch.compile: choose now, on real tensors of the same shapes
+            with _disable_current_modes():
+                real = _real_like(args)
+                if real is None:
+                    return "implicit_gemm"  # symbolic shapes: nothing to time
+                times = {name: _time_ms(lambda fn=fn: fn(*real)) for name, fn in ALGORITHMS.items()}
+        else:
+            times = {name: _time_ms(lambda fn=fn: fn(*args)) for name, fn in ALGORITHMS.items()}
         _choices[key] = min(times, key=times.get)
         log.debug("conv %s: %s -> %s", key, {n: round(t, 4) for n, t in times.items()}, _choices[key])
         _save_choices()
     return _choices[key]
+
+
+def _real_like(args: tuple) -> Optional[tuple]:
+    """``args`` with every (fake) tensor replaced by a real random one of the same shape,
+    strides, dtype and device; None when a shape is symbolic."""
+    out = []
+    for a in args:
+        if isinstance(a, Tensor):
+            if not all(isinstance(v, int) for v in (*a.shape, *a.stride())):
+                return None
+            a = torch.empty_strided(tuple(a.shape), a.stride(), dtype=a.dtype, device=a.device).normal_()
+        out.append(a)
+    return tuple(out)
 
 
 def conv_bias_act_triton(x, weight, bias, residual, stride, padding, dilation, groups, relu) -> Tensor:
@@ -472,6 +505,8 @@ class TritonBackend(Backend):
         return device_type == "cpu" and INTERPRET and not auto
 
     def refuses(self, x, weight, residual, stride, padding, dilation, groups) -> Optional[str]:
+        if INTERPRET and not x.is_cuda and _traced(x):
+            return "torch.compile cannot trace a kernel that the Triton interpreter runs (TRITON_INTERPRET)"
         if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
             return f"dtype {x.dtype} (takes float16, bfloat16, float32)"
         if x.is_cuda and _capability(x.device.index or 0) < (8, 0):
@@ -492,4 +527,41 @@ class TritonBackend(Backend):
         return conv_bias_act_triton(x, weight, bias, residual, stride, padding, dilation, groups, relu)
 
 
+# ---------------------------------------------------------------------------------
+# the op torch.compile traces into
+
+@torch.library.triton_op("resnet_fused::triton_conv_bias_act", mutates_args=())
+def triton_conv_bias_act(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    residual: Optional[Tensor],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+    relu: bool,
+) -> Tensor:
+    """The fused op on the Triton backend, as a ``torch.library.triton_op``.
+
+    Eagerly it is the backend's ``run``. Under ``torch.compile`` AOTAutograd traces this
+    body: the algorithm is chosen then (timed on real tensors of the traced shapes),
+    and the Triton launches are recorded through ``wrap_triton`` so Inductor calls
+    the kernels itself. ``torch.export`` keeps the op as one node. A call the backend
+    refuses goes down the fallback chain here too, as the generic op would.
+    """
+    impl, _ = select("triton", x, weight, residual, stride, padding, dilation, groups)
+    return impl.run(x, weight, bias, residual, stride, padding, dilation, groups, relu)
+
+
+def _register_op_rules() -> None:
+    from ..ops import register_fake_and_autograd
+
+    # the body would also serve as the fake kernel, but not for kernels the CPU
+    # interpreter runs, so the op shares the generic op's fake kernel
+    register_fake_and_autograd(triton_conv_bias_act)
+
+
+_register_op_rules()
+TritonBackend.op = torch.ops.resnet_fused.triton_conv_bias_act
 register(TritonBackend())
