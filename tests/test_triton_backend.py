@@ -18,7 +18,7 @@ from resnet_fused.testing import TOLERANCES, reference_conv_bias_act, relative_e
 from test_conv_bias_act import CONV_KINDS, make_case
 
 triton = pytest.importorskip("triton")
-from resnet_fused.backends.triton_backend import CONFIGS  # noqa: E402
+from resnet_fused.backends.triton_backend import CONFIGS, GEMM_CONFIGS  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -107,6 +107,65 @@ def test_cudnn_conv_with_triton_epilogue(monkeypatch, gen, kind, dtype, channels
     assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
+GEMM_SHAPES = [  # (n, c, h, w, k): odd rows and a K that is not a tile multiple; a 1x1 map; wide C
+    (3, 24, 5, 7, 40),
+    (2, 16, 1, 1, 24),
+    (1, 72, 3, 3, 8),
+]
+
+
+@pytest.mark.parametrize("shape", GEMM_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("residual, relu", [(False, False), (False, True), (True, True)],
+                         ids=["bias", "bias+relu", "bias+residual+relu"])
+def test_gemm_tma_matches_reference(monkeypatch, gen, shape, dtype, residual, relu):
+    """1x1 stride-1 convs as a plain GEMM through TMA descriptors (the interpreter on CPU)."""
+    monkeypatch.setenv("RESNET_FUSED_TRITON_ALGO", "gemm_tma")
+    n, c, h, w, k = shape
+    x, weight, bias, res = make_case(gen, n, c, h, w, k, 1, 1, 0, 1, 1, dtype, residual, channels_last=True)
+    dev = torch.device(DEVICE)
+    assert "(gemm_tma, as RESNET_FUSED_TRITON_ALGO says)" in ops.explain(
+        x.to(dev), weight.to(dev), None if res is None else res.to(dev), backend="triton")
+    out = run_and_check(x, weight, bias, res, 1, 0, 1, 1, relu)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("change, reason", [
+    (dict(r=3, padding=1), "only 1x1 convs with stride 1"),
+    (dict(stride=2), "only 1x1 convs with stride 1"),
+    (dict(dtype=torch.float32), "dtype torch.float32 (takes float16, bfloat16)"),
+    (dict(x_layout="nchw"), "x is not dense channels_last"),
+    (dict(res_layout="nchw"), "residual is not dense channels_last"),
+    (dict(c=12), "C=12 and K=16 should be multiples of 8"),
+    (dict(x_offset=1), "x is not 16-byte aligned"),
+], ids=["3x3", "stride2", "float32", "x_nchw", "residual_nchw", "channels", "misaligned"])
+def test_gemm_tma_refuses_what_it_cannot_take(monkeypatch, gen, change, reason):
+    """What gemm_tma does not take runs implicit_gemm instead, correctly, and explain says why."""
+    from resnet_fused.backends import triton_backend as tb
+
+    monkeypatch.setenv("RESNET_FUSED_TRITON_ALGO", "gemm_tma")
+    opt = dict(r=1, padding=0, stride=1, dtype=torch.float16, c=16, x_layout="nhwc", res_layout="nhwc", x_offset=0)
+    opt.update(change)
+    x, weight, bias, res = make_case(gen, 2, opt["c"], 6, 6, 16, opt["r"], opt["stride"], opt["padding"], 1, 1,
+                                     opt["dtype"], True, channels_last=True)
+    if opt["x_layout"] == "nchw":
+        x = x.contiguous()
+    if opt["res_layout"] == "nchw":
+        res = res.contiguous()
+    if opt["x_offset"]:
+        flat = torch.empty(x.numel() + opt["x_offset"], dtype=x.dtype)
+        shifted = flat[opt["x_offset"]:].view(2, 6, 6, opt["c"]).permute(0, 3, 1, 2)
+        shifted.copy_(x)
+        x = shifted
+    dev = torch.device(DEVICE)
+    args = (x.to(dev) if not opt["x_offset"] else x, weight.to(dev), None, res.to(dev),
+            [opt["stride"]] * 2, [opt["padding"]] * 2, [1, 1], 1, True)
+    assert reason in tb.algorithm_refusal("gemm_tma", args)
+    assert reason in ops.explain(args[0], args[1], args[3], args[4], args[5], backend="triton")
+    if not ON_GPU:  # (the misaligned view is built on the CPU)
+        run_and_check(x, weight, bias, res, opt["stride"], opt["padding"], 1, 1, True)
+
+
 def test_unknown_algorithm_is_an_error(monkeypatch, gen):
     monkeypatch.setenv("RESNET_FUSED_TRITON_ALGO", "winograd")
     x, weight, bias, _ = make_case(gen, 1, 4, 5, 5, 4, 3, 1, 1, 1, 1, torch.float32, False)
@@ -140,7 +199,30 @@ def test_algorithm_choice_is_timed_once_and_kept_on_disk(monkeypatch, tmp_path, 
     monkeypatch.setattr(tb, "_choices", {})  # a new process reads the file instead of timing
     monkeypatch.setattr(tb, "_choices_loaded", False)
     assert tb.choose_algorithm(args, timing=True) == "cudnn_epilogue" and len(calls) == 2
-    assert tb.choose_algorithm(args, timing=False) == "implicit_gemm"  # no GPU timing: the one kernel
+    # without timing (AUTOTUNE off, a CUDA graph being captured) a known shape keeps its choice
+    assert tb.choose_algorithm(args, timing=False) == "cudnn_epilogue"
+    other = (x[:, :, :5], weight, bias, res[:, :, :5], [1, 1], [1, 1], [1, 1], 1, True)
+    assert tb.choose_algorithm(other, timing=False) == "implicit_gemm" and len(calls) == 2  # unseen: not timed
+
+
+def test_1x1_convs_time_all_three_algorithms(monkeypatch, tmp_path, gen):
+    from resnet_fused.backends import triton_backend as tb
+
+    monkeypatch.setenv("RESNET_FUSED_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(tb, "_choices", {})
+    monkeypatch.setattr(tb, "_choices_loaded", False)
+    ran = []
+
+    def fake_time(fn):
+        ran.append(fn())
+        return {1: 3.0, 2: 2.0, 3: 1.0}[len(ran)]
+
+    monkeypatch.setattr(tb, "_time_ms", fake_time)
+    x, weight, bias, res = make_case(gen, 2, 16, 5, 5, 32, 1, 1, 0, 1, 1, torch.float16, True, channels_last=True)
+    args = (x, weight, bias, res, [1, 1], [0, 0], [1, 1], 1, True)
+    assert tb.choose_algorithm(args, timing=True) == "gemm_tma"
+    ref = reference_conv_bias_act(x, weight, bias, res, 1, 0)
+    assert len(ran) == 3 and all(relative_error(out, ref) <= tol(torch.float16) for out in ran)
 
 
 def test_choice_while_tracing_times_real_tensors_of_the_traced_shapes(monkeypatch, tmp_path, gen):
@@ -301,6 +383,26 @@ def test_gpu_every_tile_config_is_correct(layer, config, dtype=torch.float16):
         **cfg.kwargs, num_warps=warps, num_stages=cfg.num_stages,
     )
     ref = reference_conv_bias_act(x, w, b, r, layer.stride, layer.padding, 1, layer.groups, layer.relu, device="cuda")
+    assert relative_error(y, ref) <= TOLERANCES[dtype]
+
+
+GEMM_LAYERS = [layer for layer, _ in conv_layers("resnet50", 32, 224) if layer.r == 1 and layer.stride == 1]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", range(len(GEMM_CONFIGS)), ids=lambda i: str(GEMM_CONFIGS[i]).replace(" ", ""))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layer", GEMM_LAYERS, ids=lambda layer: layer.name.replace(" ", "_"))
+def test_gpu_gemm_tma_every_config_on_resnet50_1x1_layers(layer, dtype, config):
+    from resnet_fused.backends import triton_backend as tb
+
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("TMA needs compute capability 9.0+")
+    x, w, b, r = layer.tensors(dtype, "cuda", torch.Generator().manual_seed(config))
+    args = (x, w, b, r, [1, 1], [0, 0], [1, 1], 1, layer.relu)
+    assert tb.algorithm_refusal("gemm_tma", args) is None
+    y = tb.gemm_tma(*args, config=tb.GEMM_CONFIGS[config])
+    ref = reference_conv_bias_act(x, w, b, r, 1, 0, 1, 1, layer.relu, device="cuda")
     assert relative_error(y, ref) <= TOLERANCES[dtype]
 
 

@@ -4,9 +4,13 @@ Two algorithms compute ``relu?(conv2d(x, w) + bias + residual?)``:
 
 * ``implicit_gemm``: the whole op as one Triton launch (below);
 * ``cudnn_epilogue``: cuDNN's conv, then bias + residual + ReLU as one Triton
-  elementwise pass -- two passes over the output where eager runs four.
+  elementwise pass -- two passes over the output where eager runs four;
+* ``gemm_tma``: 1x1 stride-1 convs on NHWC fp16/bf16 (two thirds of ResNet-50's
+  convs) as the plain GEMM they are, ``(N*H*W, C) x (C, K)``, with whole tiles moved
+  by TMA descriptors (Hopper+), the same fused epilogue.
 
-On a GPU, the first call of each shape times both and keeps the faster (cached in
+On a GPU, the first call of each shape times every algorithm that takes it and keeps
+the fastest (cached in
 memory and in ``~/.cache/resnet_fused/triton_algorithms.json``, so a second process
 does not time again); ``RESNET_FUSED_TRITON_ALGO`` forces one. Measured on an H100
 (benchmarks/NOTES.md) our implicit GEMM still trails cuDNN's conv on ResNet-50's
@@ -362,6 +366,190 @@ def bias_residual_relu_(y: Tensor, bias: Optional[Tensor], residual: Optional[Te
     return y
 
 
+# ---------------------------------------------------------------------------------
+# 1x1 stride-1 convs as a plain GEMM through TMA descriptors
+
+@triton.jit
+def _gemm_bias_act_kernel(
+    a_desc, b_desc, r_desc, y_desc,  # x as [M, C], weight as [K, C], residual and y as [M, K]
+    bias_ptr, M, K, C,
+    HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
+    OUT_BF16: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(K, BLOCK_N)
+    pids_per_group = GROUP_M * num_pid_n
+    first_m = (pid // pids_per_group) * GROUP_M
+    group_rows = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % pids_per_group) % group_rows
+    pid_n = (pid % pids_per_group) // group_rows
+    off_m = pid_m * BLOCK_M
+    off_n = pid_n * BLOCK_N
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(C, BLOCK_K)):  # TMA zero-fills past the edges: no masks
+        a = a_desc.load([off_m, k * BLOCK_K])
+        b = b_desc.load([off_n, k * BLOCK_K])
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b.T, acc)
+
+    if HAS_BIAS:
+        cols = off_n + tl.arange(0, BLOCK_N)
+        acc += tl.load(bias_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)[None, :]
+    if HAS_RESIDUAL:
+        acc += r_desc.load([off_m, off_n]).to(tl.float32)
+    if RELU:
+        acc = tl.where(acc < 0.0, 0.0, acc)  # NaN stays NaN
+    if OUT_BF16:
+        y_desc.store([off_m, off_n], acc.to(tl.bfloat16))
+    else:
+        y_desc.store([off_m, off_n], acc.to(tl.float16))
+
+
+def _set_gemm_blocks(nargs):
+    """Autotune pre-hook: each config's tile sizes are the descriptors' box sizes."""
+    bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
+    nargs["a_desc"].block_shape = [bm, bk]
+    nargs["b_desc"].block_shape = [bn, bk]
+    nargs["r_desc"].block_shape = [bm, bn]
+    nargs["y_desc"].block_shape = [bm, bn]
+
+
+def _gemm_config(bm, bn, bk, warps, stages, group_m=8):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m},
+                         num_warps=warps, num_stages=stages, pre_hook=_set_gemm_blocks)
+
+
+GEMM_CONFIGS = [
+    _gemm_config(128, 256, 64, 8, 3),
+    _gemm_config(128, 128, 64, 8, 4),
+    _gemm_config(128, 128, 64, 4, 4),
+    _gemm_config(128, 64, 64, 4, 4),
+    _gemm_config(64, 128, 64, 4, 4),
+    _gemm_config(64, 64, 64, 4, 4),
+]
+GEMM_INTERPRETER_CONFIG = _gemm_config(64, 64, 32, 4, 1, group_m=4)
+
+
+def _prune_gemm(configs, named_args, **kwargs):
+    named_args = {**named_args, **kwargs}
+    m, k, c = named_args["M"], named_args["K"], named_args["C"]
+    sms, smem = _device_limits(torch.cuda.current_device())
+    fits = []
+    for cfg in configs:
+        bm, bn, bk = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
+        if cfg.num_stages * (bm * bk + bk * bn) * 2 + bm * bn * 2 > smem:
+            continue  # operand stages plus the output tile, 2 bytes each
+        if bn > 2 * triton.next_power_of_2(k) or bk > 2 * triton.next_power_of_2(c):
+            continue
+        fits.append((cfg, triton.cdiv(m, bm) * triton.cdiv(k, bn)))
+    if not fits:
+        return [configs[-1]]
+    filling = [cfg for cfg, tiles in fits if tiles >= sms // 2]
+    if filling:
+        return filling
+    most = max(tiles for _, tiles in fits)
+    return [cfg for cfg, tiles in fits if tiles == most]
+
+
+def _make_tuned_gemm():
+    kwargs = dict(configs=GEMM_CONFIGS, key=["M", "K", "C", "HAS_RESIDUAL"],
+                  prune_configs_by={"early_config_prune": _prune_gemm})
+    try:
+        return triton.autotune(cache_results=True, **kwargs)(_gemm_bias_act_kernel)
+    except TypeError:
+        return triton.autotune(**kwargs)(_gemm_bias_act_kernel)
+
+
+_tuned_gemm = _make_tuned_gemm()
+
+
+def _as_rows(t: Tensor, cols: int) -> Optional[Tensor]:
+    """An NHWC-dense (N, C, H, W) tensor as the (N*H*W, C) row-major matrix it is in
+    memory (a view), or None if it is not laid out so."""
+    if not t.is_contiguous(memory_format=torch.channels_last):
+        return None
+    rows = t.permute(0, 2, 3, 1).reshape(-1, cols)
+    if rows.data_ptr() != t.data_ptr() or (rows.shape[0] > 1 and rows.stride() != (cols, 1)):
+        return None
+    return rows
+
+
+def gemm_tma_refusal(x, weight, residual, stride, padding, dilation, groups) -> Optional[str]:
+    """None when ``gemm_tma`` takes this call, else why not."""
+    if tuple(weight.shape[2:]) != (1, 1) or list(stride) != [1, 1] or list(padding) != [0, 0] or groups != 1:
+        return "only 1x1 convs with stride 1, no padding, one group are plain GEMMs"
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        return f"dtype {x.dtype} (takes float16, bfloat16)"
+    if _traced(x):
+        return "not offered to torch.compile (descriptor arguments)"
+    if x.is_cuda and _capability(x.device.index or 0) < (9, 0):
+        return "TMA needs compute capability 9.0+"
+    if not x.is_cuda and not INTERPRET:
+        return "no GPU and no interpreter"
+    c, k = x.shape[1], weight.shape[0]
+    if c % 8 or k % 8:
+        return f"TMA rows must be 16-byte multiples: C={c} and K={k} should be multiples of 8"
+    if _as_rows(x, c) is None:
+        return "x is not dense channels_last"
+    if residual is not None and _as_rows(residual, k) is None:
+        return "residual is not dense channels_last"
+    for name, t in (("x", x), ("weight", weight), ("residual", residual)):
+        if t is not None and t.data_ptr() % 16:
+            return f"{name} is not 16-byte aligned"
+    return None
+
+
+def gemm_tma(x, weight, bias, residual, stride, padding, dilation, groups, relu, config=None) -> Tensor:
+    """A 1x1 stride-1 conv on NHWC activations is the GEMM ``(N*H*W, C) x (C, K)``: TMA
+    loads of whole tiles (no per-row index math, no masks), the same fused epilogue.
+    ``config`` (one of GEMM_CONFIGS) launches that tile config instead of autotuning."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    n, c, h, w = x.shape
+    k = weight.shape[0]
+    m = n * h * w
+    y = torch.empty((n, k, h, w), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+    a = _as_rows(x, c)
+    b = weight.reshape(k, c)
+    if b.stride() != (c, 1):
+        b = b.contiguous()
+    y2 = _as_rows(y, k)
+    r2 = _as_rows(residual, k) if residual is not None else y2  # never read without a residual
+    if config is not None:
+        cfg = config
+    elif INTERPRET and not x.is_cuda:
+        cfg = GEMM_INTERPRETER_CONFIG
+    else:  # the first box is only a start: the autotuner's pre-hook sets each config's
+        cfg = GEMM_CONFIGS[0] if m * k >= 2**22 else GEMM_CONFIGS[-1]
+    box_m, box_n, box_k = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
+    descs = (
+        TensorDescriptor.from_tensor(a, [box_m, box_k]), TensorDescriptor.from_tensor(b, [box_n, box_k]),
+        TensorDescriptor.from_tensor(r2, [box_m, box_n]), TensorDescriptor.from_tensor(y2, [box_m, box_n]),
+    )
+    args = (*descs, bias if bias is not None else y2, m, k, c)
+    flags = dict(HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, RELU=relu,
+                 OUT_BF16=x.dtype == torch.bfloat16)
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_N"]),)
+
+    if INTERPRET and not x.is_cuda:
+        _gemm_bias_act_kernel[grid(cfg.kwargs)](*args, **flags, UPCAST=True, **cfg.kwargs, num_warps=4, num_stages=1)
+    else:
+        with torch.cuda.device(x.device):
+            if AUTOTUNE and config is None:
+                _tuned_gemm[grid](*args, **flags, UPCAST=False)
+            else:
+                _gemm_bias_act_kernel[grid(cfg.kwargs)](
+                    *args, **flags, UPCAST=False, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return y if output_memory_format(x) == torch.channels_last else y.contiguous()
+
+
 def cudnn_with_epilogue(x, weight, bias, residual, stride, padding, dilation, groups, relu) -> Tensor:
     """cuDNN's conv (the vendor kernel), then bias + residual + ReLU as one Triton pass:
     two passes over the output instead of eager's four."""
@@ -372,10 +560,12 @@ def cudnn_with_epilogue(x, weight, bias, residual, stride, padding, dilation, gr
     return bias_residual_relu_(y, bias, residual, relu)
 
 
-#: The two ways this backend computes the op, by name.
-ALGORITHMS = {"implicit_gemm": implicit_gemm, "cudnn_epilogue": cudnn_with_epilogue}
-#: RESNET_FUSED_TRITON_ALGO: "auto" (time both once per shape on a GPU, keep the faster),
-#: or one name from ALGORITHMS for every call.
+#: The ways this backend computes the op, by name.
+ALGORITHMS = {"implicit_gemm": implicit_gemm, "cudnn_epilogue": cudnn_with_epilogue, "gemm_tma": gemm_tma}
+#: Algorithms that take only some calls: name -> function saying why not (None: takes it).
+_REFUSALS = {"gemm_tma": gemm_tma_refusal}
+#: RESNET_FUSED_TRITON_ALGO: "auto" (time the candidates once per shape on a GPU, keep
+#: the fastest), or one name from ALGORITHMS for every call it takes.
 _ALGO_ENV = "RESNET_FUSED_TRITON_ALGO"
 _choices: dict[str, str] = {}
 _choices_loaded = False
@@ -428,28 +618,48 @@ def _shape_key(x, weight, residual, stride, padding, dilation, groups, relu) -> 
     ))
 
 
+def algorithm_refusal(name: str, args: tuple) -> Optional[str]:
+    """None when algorithm ``name`` takes the call ``args``, else why not."""
+    refusal = _REFUSALS.get(name)
+    if refusal is None:
+        return None
+    x, weight, _, residual, stride, padding, dilation, groups, _ = args
+    return refusal(x, weight, residual, stride, padding, dilation, groups)
+
+
+def _forced_algorithm() -> Optional[str]:
+    forced = os.environ.get(_ALGO_ENV, "auto")
+    if forced == "auto":
+        return None
+    if forced not in ALGORITHMS:
+        raise ValueError(f"{_ALGO_ENV}={forced!r}; expected auto or one of {', '.join(ALGORITHMS)}")
+    return forced
+
+
 def choose_algorithm(args: tuple, timing: bool) -> str:
     """Which of ALGORITHMS runs this call. With ``timing`` (a GPU, not capturing a graph),
-    an unseen shape runs both, keeps the faster, and remembers it on disk."""
-    forced = os.environ.get(_ALGO_ENV, "auto")
-    if forced != "auto":
-        if forced not in ALGORITHMS:
-            raise ValueError(f"{_ALGO_ENV}={forced!r}; expected auto or one of {', '.join(ALGORITHMS)}")
-        return forced
-    if not timing:
-        return "implicit_gemm"
-    _load_choices()
+    an unseen shape runs every algorithm that takes it, keeps the fastest, and remembers
+    it on disk; without, a shape timed before keeps its choice, others take implicit_gemm.
+    A forced algorithm (RESNET_FUSED_TRITON_ALGO) that does not take the call leaves it
+    to implicit_gemm, as :meth:`TritonBackend.describe` says."""
+    forced = _forced_algorithm()
+    if forced is not None:
+        return forced if algorithm_refusal(forced, args) is None else "implicit_gemm"
     x, weight, _, residual, stride, padding, dilation, groups, relu = args
-    key = _shape_key(x, weight, residual, stride, padding, dilation, groups, relu)
+    names = [name for name in ALGORITHMS if algorithm_refusal(name, args) is None]
+    key = _shape_key(x, weight, residual, stride, padding, dilation, groups, relu) + "|" + ",".join(names)
+    _load_choices()
     if key not in _choices:
+        if not timing:
+            return "implicit_gemm"
         if _traced(x):  # torch.compile: choose now, on real tensors of the same shapes
             with _disable_current_modes():
                 real = _real_like(args)
                 if real is None:
                     return "implicit_gemm"  # symbolic shapes: nothing to time
-                times = {name: _time_ms(lambda fn=fn: fn(*real)) for name, fn in ALGORITHMS.items()}
+                times = {name: _time_ms(lambda fn=ALGORITHMS[name]: fn(*real)) for name in names}
         else:
-            times = {name: _time_ms(lambda fn=fn: fn(*args)) for name, fn in ALGORITHMS.items()}
+            times = {name: _time_ms(lambda fn=ALGORITHMS[name]: fn(*args)) for name in names}
         _choices[key] = min(times, key=times.get)
         log.debug("conv %s: %s -> %s", key, {n: round(t, 4) for n, t in times.items()}, _choices[key])
         _save_choices()
@@ -516,11 +726,16 @@ class TritonBackend(Backend):
         return None
 
     def describe(self, x, weight, residual, stride, padding, dilation, groups) -> str:
-        forced = os.environ.get(_ALGO_ENV, "auto")
-        if forced != "auto":
+        args = (x, weight, None, residual, stride, padding, dilation, groups, False)
+        forced = _forced_algorithm()
+        if forced is not None:
+            reason = algorithm_refusal(forced, args)
+            if reason is not None:
+                return f"implicit_gemm: {_ALGO_ENV} asks for {forced}, which does not take this call ({reason})"
             return f"{forced}, as {_ALGO_ENV} says"
+        names = [name for name in ALGORITHMS if algorithm_refusal(name, args) is None]
         if x.is_cuda and AUTOTUNE:
-            return "the faster of implicit_gemm and cudnn_epilogue for this shape, timed on its first call"
+            return f"the fastest of {', '.join(names)} for this shape, timed on its first call"
         return "implicit_gemm"
 
     def run(self, x, weight, bias, residual, stride, padding, dilation, groups, relu) -> Tensor:
