@@ -4,7 +4,7 @@
 # folder (the model benchmark runs before the kernel suite: it autotunes every
 # ResNet-50 layer once, and the kernel suite reuses those winners): environment.json,
 # session.log, build.log, native_tests.log, gpu_tests.log, kernels.json, models.json, models.png,
-# sanitizer.log.
+# sanitizer.log, triton_tuned.json (the Triton tuning measured: benchmarks/ship_tuned.py).
 #
 # The build step compiles resnet_fused._C in place for this machine's torch (a library
 # built elsewhere against another torch will not load). It needs nvcc and the
@@ -22,6 +22,9 @@ out=${1:-benchmarks/results/${gpu:-unknown_gpu}}
 mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$PWD/.triton-cache}
+# every step's Triton tuning (algorithm per conv shape, autotuned tile configs) is kept in
+# $out/triton_tuned.json; benchmarks/ship_tuned.py merges it into the package's table
+export RESNET_FUSED_TRITON_RECORD=${RESNET_FUSED_TRITON_RECORD:-$(cd "$out" && pwd)/triton_tuned.json}
 steps=${STEPS:-"build native models kernels tests sanitizer compile"}
 log="$out/session.log"
 start=$(date +%s)
@@ -82,12 +85,13 @@ if has sanitizer; then
   step "compute-sanitizer memcheck, one fused resnet50 forward per backend (triton, native)"
   RESNET_FUSED_TRITON_AUTOTUNE=0 timeout ${SANITIZER_TIMEOUT:-120} compute-sanitizer --tool memcheck --error-exitcode 3 \
     python -c "
-import torch, resnet_fused
-for backend in ('triton', 'native'):
+import os, torch, resnet_fused
+for backend, algo in (('triton', 'implicit_gemm'), ('triton', 'gemm_tma'), ('native', 'auto')):
+    os.environ['RESNET_FUSED_TRITON_ALGO'] = algo
     m = resnet_fused.resnet50(backend=backend).eval().cuda().half()
     with torch.inference_mode():
         y = m(torch.randn(2, 3, 64, 64, device='cuda', dtype=torch.half).contiguous(memory_format=torch.channels_last))
-    torch.cuda.synchronize(); print(backend, 'forward ok', tuple(y.shape))
+    torch.cuda.synchronize(); print(backend, algo, 'forward ok', tuple(y.shape))
 " >"$out/sanitizer.log" 2>&1
   echo "exit $?" >>"$out/sanitizer.log"; tail -n 4 "$out/sanitizer.log" | tee -a "$log"
 fi

@@ -305,6 +305,99 @@ def test_export_keeps_the_triton_op_and_compile_has_no_graph_break(gen):
         assert relative_error(compiled(x.to(DEVICE)), ref) <= 5e-4
 
 
+@pytest.fixture
+def fresh_tuning_state(monkeypatch, tmp_path):
+    """Empty algorithm and autotune caches, a private cache dir, and a GPU model named
+    "Fake GPU" for the tuning table (so the table logic runs without a GPU)."""
+    from resnet_fused.backends import triton_backend as tb
+
+    monkeypatch.setenv("RESNET_FUSED_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(tb, "_choices", {})
+    monkeypatch.setattr(tb, "_choices_loaded", False)
+    monkeypatch.setattr(tb._tuned, "cache", {})
+    monkeypatch.setattr(tb._tuned_gemm, "cache", {})
+    monkeypatch.setattr(tb, "_table_device", lambda: "Fake GPU")
+    return tb
+
+
+def _record_some_tuning(tb):
+    tb._choices["Fake GPU|shape a"] = "cudnn_epilogue"
+    tb._choices["Other GPU|shape b"] = "implicit_gemm"  # another model's: not this device's table
+    tb._tuned.cache[(3136, 64, True, "torch.float16")] = tb.CONFIGS[4]
+    tb._tuned_gemm.cache[(802816, 256, 64, True, "torch.float16")] = tb.GEMM_CONFIGS[1]
+
+
+def test_tuning_table_round_trip(fresh_tuning_state, tmp_path):
+    """What a GPU session measured, written as a table and read back by a fresh process,
+    fills the same caches: the same algorithm and the same tile configs, no tuning."""
+    tb = fresh_tuning_state
+    _record_some_tuning(tb)
+    table = tb.measured_table()
+    assert list(table["devices"]) == ["Fake GPU"]
+    assert table["devices"]["Fake GPU"]["algorithms"] == {"Fake GPU|shape a": "cudnn_epilogue"}
+    path = tmp_path / "table.json"
+    tb.write_table(str(path), table)
+
+    expected_tuned, expected_gemm = dict(tb._tuned.cache), dict(tb._tuned_gemm.cache)
+    tb._choices.clear()
+    tb._tuned.cache.clear()
+    tb._tuned_gemm.cache.clear()
+    assert tb._apply_shipped_table(str(path)) == 3
+    assert tb._choices == {"Fake GPU|shape a": "cudnn_epilogue"}
+    for cache, expected in ((tb._tuned.cache, expected_tuned), (tb._tuned_gemm.cache, expected_gemm)):
+        assert cache.keys() == expected.keys()
+        for key, cfg in cache.items():
+            assert (cfg.kwargs, cfg.num_warps, cfg.num_stages, cfg.pre_hook) == \
+                (expected[key].kwargs, expected[key].num_warps, expected[key].num_stages, expected[key].pre_hook)
+    assert tb._tuned_gemm.cache[(802816, 256, 64, True, "torch.float16")].pre_hook is tb._set_gemm_blocks
+
+
+def test_tuning_table_serves_only_its_gpu_model_and_triton_version(fresh_tuning_state, tmp_path, monkeypatch):
+    tb = fresh_tuning_state
+    _record_some_tuning(tb)
+    table = tb.measured_table()
+    path = tmp_path / "table.json"
+    tb.write_table(str(path), table)
+    tb._choices.clear()
+    tb._tuned.cache.clear()
+    monkeypatch.setattr(tb, "_table_device", lambda: "Another GPU")
+    assert tb._apply_shipped_table(str(path)) == 0
+    monkeypatch.setattr(tb, "_table_device", lambda: "Fake GPU")
+    table["devices"]["Fake GPU"]["triton"] = "0.0.1"  # another Triton: the autotuner's keys may differ
+    tb.write_table(str(path), table)
+    assert tb._apply_shipped_table(str(path)) == 0 and not tb._tuned.cache
+    path.write_text('{"format": 99, "devices": {}}')
+    with pytest.raises(ValueError, match="tuning table format 99, expected 1"):
+        tb.read_table(str(path))
+    assert tb._apply_shipped_table(str(path)) == 0  # a bad table is ignored with a warning, never fatal
+
+
+def test_recording_at_exit_merges_and_ship_script_updates_the_package_table(
+        fresh_tuning_state, tmp_path, monkeypatch, capsys):
+    import importlib.util
+    import pathlib
+
+    tb = fresh_tuning_state
+    recorded = tmp_path / "recorded.json"
+    monkeypatch.setenv("RESNET_FUSED_TRITON_RECORD", str(recorded))
+    tb._choices["Fake GPU|shape a"] = "gemm_tma"
+    tb._record_at_exit()
+    tb._choices["Fake GPU|shape b"] = "implicit_gemm"  # a second process adds to the file
+    tb._choices.pop("Fake GPU|shape a")
+    tb._record_at_exit()
+    algorithms = tb.read_table(str(recorded))["devices"]["Fake GPU"]["algorithms"]
+    assert algorithms == {"Fake GPU|shape a": "gemm_tma", "Fake GPU|shape b": "implicit_gemm"}
+
+    script = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "ship_tuned.py"
+    spec = importlib.util.spec_from_file_location("ship_tuned", script)
+    ship = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ship)
+    package_table = tmp_path / "shipped.json"
+    assert ship.main([str(recorded), "--into", str(package_table)]) == 0
+    assert "Fake GPU (triton " in capsys.readouterr().out
+    assert tb.read_table(str(package_table))["devices"]["Fake GPU"]["algorithms"] == algorithms
+
+
 @pytest.mark.skipif(ON_GPU, reason="the interpreter path is for machines without a GPU")
 def test_auto_never_picks_the_interpreter(gen):
     x, weight, _, _ = make_case(gen, 1, 4, 5, 5, 4, 3, 1, 1, 1, 1, torch.float32, False)

@@ -586,6 +586,148 @@ def _load_choices() -> None:
             _choices.update(json.load(f))
     except (OSError, ValueError):
         pass  # no cache yet, or an unreadable one: time again
+    _apply_shipped_table()
+
+
+# ---------------------------------------------------------------------------------
+# the tuning table shipped in the package
+#
+# triton_tuned.json holds, per GPU model, what a GPU session measured: the algorithm
+# chosen for each conv shape it ran and the autotuners' winning tile configs. On the
+# first call on that GPU model (with the same Triton version, which fixes the
+# autotuner's key format) these fill the in-memory caches, so a fresh machine pays no
+# tuning for the shapes recorded. RESNET_FUSED_TRITON_RECORD=path writes this
+# process's measurements in the same format at exit (benchmarks/gpu_session.sh does),
+# to be merged into the package with benchmarks/ship_tuned.py.
+
+SHIPPED_TABLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "triton_tuned.json")
+_RECORD_ENV = "RESNET_FUSED_TRITON_RECORD"
+TABLE_FORMAT = 1
+
+
+def _table_device() -> Optional[str]:
+    """The GPU model whose entry the table serves here (the current device), or None."""
+    return _device_name(torch.cuda.current_device()) if torch.cuda.is_available() else None
+
+
+def _tuners() -> dict:
+    return {"implicit_gemm": _tuned, "gemm_tma": _tuned_gemm}
+
+
+def _config_to_json(cfg) -> dict:
+    return {"kwargs": dict(cfg.kwargs), "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+
+
+def _config_from_json(name: str, data: dict):
+    hook = _set_gemm_blocks if name == "gemm_tma" else None
+    return triton.Config(dict(data["kwargs"]), num_warps=data["num_warps"], num_stages=data["num_stages"],
+                         pre_hook=hook)
+
+
+def read_table(path: str) -> dict:
+    """A tuning table (the shipped one or a recorded one); an empty one if absent."""
+    try:
+        with open(path) as f:
+            table = json.load(f)
+    except FileNotFoundError:
+        return {"format": TABLE_FORMAT, "devices": {}}
+    if table.get("format") != TABLE_FORMAT:
+        raise ValueError(f"{path}: tuning table format {table.get('format')!r}, expected {TABLE_FORMAT}")
+    return table
+
+
+def _apply_shipped_table(path: Optional[str] = None) -> int:
+    """Fill the caches from the table for this GPU model; the number of entries taken."""
+    device = _table_device()
+    if device is None:
+        return 0
+    try:
+        table = read_table(path or SHIPPED_TABLE)
+    except (OSError, ValueError) as exc:
+        log.warning("ignoring the Triton tuning table: %s", exc)
+        return 0
+    entry = table["devices"].get(device)
+    if entry is None or entry.get("triton") != triton.__version__:
+        return 0
+    taken = 0
+    for key, name in entry.get("algorithms", {}).items():
+        if name in ALGORITHMS and key not in _choices:
+            _choices[key] = name
+            taken += 1
+    for name, rows in entry.get("autotune", {}).items():
+        tuner = _tuners().get(name)
+        if tuner is None:
+            continue
+        for key, cfg in rows:
+            key = tuple(key)
+            if key not in tuner.cache:
+                tuner.cache[key] = _config_from_json(name, cfg)
+                taken += 1
+    return taken
+
+
+def measured_table() -> dict:
+    """What this process measured on its GPU, as a tuning table (one device entry)."""
+    device = _table_device()
+    if device is None:
+        return {"format": TABLE_FORMAT, "devices": {}}
+    entry = {
+        "triton": triton.__version__,
+        "torch": torch.__version__,
+        "algorithms": {k: v for k, v in sorted(_choices.items()) if k.startswith(device + "|")},
+        "autotune": {
+            name: sorted([list(key), _config_to_json(cfg)] for key, cfg in tuner.cache.items())
+            for name, tuner in _tuners().items()
+        },
+    }
+    return {"format": TABLE_FORMAT, "devices": {device: entry}}
+
+
+def merge_tables(base: dict, new: dict) -> dict:
+    """``base`` with ``new``'s measurements added (``new`` wins where both have a key);
+    a device entry recorded with another Triton version is replaced, not merged."""
+    out = {"format": TABLE_FORMAT, "devices": dict(base.get("devices", {}))}
+    for device, entry in new.get("devices", {}).items():
+        old = out["devices"].get(device)
+        if old is None or old.get("triton") != entry.get("triton"):
+            out["devices"][device] = entry
+            continue
+        merged = {**old, **{k: v for k, v in entry.items() if k not in ("algorithms", "autotune")}}
+        merged["algorithms"] = {**old.get("algorithms", {}), **entry.get("algorithms", {})}
+        merged["autotune"] = {}
+        for name in sorted(set(old.get("autotune", {})) | set(entry.get("autotune", {}))):
+            rows = {json.dumps(k): [k, c] for k, c in old.get("autotune", {}).get(name, [])}
+            rows.update({json.dumps(k): [k, c] for k, c in entry.get("autotune", {}).get(name, [])})
+            merged["autotune"][name] = sorted(rows.values())
+        out["devices"][device] = merged
+    return out
+
+
+def write_table(path: str, table: dict) -> None:
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(table, f, indent=1, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _record_at_exit() -> None:
+    path = os.environ.get(_RECORD_ENV)
+    if not path:
+        return
+    table = measured_table()
+    if not table["devices"]:
+        return
+    try:
+        write_table(path, merge_tables(read_table(path), table))
+    except (OSError, ValueError) as exc:
+        log.warning("could not record Triton tuning results to %s: %s", path, exc)
+
+
+if os.environ.get(_RECORD_ENV):
+    import atexit
+
+    atexit.register(_record_at_exit)
 
 
 def _save_choices() -> None:
@@ -642,13 +784,13 @@ def choose_algorithm(args: tuple, timing: bool) -> str:
     it on disk; without, a shape timed before keeps its choice, others take implicit_gemm.
     A forced algorithm (RESNET_FUSED_TRITON_ALGO) that does not take the call leaves it
     to implicit_gemm, as :meth:`TritonBackend.describe` says."""
+    _load_choices()
     forced = _forced_algorithm()
     if forced is not None:
         return forced if algorithm_refusal(forced, args) is None else "implicit_gemm"
     x, weight, _, residual, stride, padding, dilation, groups, relu = args
     names = [name for name in ALGORITHMS if algorithm_refusal(name, args) is None]
     key = _shape_key(x, weight, residual, stride, padding, dilation, groups, relu) + "|" + ",".join(names)
-    _load_choices()
     if key not in _choices:
         if not timing:
             return "implicit_gemm"
