@@ -41,8 +41,14 @@ are the fast case.
 
 Tile configs are autotuned per shape key (shared memory and tile count prune the
 candidates) and the winners are kept on disk by Triton's autotuner cache, so a
-second process pays no tuning. Under ``TRITON_INTERPRET=1`` the kernels run on CPU
+second process pays no tuning; a table of what GPU sessions measured (algorithm per
+shape, winning tiles) ships in the package for each GPU model it was measured on (see
+"the tuning table" below). Under ``TRITON_INTERPRET=1`` the kernels run on CPU
 tensors with one fixed config, for testing.
+
+``torch.ops.resnet_fused.triton_conv_bias_act`` (a ``torch.library.triton_op``, at the
+end of this module) is the backend as an op torch.compile traces into; the op front
+calls it whenever the Triton backend is asked for.
 """
 from __future__ import annotations
 
@@ -494,9 +500,9 @@ def gemm_tma_refusal(x, weight, residual, stride, padding, dilation, groups) -> 
     c, k = x.shape[1], weight.shape[0]
     if c % 8 or k % 8:
         return f"TMA rows must be 16-byte multiples: C={c} and K={k} should be multiples of 8"
-    if _as_rows(x, c) is None:
+    if not x.is_contiguous(memory_format=torch.channels_last):  # then (N*H*W, C) is a row-major view
         return "x is not dense channels_last"
-    if residual is not None and _as_rows(residual, k) is None:
+    if residual is not None and not residual.is_contiguous(memory_format=torch.channels_last):
         return "residual is not dense channels_last"
     for name, t in (("x", x), ("weight", weight), ("residual", residual)):
         if t is not None and t.data_ptr() % 16:
@@ -515,6 +521,7 @@ def gemm_tma(x, weight, bias, residual, stride, padding, dilation, groups, relu,
     m = n * h * w
     y = torch.empty((n, k, h, w), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
     a = _as_rows(x, c)
+    assert a is not None, "gemm_tma_refusal lets only dense channels_last x through"
     b = weight.reshape(k, c)
     if b.stride() != (c, 1):
         b = b.contiguous()
