@@ -221,6 +221,8 @@ def test_1x1_convs_time_all_three_algorithms(monkeypatch, tmp_path, gen):
     x, weight, bias, res = make_case(gen, 2, 16, 5, 5, 32, 1, 1, 0, 1, 1, torch.float16, True, channels_last=True)
     args = (x, weight, bias, res, [1, 1], [0, 0], [1, 1], 1, True)
     assert tb.choose_algorithm(args, timing=True) == "gemm_tma"
+    assert "(gemm_tma: measured fastest of implicit_gemm, cudnn_epilogue, gemm_tma for this shape)" in \
+        ops.explain(x, weight, res, backend="triton")
     ref = reference_conv_bias_act(x, weight, bias, res, 1, 0)
     assert len(ran) == 3 and all(relative_error(out, ref) <= tol(torch.float16) for out in ran)
 

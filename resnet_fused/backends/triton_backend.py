@@ -883,6 +883,11 @@ class TritonBackend(Backend):
                 return f"implicit_gemm: {_ALGO_ENV} asks for {forced}, which does not take this call ({reason})"
             return f"{forced}, as {_ALGO_ENV} says"
         names = [name for name in ALGORITHMS if algorithm_refusal(name, args) is None]
+        _load_choices()
+        for relu in (True, False):  # explain() does not know the epilogue; the choice rarely differs
+            key = _shape_key(x, weight, residual, stride, padding, dilation, groups, relu) + "|" + ",".join(names)
+            if key in _choices:
+                return f"{_choices[key]}: measured fastest of {', '.join(names)} for this shape"
         if x.is_cuda and AUTOTUNE:
             return f"the fastest of {', '.join(names)} for this shape, timed on its first call"
         return "implicit_gemm"
