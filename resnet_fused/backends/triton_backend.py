@@ -322,15 +322,32 @@ def implicit_gemm(
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_N"]), groups)
 
     with torch.cuda.device(x.device):
-        if AUTOTUNE:
-            _launchable(_tuned, x)[grid](*args, **common, UPCAST=False, GROUPS=groups)
+        if AUTOTUNE and not _traced(x):
+            _tuned[grid](*args, **common, UPCAST=False, GROUPS=groups)
         else:
-            cfg = heuristic_config(m, k, c, r * s, groups)
+            cfg = None
+            if AUTOTUNE:  # torch.compile: the tile the autotuner picks for these shapes, one kernel traced
+                cfg = _autotuned_config_for(implicit_gemm, _tuned, x, weight, bias, residual, stride, padding,
+                                            dilation, groups, relu)
+            cfg = cfg or heuristic_config(m, k, c, r * s, groups)
             _launchable(_conv_bias_act_kernel, x)[grid(cfg.kwargs)](
                 *args, **common, UPCAST=False, GROUPS=groups, **cfg.kwargs, num_warps=cfg.num_warps,
                 num_stages=cfg.num_stages,
             )
     return y
+
+
+def _autotuned_config_for(algorithm, tuner, *args):
+    """For a call being traced (fake tensors): run ``algorithm`` once on real tensors of
+    the same shapes, so ``tuner`` picks (or recalls) its config, and return that config;
+    None for symbolic shapes. Inductor then gets one plain kernel with that tile instead
+    of an autotuner to tune again."""
+    with _disable_current_modes():
+        real = _real_like(args)
+        if real is None:
+            return None
+        algorithm(*real)
+        return tuner.best_config
 
 
 @triton.jit
