@@ -296,7 +296,9 @@ def implicit_gemm(
     p = (h + 2 * padding[0] - dilation[0] * (r - 1) - 1) // stride[0] + 1
     q = (w + 2 * padding[1] - dilation[1] * (s - 1) - 1) // stride[1] + 1
     y = torch.empty((n, k_total, p, q), dtype=x.dtype, device=x.device, memory_format=output_memory_format(x))
-    res = residual if residual is not None else y  # never read when HAS_RESIDUAL is False
+    # absent operands get x as a stand-in pointer (never read): not y, which the kernel
+    # writes, so a traced launch has no argument aliasing its output
+    res = residual if residual is not None else x
     if x.dtype == torch.float32:
         allow_tf32 = torch.backends.cudnn.allow_tf32 and x.is_cuda
         precision = "tf32" if allow_tf32 else "ieee"
@@ -308,7 +310,7 @@ def implicit_gemm(
         RELU=relu, FLAT_SC=c < FLAT_SC_MAX_CHANNELS and r * s > 1, DOT_PRECISION=precision,
     )
     args = (
-        x, weight, bias if bias is not None else y, res, y, n, h, w, p, q, c, k,
+        x, weight, bias if bias is not None else x, res, y, n, h, w, p, q, c, k,
         *x.stride(), *weight.stride(), *res.stride(), *y.stride(),
     )
     m = n * p * q
@@ -370,6 +372,15 @@ def _bias_residual_relu_kernel(
     tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
+def _stand_ins(y: Tensor, bias: Optional[Tensor], residual: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """bias and residual pointers for the epilogue kernel; an absent one gets a tensor that
+    is never read and is not y (which the kernel writes: a traced launch must not alias it)."""
+    spare = bias if bias is not None else residual
+    if spare is None:
+        spare = y.new_empty(1)
+    return (bias if bias is not None else spare), (residual if residual is not None else spare)
+
+
 def bias_residual_relu_(y: Tensor, bias: Optional[Tensor], residual: Optional[Tensor], relu: bool) -> Tensor:
     """``y = relu?(y + bias + residual?)`` in place, one pass over memory (y dense NCHW or NHWC)."""
     fmt = output_memory_format(y)
@@ -381,7 +392,7 @@ def bias_residual_relu_(y: Tensor, bias: Optional[Tensor], residual: Optional[Te
     block = 1024
     grid = (triton.cdiv(numel, block),)
     _launchable(_bias_residual_relu_kernel, y)[grid](
-        y, bias if bias is not None else y, residual if residual is not None else y,
+        y, *_stand_ins(y, bias, residual),
         numel, y.shape[1], y.shape[2] * y.shape[3],
         HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, RELU=relu,
         CHANNELS_LAST=fmt == torch.channels_last, BLOCK=block, num_warps=4,
