@@ -166,6 +166,39 @@ def test_gemm_tma_refuses_what_it_cannot_take(monkeypatch, gen, change, reason):
         run_and_check(x, weight, bias, res, opt["stride"], opt["padding"], 1, 1, True)
 
 
+def test_autotune_pruning_by_shared_memory_warps_and_sm_fill(monkeypatch):
+    """What the autotuners may try: configs that fit in shared memory, never 8 warps for
+    the multi-tap loop (triton#1254), and only grids that cover half the SMs if any do."""
+    from resnet_fused.backends import triton_backend as tb
+
+    monkeypatch.setattr(tb, "_device_limits", lambda index: (132, 232448))  # an H100
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    x = torch.empty(0, dtype=torch.float16)
+
+    def conv(n, pq, k, r, flat=False):
+        return tb._prune(tb.CONFIGS, dict(x_ptr=x, N=n, P=pq, Q=pq, K=k, R=r, S=r, GROUPS=1, FLAT_SC=flat))
+
+    big3x3 = conv(256, 56, 64, 3)
+    assert big3x3 and all(cfg.num_warps == 4 for cfg in big3x3)
+    assert all(cfg.kwargs["BLOCK_N"] <= 128 for cfg in big3x3)  # K = 64: no 256-wide column tiles
+    assert any(cfg.num_warps == 8 for cfg in conv(256, 56, 256, 1))  # 1x1 may use 8 warps
+    tiny = conv(1, 7, 512, 3)  # 49 rows: no config fills half of 132 SMs -> the most tiles
+    tiles = {id(cfg): -(-49 // cfg.kwargs["BLOCK_M"]) * -(-512 // cfg.kwargs["BLOCK_N"]) for cfg in tb.CONFIGS}
+    four_warp = [cfg for cfg in tb.CONFIGS if cfg.num_warps == 4]  # all of them fit an H100's shared memory
+    assert {tiles[id(cfg)] for cfg in tiny} == {max(tiles[id(cfg)] for cfg in four_warp)}
+    assert all(tiles[id(cfg)] < 66 for cfg in tiny)
+    monkeypatch.setattr(tb, "_device_limits", lambda index: (132, 40000))  # little shared memory
+    assert all(cfg.num_stages * (cfg.kwargs["BLOCK_M"] + cfg.kwargs["BLOCK_N"]) * cfg.kwargs["BLOCK_K"] * 2 <= 40000
+               for cfg in conv(256, 56, 256, 1))
+
+    monkeypatch.setattr(tb, "_device_limits", lambda index: (132, 232448))
+    gemm = tb._prune_gemm(tb.GEMM_CONFIGS, dict(M=256 * 56 * 56, K=256, C=64))
+    assert gemm and all(cfg.kwargs["BLOCK_K"] <= 128 for cfg in gemm)
+    assert all(-(-256 * 3136 // cfg.kwargs["BLOCK_M"]) * -(-256 // cfg.kwargs["BLOCK_N"]) >= 66 for cfg in gemm)
+    small = tb._prune_gemm(tb.GEMM_CONFIGS, dict(M=49, K=64, C=2048))
+    assert small and all(cfg.kwargs["BLOCK_N"] <= 128 for cfg in small)
+
+
 def test_unknown_algorithm_is_an_error(monkeypatch, gen):
     monkeypatch.setenv("RESNET_FUSED_TRITON_ALGO", "winograd")
     x, weight, bias, _ = make_case(gen, 1, 4, 5, 5, 4, 3, 1, 1, 1, 1, torch.float32, False)

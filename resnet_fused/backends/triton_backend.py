@@ -253,6 +253,12 @@ def _prune(configs, named_args, **kwargs):
         fits.append((cfg, triton.cdiv(m, bm) * triton.cdiv(k, bn) * groups))
     if not fits:
         return [_config(32, 32, 32, 4, 2)]
+    return _filling(fits, sms)
+
+
+def _filling(fits: list, sms: int) -> list:
+    """Of (config, tile count) pairs, the configs whose grid covers at least half the SMs;
+    if none does, those with the most tiles."""
     filling = [cfg for cfg, tiles in fits if tiles >= sms // 2]
     if filling:
         return filling
@@ -483,11 +489,7 @@ def _prune_gemm(configs, named_args, **kwargs):
         fits.append((cfg, triton.cdiv(m, bm) * triton.cdiv(k, bn)))
     if not fits:
         return [configs[-1]]
-    filling = [cfg for cfg, tiles in fits if tiles >= sms // 2]
-    if filling:
-        return filling
-    most = max(tiles for _, tiles in fits)
-    return [cfg for cfg, tiles in fits if tiles == most]
+    return _filling(fits, sms)
 
 
 def _make_tuned_gemm():
