@@ -815,6 +815,21 @@ def _forced_algorithm() -> Optional[str]:
     return forced
 
 
+#: call signature -> the choice key of :func:`choose_algorithm` (which algorithms take the
+#: call, and the shape): a small tuple is much cheaper to build than the key
+_keys: dict[tuple, str] = {}
+
+
+def _call_signature(args: tuple) -> tuple:
+    """Everything the choice key and the algorithms' refusals depend on, cheaply."""
+    x, weight, _, residual, stride, padding, dilation, groups, relu = args
+    sig = (type(x), x.device, x.dtype, x.shape, x.stride(), weight.shape, weight.stride(), x.data_ptr() % 16,
+           weight.data_ptr() % 16, tuple(stride), tuple(padding), tuple(dilation), groups, relu)
+    if residual is None:
+        return sig
+    return sig + (residual.shape, residual.stride(), residual.data_ptr() % 16)
+
+
 def choose_algorithm(args: tuple, timing: bool) -> str:
     """Which of ALGORITHMS runs this call. With ``timing`` (a GPU, not capturing a graph),
     an unseen shape runs every algorithm that takes it, keeps the fastest, and remembers
@@ -826,23 +841,32 @@ def choose_algorithm(args: tuple, timing: bool) -> str:
     if forced is not None:
         return forced if algorithm_refusal(forced, args) is None else "implicit_gemm"
     x, weight, _, residual, stride, padding, dilation, groups, relu = args
-    names = [name for name in ALGORITHMS if algorithm_refusal(name, args) is None]
-    key = _shape_key(x, weight, residual, stride, padding, dilation, groups, relu) + "|" + ",".join(names)
-    if key not in _choices:
-        if not timing:
-            return "implicit_gemm"
-        if _traced(x):  # torch.compile: choose now, on real tensors of the same shapes
-            with _disable_current_modes():
-                real = _real_like(args)
-                if real is None:
-                    return "implicit_gemm"  # symbolic shapes: nothing to time
-                times = {name: _time_ms(lambda fn=ALGORITHMS[name]: fn(*real)) for name in names}
-        else:
-            times = {name: _time_ms(lambda fn=ALGORITHMS[name]: fn(*args)) for name in names}
-        _choices[key] = min(times, key=times.get)
-        log.debug("conv %s: %s -> %s", key, {n: round(t, 4) for n, t in times.items()}, _choices[key])
-        _save_choices()
-    return _choices[key]
+    plain = type(x) is Tensor  # not a tracing tensor: no data pointer to read there
+    call = _call_signature(args) if plain else None
+    key = _keys.get(call) if plain else None
+    if key is None:  # ~10 us of refusal checks and string building: once per call signature
+        names = [name for name in ALGORITHMS if algorithm_refusal(name, args) is None]
+        key = _shape_key(x, weight, residual, stride, padding, dilation, groups, relu) + "|" + ",".join(names)
+        if plain:
+            _keys[call] = key
+    choice = _choices.get(key)
+    if choice is not None:
+        return choice
+    if not timing:
+        return "implicit_gemm"
+    names = key.rsplit("|", 1)[1].split(",")
+    if _traced(x):  # torch.compile: choose now, on real tensors of the same shapes
+        with _disable_current_modes():
+            real = _real_like(args)
+            if real is None:
+                return "implicit_gemm"  # symbolic shapes: nothing to time
+            times = {name: _time_ms(lambda fn=ALGORITHMS[name]: fn(*real)) for name in names}
+    else:
+        times = {name: _time_ms(lambda fn=ALGORITHMS[name]: fn(*args)) for name in names}
+    _choices[key] = choice = min(times, key=times.get)
+    log.debug("conv %s: %s -> %s", key, {n: round(t, 4) for n, t in times.items()}, choice)
+    _save_choices()
+    return choice
 
 
 def _real_like(args: tuple) -> Optional[tuple]:
