@@ -238,6 +238,32 @@ def test_algorithm_choice_is_timed_once_and_kept_on_disk(monkeypatch, tmp_path, 
     assert tb.choose_algorithm(other, timing=False) == "implicit_gemm" and len(calls) == 2  # unseen: not timed
 
 
+def test_choice_is_per_call_signature_alignment_included(monkeypatch, tmp_path, gen):
+    """The choice is remembered per call signature; the same shape at an address TMA cannot
+    take is another signature, timed among the algorithms that do take it."""
+    from resnet_fused.backends import triton_backend as tb
+
+    monkeypatch.setenv("RESNET_FUSED_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(tb, "_choices", {})
+    monkeypatch.setattr(tb, "_choices_loaded", False)
+    timed = []
+
+    def fake_time(fn):
+        timed.append(fn)
+        return 1.0 if len(timed) == 3 else 2.0  # the third candidate of the first call: gemm_tma
+
+    monkeypatch.setattr(tb, "_time_ms", fake_time)
+    x, weight, bias, _ = make_case(gen, 2, 16, 5, 5, 32, 1, 1, 0, 1, 1, torch.float16, False, channels_last=True)
+    args = (x, weight, bias, None, [1, 1], [0, 0], [1, 1], 1, True)
+    assert tb.choose_algorithm(args, timing=True) == "gemm_tma" and len(timed) == 3
+    assert tb.choose_algorithm(args, timing=True) == "gemm_tma" and len(timed) == 3
+    flat = torch.empty(x.numel() + 1, dtype=x.dtype)
+    shifted = flat[1:].view(2, 5, 5, 16).permute(0, 3, 1, 2)  # same shape and strides, 2 bytes off
+    shifted.copy_(x)
+    moved = (shifted, *args[1:])
+    assert tb.choose_algorithm(moved, timing=True) != "gemm_tma" and len(timed) == 5
+
+
 def test_1x1_convs_time_all_three_algorithms(monkeypatch, tmp_path, gen):
     from resnet_fused.backends import triton_backend as tb
 
