@@ -3,7 +3,7 @@
 # benchmarks, a compute-sanitizer memcheck of a fused forward. Everything lands in one
 # folder (the model benchmark runs before the kernel suite: it autotunes every
 # ResNet-50 layer once, and the kernel suite reuses those winners): environment.json,
-# session.log, build.log, native_tests.log, gpu_tests.log, kernels.json, models.json, models.png,
+# session.log, build.log, native_tests.log, triton_tests.log, gpu_tests.log, kernels.json, models.json, models.png,
 # sanitizer.log, triton_tuned.json (the Triton tuning measured: benchmarks/ship_tuned.py).
 #
 # The build step compiles resnet_fused._C in place for this machine's torch (a library
@@ -13,7 +13,7 @@
 #
 # Usage (from anywhere, on any machine with an NVIDIA GPU and this repo's deps):
 #   benchmarks/gpu_session.sh [OUTDIR]        default OUTDIR: benchmarks/results/<gpu name>
-#   STEPS="build native models kernels tests sanitizer compile" benchmarks/gpu_session.sh   # choose steps
+#   STEPS="build native triton models kernels tests sanitizer compile" benchmarks/gpu_session.sh   # choose steps
 # Each step has its own time limit so the whole session fits in 9 minutes on an H100.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -25,7 +25,7 @@ export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$PWD/.triton-cache}
 # every step's Triton tuning (algorithm per conv shape, autotuned tile configs) is kept in
 # $out/triton_tuned.json; benchmarks/ship_tuned.py merges it into the package's table
 export RESNET_FUSED_TRITON_RECORD=${RESNET_FUSED_TRITON_RECORD:-$(cd "$out" && pwd)/triton_tuned.json}
-steps=${STEPS:-"build native models kernels tests sanitizer compile"}
+steps=${STEPS:-"build native triton models kernels tests sanitizer compile"}
 log="$out/session.log"
 start=$(date +%s)
 step() { echo "== $1 (t=$(( $(date +%s) - start ))s)" | tee -a "$log"; }
@@ -55,6 +55,15 @@ if has native; then
   echo "exit $?" >>"$out/native_tests.log"; tail -n 3 "$out/native_tests.log" | tee -a "$log"
 fi
 
+if has triton; then
+  # what changed without a GPU since the last session, first: the TMA GEMM on every
+  # ResNet-50 1x1 layer and config, torch.compile/export through the triton_op
+  step "triton backend: new paths"
+  timeout ${TRITON_TIMEOUT:-180} python -m pytest tests/test_triton_backend.py -m gpu -q -x -p no:cacheprovider \
+    -k "gemm_tma or inductor or compile_and_export" >"$out/triton_tests.log" 2>&1
+  echo "exit $?" >>"$out/triton_tests.log"; tail -n 3 "$out/triton_tests.log" | tee -a "$log"
+fi
+
 if has models; then
   step "model benchmark (ResNet-50, fp16, batch 256 and 1)"
   providers=${MODEL_PROVIDERS:-"eager_nchw eager_channels_last fused_torch fused_triton fused_native"}
@@ -75,9 +84,11 @@ fi
 if has tests; then
   step "gpu tests"
   # one heuristic tile config per shape: hundreds of shapes, no time to autotune each
+  tk=${TESTS_K:-}
+  if has triton && [[ -z $tk ]]; then tk="not (gemm_tma or inductor or compile_and_export)"; fi  # ran above
   RESNET_FUSED_TRITON_AUTOTUNE=0 timeout ${TESTS_TIMEOUT:-240} python -m pytest tests -m gpu -q -p no:cacheprovider \
     $(has native && echo --ignore=tests/test_native_backend.py) \
-    ${TESTS_K:+-k "$TESTS_K"} >"$out/gpu_tests.log" 2>&1
+    ${tk:+-k "$tk"} >"$out/gpu_tests.log" 2>&1
   echo "exit $?" >>"$out/gpu_tests.log"; tail -n 3 "$out/gpu_tests.log" | tee -a "$log"
 fi
 
