@@ -38,8 +38,8 @@ def _library_path() -> Optional[str]:
     return None
 
 
+@functools.lru_cache(maxsize=None)  # outermost: Dynamo traces lru_cache's __wrapped__, which is then marked
 @torch.compiler.assume_constant_result  # fixed per process: run, not traced, by torch.compile
-@functools.lru_cache(maxsize=None)
 def load() -> Optional[str]:
     """Load the library once; None on success, else why it is not usable (and warn once)."""
     if os.environ.get("RESNET_FUSED_DISABLE_EXTENSION", "0") not in ("", "0"):

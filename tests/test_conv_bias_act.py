@@ -155,3 +155,36 @@ def test_bad_input_is_named_in_the_error(gen, case):
     x, w, kwargs = make(x, w)
     with pytest.raises(exc, match=pattern):
         ops.conv_bias_act(x, w, **kwargs)
+
+
+@pytest.mark.slow
+def test_first_use_inside_torch_compile_and_export():
+    """The backends (and the compiled extension) load on first use. When that first use is a
+    torch.compile(fullgraph=True) trace, loading must not break the graph; when it is a
+    torch.export trace, loading must leave nothing of itself in the exported graph."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch\n"
+        "from resnet_fused import ops\n"
+        "x, w = torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3, 3)\n"
+        "f = lambda x: ops.conv_bias_act(x, w)\n"
+        "with torch.no_grad():\n"
+        "    y = torch.compile(f, fullgraph=True)(x)\n"
+        "print('compiled', tuple(y.shape))\n"
+    )
+    export_code = (
+        "import torch\n"
+        "from resnet_fused import ops\n"
+        "class M(torch.nn.Module):\n"
+        "    def forward(self, x):\n"
+        "        return ops.conv_bias_act(x, torch.ones(4, 3, 3, 3))\n"
+        "ep = torch.export.export(M(), (torch.randn(1, 3, 8, 8),))\n"
+        "print(sorted({str(n.target) for n in ep.graph.nodes if str(n.target).startswith('resnet_fused')}))\n"
+    )
+    for source, expected in ((code, "compiled (1, 4, 6, 6)"), (export_code, "['resnet_fused.")):
+        done = subprocess.run([sys.executable, "-c", source], capture_output=True, text=True, check=False)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert expected in done.stdout
+    assert "native_build_info" not in done.stdout and "conv_bias_act" in done.stdout

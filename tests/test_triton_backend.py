@@ -22,6 +22,13 @@ from resnet_fused.backends.triton_backend import CONFIGS, GEMM_CONFIGS  # noqa: 
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
+#: gemm_tma runs here: Hopper+ on a GPU, the interpreter on the CPU
+TMA_HERE = not ON_GPU or torch.cuda.get_device_capability() >= (9, 0)
+needs_tma = pytest.mark.skipif(not TMA_HERE, reason="gemm_tma needs compute capability 9.0+")
+
+
+def on_device(*tensors):
+    return tuple(None if t is None else t.to(DEVICE) for t in tensors)
 pytestmark = pytest.mark.skipif(
     backends.unavailable_reason("triton") is not None, reason=str(backends.unavailable_reason("triton"))
 )
@@ -114,6 +121,7 @@ GEMM_SHAPES = [  # (n, c, h, w, k): odd rows and a K that is not a tile multiple
 ]
 
 
+@needs_tma
 @pytest.mark.parametrize("shape", GEMM_SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("residual, relu", [(False, False), (False, True), (True, True)],
@@ -139,6 +147,7 @@ def test_gemm_tma_matches_reference(monkeypatch, gen, shape, dtype, residual, re
     (dict(c=12), "C=12 and K=16 should be multiples of 8"),
     (dict(x_offset=1), "x is not 16-byte aligned"),
 ], ids=["3x3", "stride2", "float32", "x_nchw", "residual_nchw", "channels", "misaligned"])
+@needs_tma
 def test_gemm_tma_refuses_what_it_cannot_take(monkeypatch, gen, change, reason):
     """What gemm_tma does not take runs implicit_gemm instead, correctly, and explain says why."""
     from resnet_fused.backends import triton_backend as tb
@@ -152,18 +161,16 @@ def test_gemm_tma_refuses_what_it_cannot_take(monkeypatch, gen, change, reason):
         x = x.contiguous()
     if opt["res_layout"] == "nchw":
         res = res.contiguous()
+    x, weight, bias, res = on_device(x, weight, bias, res)
     if opt["x_offset"]:
-        flat = torch.empty(x.numel() + opt["x_offset"], dtype=x.dtype)
+        flat = torch.empty(x.numel() + opt["x_offset"], dtype=x.dtype, device=DEVICE)
         shifted = flat[opt["x_offset"]:].view(2, 6, 6, opt["c"]).permute(0, 3, 1, 2)
         shifted.copy_(x)
         x = shifted
-    dev = torch.device(DEVICE)
-    args = (x.to(dev) if not opt["x_offset"] else x, weight.to(dev), None, res.to(dev),
-            [opt["stride"]] * 2, [opt["padding"]] * 2, [1, 1], 1, True)
+    args = (x, weight, None, res, [opt["stride"]] * 2, [opt["padding"]] * 2, [1, 1], 1, True)
     assert reason in tb.algorithm_refusal("gemm_tma", args)
     assert reason in ops.explain(args[0], args[1], args[3], args[4], args[5], backend="triton")
-    if not ON_GPU:  # (the misaligned view is built on the CPU)
-        run_and_check(x, weight, bias, res, opt["stride"], opt["padding"], 1, 1, True)
+    run_and_check(x, weight, bias, res, opt["stride"], opt["padding"], 1, 1, True)
 
 
 def test_autotune_pruning_by_shared_memory_warps_and_sm_fill(monkeypatch):
@@ -223,7 +230,7 @@ def test_algorithm_choice_is_timed_once_and_kept_on_disk(monkeypatch, tmp_path, 
         return 1.0 if len(calls) % 2 == 0 else 2.0  # the second candidate (cudnn_epilogue) wins
 
     monkeypatch.setattr(tb, "_time_ms", fake_time)
-    x, weight, bias, res = make_case(gen, 1, 8, 6, 6, 8, 3, 1, 1, 1, 1, torch.float32, True)
+    x, weight, bias, res = on_device(*make_case(gen, 1, 8, 6, 6, 8, 3, 1, 1, 1, 1, torch.float32, True))
     args = (x, weight, bias, res, [1, 1], [1, 1], [1, 1], 1, True)
     assert tb.choose_algorithm(args, timing=True) == "cudnn_epilogue"
     assert tb.choose_algorithm(args, timing=True) == "cudnn_epilogue" and len(calls) == 2
@@ -238,6 +245,7 @@ def test_algorithm_choice_is_timed_once_and_kept_on_disk(monkeypatch, tmp_path, 
     assert tb.choose_algorithm(other, timing=False) == "implicit_gemm" and len(calls) == 2  # unseen: not timed
 
 
+@needs_tma
 def test_choice_is_per_call_signature_alignment_included(monkeypatch, tmp_path, gen):
     """The choice is remembered per call signature; the same shape at an address TMA cannot
     take is another signature, timed among the algorithms that do take it."""
@@ -253,17 +261,19 @@ def test_choice_is_per_call_signature_alignment_included(monkeypatch, tmp_path, 
         return 1.0 if len(timed) == 3 else 2.0  # the third candidate of the first call: gemm_tma
 
     monkeypatch.setattr(tb, "_time_ms", fake_time)
-    x, weight, bias, _ = make_case(gen, 2, 16, 5, 5, 32, 1, 1, 0, 1, 1, torch.float16, False, channels_last=True)
+    x, weight, bias, _ = on_device(*make_case(gen, 2, 16, 5, 5, 32, 1, 1, 0, 1, 1, torch.float16, False,
+                                             channels_last=True))
     args = (x, weight, bias, None, [1, 1], [0, 0], [1, 1], 1, True)
     assert tb.choose_algorithm(args, timing=True) == "gemm_tma" and len(timed) == 3
     assert tb.choose_algorithm(args, timing=True) == "gemm_tma" and len(timed) == 3
-    flat = torch.empty(x.numel() + 1, dtype=x.dtype)
+    flat = torch.empty(x.numel() + 1, dtype=x.dtype, device=DEVICE)
     shifted = flat[1:].view(2, 5, 5, 16).permute(0, 3, 1, 2)  # same shape and strides, 2 bytes off
     shifted.copy_(x)
     moved = (shifted, *args[1:])
     assert tb.choose_algorithm(moved, timing=True) != "gemm_tma" and len(timed) == 5
 
 
+@needs_tma
 def test_1x1_convs_time_all_three_algorithms(monkeypatch, tmp_path, gen):
     from resnet_fused.backends import triton_backend as tb
 
@@ -277,12 +287,13 @@ def test_1x1_convs_time_all_three_algorithms(monkeypatch, tmp_path, gen):
         return {1: 3.0, 2: 2.0, 3: 1.0}[len(ran)]
 
     monkeypatch.setattr(tb, "_time_ms", fake_time)
-    x, weight, bias, res = make_case(gen, 2, 16, 5, 5, 32, 1, 1, 0, 1, 1, torch.float16, True, channels_last=True)
+    x, weight, bias, res = on_device(*make_case(gen, 2, 16, 5, 5, 32, 1, 1, 0, 1, 1, torch.float16, True,
+                                                channels_last=True))
     args = (x, weight, bias, res, [1, 1], [0, 0], [1, 1], 1, True)
     assert tb.choose_algorithm(args, timing=True) == "gemm_tma"
     assert "(gemm_tma: measured fastest of implicit_gemm, cudnn_epilogue, gemm_tma for this shape)" in \
         ops.explain(x, weight, res, backend="triton")
-    ref = reference_conv_bias_act(x, weight, bias, res, 1, 0)
+    ref = reference_conv_bias_act(x, weight, bias, res, 1, 0, device=DEVICE)
     assert len(ran) == 3 and all(relative_error(out, ref) <= tol(torch.float16) for out in ran)
 
 
@@ -304,7 +315,8 @@ def test_choice_while_tracing_times_real_tensors_of_the_traced_shapes(monkeypatc
         return 2.0 if len(seen) == 1 else 1.0  # cudnn_epilogue wins
 
     monkeypatch.setattr(tb, "_time_ms", fake_time)
-    x, weight, bias, res = make_case(gen, 2, 8, 6, 6, 16, 3, 2, 1, 1, 1, torch.float32, True, channels_last=True)
+    x, weight, bias, res = on_device(*make_case(gen, 2, 8, 6, 6, 16, 3, 2, 1, 1, 1, torch.float32, True,
+                                                channels_last=True))
     with FakeTensorMode() as mode:
         args = tuple(None if t is None else mode.from_tensor(t) for t in (x, weight, bias, res))
         args += ([2, 2], [1, 1], [1, 1], 1, True)
@@ -400,7 +412,7 @@ def fresh_tuning_state(monkeypatch, tmp_path):
     monkeypatch.setattr(tb, "_choices", {})
     monkeypatch.setattr(tb, "_choices_loaded", False)
     monkeypatch.setattr(tb._tuned, "cache", {})
-    monkeypatch.setattr(tb._tuned_gemm, "cache", {})
+    monkeypatch.setattr(tb, "_gemm_tiles", {})
     monkeypatch.setattr(tb, "_table_device", lambda: "Fake GPU")
     return tb
 
@@ -409,7 +421,8 @@ def _record_some_tuning(tb):
     tb._choices["Fake GPU|shape a"] = "cudnn_epilogue"
     tb._choices["Other GPU|shape b"] = "implicit_gemm"  # another model's: not this device's table
     tb._tuned.cache[(3136, 64, True, "torch.float16")] = tb.CONFIGS[4]
-    tb._tuned_gemm.cache[(802816, 256, 64, True, "torch.float16")] = tb.GEMM_CONFIGS[1]
+    tb._gemm_tiles["Fake GPU|3.6.0|802816|256|64|1|torch.float16"] = tb.GEMM_CONFIGS[1]
+    tb._gemm_tiles["Other GPU|3.6.0|802816|256|64|1|torch.float16"] = tb.GEMM_CONFIGS[2]
 
 
 def test_tuning_table_round_trip(fresh_tuning_state, tmp_path):
@@ -423,18 +436,19 @@ def test_tuning_table_round_trip(fresh_tuning_state, tmp_path):
     path = tmp_path / "table.json"
     tb.write_table(str(path), table)
 
-    expected_tuned, expected_gemm = dict(tb._tuned.cache), dict(tb._tuned_gemm.cache)
+    expected_tuned = dict(tb._tuned.cache)
+    expected_gemm = {k: v for k, v in tb._gemm_tiles.items() if k.startswith("Fake GPU|")}
     tb._choices.clear()
     tb._tuned.cache.clear()
-    tb._tuned_gemm.cache.clear()
+    tb._gemm_tiles.clear()
     assert tb._apply_shipped_table(str(path)) == 3
     assert tb._choices == {"Fake GPU|shape a": "cudnn_epilogue"}
-    for cache, expected in ((tb._tuned.cache, expected_tuned), (tb._tuned_gemm.cache, expected_gemm)):
+    for cache, expected in ((tb._tuned.cache, expected_tuned), (tb._gemm_tiles, expected_gemm)):
         assert cache.keys() == expected.keys()
         for key, cfg in cache.items():
             assert (cfg.kwargs, cfg.num_warps, cfg.num_stages, cfg.pre_hook) == \
                 (expected[key].kwargs, expected[key].num_warps, expected[key].num_stages, expected[key].pre_hook)
-    assert tb._tuned_gemm.cache[(802816, 256, 64, True, "torch.float16")].pre_hook is tb._set_gemm_blocks
+    assert tb._gemm_tiles["Fake GPU|3.6.0|802816|256|64|1|torch.float16"].pre_hook is tb._set_gemm_blocks
 
 
 def test_tuning_table_serves_only_its_gpu_model_and_triton_version(fresh_tuning_state, tmp_path, monkeypatch):
@@ -455,6 +469,20 @@ def test_tuning_table_serves_only_its_gpu_model_and_triton_version(fresh_tuning_
     with pytest.raises(ValueError, match="tuning table format 99, expected 1"):
         tb.read_table(str(path))
     assert tb._apply_shipped_table(str(path)) == 0  # a bad table is ignored with a warning, never fatal
+
+
+def test_gemm_tiles_are_kept_on_disk(fresh_tuning_state, monkeypatch):
+    """Triton's autotuner does not cache configs with a pre-hook on disk, so gemm_tma's
+    tiles are kept by us: a second process reads them instead of autotuning again."""
+    tb = fresh_tuning_state
+    tb._gemm_tiles["Fake GPU|3.6.0|3136|256|64|1|torch.float16"] = tb.GEMM_CONFIGS[3]
+    tb._save_gemm_tiles()
+    monkeypatch.setattr(tb, "_gemm_tiles", {})
+    monkeypatch.setattr(tb, "_choices_loaded", False)
+    tb._load_choices()
+    cfg = tb._gemm_tiles["Fake GPU|3.6.0|3136|256|64|1|torch.float16"]
+    assert (cfg.kwargs, cfg.num_warps, cfg.num_stages, cfg.pre_hook) == (
+        tb.GEMM_CONFIGS[3].kwargs, tb.GEMM_CONFIGS[3].num_warps, tb.GEMM_CONFIGS[3].num_stages, tb._set_gemm_blocks)
 
 
 def test_recording_at_exit_merges_and_ship_script_updates_the_package_table(
@@ -606,10 +634,48 @@ def test_gpu_inductor_calls_our_triton_kernels():
 
     model = resnet_fused.resnet18(backend="triton").eval().cuda().half()
     x = torch.randn(2, 3, 64, 64, device="cuda", dtype=torch.half)
-    with torch.no_grad():
+    with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RESNET_FUSED_TRITON_ALGO", "implicit_gemm")  # so our kernel must be in the code
         eager = model(x)
         compiled, code = run_and_get_code(torch.compile(model, fullgraph=True), x)
     code = "\n".join(code)
     assert relative_error(compiled, eager) <= 2e-3
-    assert "triton_conv_bias_act" not in code
-    assert "_conv_bias_act_kernel" in code or "_bias_residual_relu_kernel" in code
+    assert "resnet_fused.triton_conv_bias_act.default(" not in code  # no call back into the op
+    assert "def _conv_bias_act_kernel(" in code  # Inductor carries and launches our kernel
+
+
+@pytest.mark.gpu
+def test_gpu_graph_capture_of_an_unseen_shape_does_not_benchmark(monkeypatch):
+    """Capturing a CUDA graph around a conv shape never run before must not autotune or
+    time (both synchronize, which capture forbids): it takes the heuristic tile."""
+    from resnet_fused.backends import triton_backend as tb
+
+    monkeypatch.setattr(tb, "_warm", set())
+    layer = ConvLayer(3, 64, 13, 13, 256, 1, 1, 1, 0, 1, 1, True, True)  # a 1x1 shape no other test uses
+    x, w, b, r = layer.tensors(torch.float16, "cuda", torch.Generator().manual_seed(3))
+    ref = reference_conv_bias_act(x, w, b, r, 1, 0, device="cuda")
+    graph = torch.cuda.CUDAGraph()
+    with torch.inference_mode():
+        with torch.cuda.graph(graph):
+            y = ops.conv_bias_act(x, w, b, r, backend="triton")
+        graph.replay()
+    torch.cuda.synchronize()
+    assert relative_error(y, ref) <= TOLERANCES[torch.float16]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not TMA_HERE, reason="gemm_tma needs compute capability 9.0+")
+def test_gpu_gemm_tma_tile_is_tuned_once_and_remembered(monkeypatch, tmp_path):
+    from resnet_fused.backends import triton_backend as tb
+
+    monkeypatch.setenv("RESNET_FUSED_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(tb, "_gemm_tiles", {})
+    layer = ConvLayer(4, 128, 12, 12, 256, 1, 1, 1, 0, 1, 1, True, True)
+    x, w, b, r = layer.tensors(torch.bfloat16, "cuda", torch.Generator().manual_seed(4))
+    args = (x, w, b, r, [1, 1], [0, 0], [1, 1], 1, True)
+    first = tb.gemm_tma(*args)
+    assert len(tb._gemm_tiles) == 1 and (tmp_path / "triton_gemm_tiles.json").exists()
+    second = tb.gemm_tma(*args)
+    ref = reference_conv_bias_act(x, w, b, r, 1, 0, device="cuda")
+    assert relative_error(first, ref) <= TOLERANCES[torch.bfloat16]
+    assert relative_error(second, ref) <= TOLERANCES[torch.bfloat16]

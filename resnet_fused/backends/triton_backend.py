@@ -294,8 +294,11 @@ def implicit_gemm(
     dilation: Sequence[int],
     groups: int,
     relu: bool,
+    tune: bool = True,
 ) -> Tensor:
-    """The whole fused conv as one implicit-GEMM launch (arguments checked by the op)."""
+    """The whole fused conv as one implicit-GEMM launch (arguments checked by the op).
+    ``tune=False``: the heuristic tile, never the autotuner (no benchmarking: a CUDA
+    graph being captured)."""
     n, c_total, h, w = x.shape
     k_total, c, r, s = weight.shape
     k = k_total // groups
@@ -330,11 +333,11 @@ def implicit_gemm(
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_N"]), groups)
 
     with torch.cuda.device(x.device):
-        if AUTOTUNE and not _traced(x):
+        if AUTOTUNE and tune and not _traced(x):
             _tuned[grid](*args, **common, UPCAST=False, GROUPS=groups)
         else:
             cfg = None
-            if AUTOTUNE:  # torch.compile: the tile the autotuner picks for these shapes, one kernel traced
+            if AUTOTUNE and tune:  # torch.compile: the tile the autotuner picks for these shapes, one kernel traced
                 cfg = _autotuned_config_for(implicit_gemm, _tuned, x, weight, bias, residual, stride, padding,
                                             dilation, groups, relu)
             cfg = cfg or heuristic_config(m, k, c, r * s, groups)
@@ -540,10 +543,28 @@ def gemm_tma_refusal(x, weight, residual, stride, padding, dilation, groups) -> 
     return None
 
 
-def gemm_tma(x, weight, bias, residual, stride, padding, dilation, groups, relu, config=None) -> Tensor:
+#: the gemm_tma tile per problem, "device|triton|M|K|C|residual|dtype" -> Config: kept by us,
+#: on disk and in the shipped table, because Triton's autotuner does not cache configs
+#: that carry a pre-hook on disk
+_gemm_tiles: dict = {}
+
+
+def _gemm_key(x: Tensor, m: int, k: int, c: int, residual: Optional[Tensor]) -> str:
+    return "|".join(str(v) for v in (_device_name(x.device.index or 0), triton.__version__, m, k, c,
+                                     int(residual is not None), x.dtype))
+
+
+def heuristic_gemm_config(m: int, k: int, c: int):
+    """The gemm_tma tile without measuring: the first config that fits and fills the GPU."""
+    return _prune_gemm(GEMM_CONFIGS, {"M": m, "K": k, "C": c})[0]
+
+
+def gemm_tma(x, weight, bias, residual, stride, padding, dilation, groups, relu, config=None, tune=True) -> Tensor:
     """A 1x1 stride-1 conv on NHWC activations is the GEMM ``(N*H*W, C) x (C, K)``: TMA
     loads of whole tiles (no per-row index math, no masks), the same fused epilogue.
-    ``config`` (one of GEMM_CONFIGS) launches that tile config instead of autotuning."""
+    The tile: ``config`` if given (one of GEMM_CONFIGS), else the one measured for this
+    problem before, else autotuned now (remembered on disk), else (``tune=False``, or
+    RESNET_FUSED_TRITON_AUTOTUNE=0) a heuristic one."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     n, c, h, w = x.shape
@@ -557,16 +578,24 @@ def gemm_tma(x, weight, bias, residual, stride, padding, dilation, groups, relu,
         b = b.contiguous()
     y2 = _as_rows(y, k)
     r2 = _as_rows(residual, k) if residual is not None else y2  # never read without a residual
-    if config is not None:
-        cfg = config
-    elif INTERPRET and not x.is_cuda:
+    interpret = INTERPRET and not x.is_cuda
+    key = None
+    cfg = config
+    if cfg is None and interpret:
         cfg = GEMM_INTERPRETER_CONFIG
-    else:  # the first box is only a start: the autotuner's pre-hook sets each config's
-        cfg = GEMM_CONFIGS[0] if m * k >= 2**22 else GEMM_CONFIGS[-1]
-    box_m, box_n, box_k = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
+    if cfg is None:
+        key = _gemm_key(x, m, k, c, residual)
+        _load_choices()
+        cfg = _gemm_tiles.get(key)
+    autotune = cfg is None and AUTOTUNE and tune
+    if cfg is None and not autotune:
+        cfg = heuristic_gemm_config(m, k, c)
+    box = GEMM_CONFIGS[0].kwargs if autotune else cfg.kwargs  # autotuning: the pre-hook sets each config's
     descs = (
-        TensorDescriptor.from_tensor(a, [box_m, box_k]), TensorDescriptor.from_tensor(b, [box_n, box_k]),
-        TensorDescriptor.from_tensor(r2, [box_m, box_n]), TensorDescriptor.from_tensor(y2, [box_m, box_n]),
+        TensorDescriptor.from_tensor(a, [box["BLOCK_M"], box["BLOCK_K"]]),
+        TensorDescriptor.from_tensor(b, [box["BLOCK_N"], box["BLOCK_K"]]),
+        TensorDescriptor.from_tensor(r2, [box["BLOCK_M"], box["BLOCK_N"]]),
+        TensorDescriptor.from_tensor(y2, [box["BLOCK_M"], box["BLOCK_N"]]),
     )
     args = (*descs, bias if bias is not None else y2, m, k, c)
     flags = dict(HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, RELU=relu,
@@ -575,19 +604,21 @@ def gemm_tma(x, weight, bias, residual, stride, padding, dilation, groups, relu,
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_N"]),)
 
-    if INTERPRET and not x.is_cuda:
+    if interpret:
         _gemm_bias_act_kernel[grid(cfg.kwargs)](*args, **flags, UPCAST=True, **cfg.kwargs, num_warps=4, num_stages=1)
-    else:
-        with torch.cuda.device(x.device):
-            if AUTOTUNE and config is None:
-                _tuned_gemm[grid](*args, **flags, UPCAST=False)
-            else:
-                _gemm_bias_act_kernel[grid(cfg.kwargs)](
-                    *args, **flags, UPCAST=False, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        return y if output_memory_format(x) == torch.channels_last else y.contiguous()
+    with torch.cuda.device(x.device):
+        if autotune:
+            _tuned_gemm[grid](*args, **flags, UPCAST=False)
+            _gemm_tiles[key] = _tuned_gemm.best_config
+            _save_gemm_tiles()
+        else:
+            _gemm_bias_act_kernel[grid(cfg.kwargs)](
+                *args, **flags, UPCAST=False, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return y if output_memory_format(x) == torch.channels_last else y.contiguous()
 
 
-def cudnn_with_epilogue(x, weight, bias, residual, stride, padding, dilation, groups, relu) -> Tensor:
+def cudnn_with_epilogue(x, weight, bias, residual, stride, padding, dilation, groups, relu, tune=True) -> Tensor:
     """cuDNN's conv (the vendor kernel), then bias + residual + ReLU as one Triton pass:
     two passes over the output instead of eager's four."""
     y = F.conv2d(x, weight, None, stride, padding, dilation, groups)
@@ -623,6 +654,11 @@ def _load_choices() -> None:
             _choices.update(json.load(f))
     except (OSError, ValueError):
         pass  # no cache yet, or an unreadable one: time again
+    try:
+        with open(_gemm_tiles_path()) as f:
+            _gemm_tiles.update({k: _config_from_json("gemm_tma", v) for k, v in json.load(f).items()})
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
     _apply_shipped_table()
 
 
@@ -648,7 +684,8 @@ def _table_device() -> Optional[str]:
 
 
 def _tuners() -> dict:
-    return {"implicit_gemm": _tuned, "gemm_tma": _tuned_gemm}
+    """The autotuners whose caches the table carries (gemm_tma's tiles are kept by us)."""
+    return {"implicit_gemm": _tuned}
 
 
 def _config_to_json(cfg) -> dict:
@@ -691,6 +728,10 @@ def _apply_shipped_table(path: Optional[str] = None) -> int:
         if name in ALGORITHMS and key not in _choices:
             _choices[key] = name
             taken += 1
+    for key, cfg in entry.get("gemm_tiles", {}).items():
+        if key not in _gemm_tiles:
+            _gemm_tiles[key] = _config_from_json("gemm_tma", cfg)
+            taken += 1
     for name, rows in entry.get("autotune", {}).items():
         tuner = _tuners().get(name)
         if tuner is None:
@@ -712,6 +753,7 @@ def measured_table() -> dict:
         "triton": triton.__version__,
         "torch": torch.__version__,
         "algorithms": {k: v for k, v in sorted(_choices.items()) if k.startswith(device + "|")},
+        "gemm_tiles": {k: _config_to_json(v) for k, v in sorted(_gemm_tiles.items()) if k.startswith(device + "|")},
         "autotune": {
             name: sorted([list(key), _config_to_json(cfg)] for key, cfg in tuner.cache.items())
             for name, tuner in _tuners().items()
@@ -729,8 +771,9 @@ def merge_tables(base: dict, new: dict) -> dict:
         if old is None or old.get("triton") != entry.get("triton"):
             out["devices"][device] = entry
             continue
-        merged = {**old, **{k: v for k, v in entry.items() if k not in ("algorithms", "autotune")}}
-        merged["algorithms"] = {**old.get("algorithms", {}), **entry.get("algorithms", {})}
+        merged = {**old, **{k: v for k, v in entry.items() if k not in ("algorithms", "gemm_tiles", "autotune")}}
+        for part in ("algorithms", "gemm_tiles"):
+            merged[part] = {**old.get(part, {}), **entry.get(part, {})}
         merged["autotune"] = {}
         for name in sorted(set(old.get("autotune", {})) | set(entry.get("autotune", {}))):
             rows = {json.dumps(k): [k, c] for k, c in old.get("autotune", {}).get(name, [])}
@@ -767,16 +810,27 @@ if os.environ.get(_RECORD_ENV):
     atexit.register(_record_at_exit)
 
 
-def _save_choices() -> None:
-    path = _choices_path()
+def _gemm_tiles_path() -> str:
+    return os.path.join(os.path.dirname(_choices_path()), "triton_gemm_tiles.json")
+
+
+def _save_gemm_tiles() -> None:
+    _write_json(_gemm_tiles_path(), {k: _config_to_json(cfg) for k, cfg in _gemm_tiles.items()})
+
+
+def _write_json(path: str, data: dict) -> None:
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = f"{path}.{os.getpid()}.tmp"
         with open(tmp, "w") as f:
-            json.dump(_choices, f, indent=1, sort_keys=True)
+            json.dump(data, f, indent=1, sort_keys=True)
         os.replace(tmp, path)
-    except OSError as exc:  # a read-only home still computes correctly; it just times again
-        log.debug("could not save algorithm choices to %s: %s", path, exc)
+    except OSError as exc:  # a read-only home still computes correctly; it just measures again
+        log.debug("could not save Triton tuning to %s: %s", path, exc)
+
+
+def _save_choices() -> None:
+    _write_json(_choices_path(), _choices)
 
 
 def _time_ms(fn) -> float:
@@ -882,11 +936,27 @@ def _real_like(args: tuple) -> Optional[tuple]:
     return tuple(out)
 
 
+#: (call signature, algorithm) pairs that have run outside a graph capture, so their
+#: tiles are tuned: a capture may replay them; anything else is captured untuned
+_warm: set = set()
+
+
 def conv_bias_act_triton(x, weight, bias, residual, stride, padding, dilation, groups, relu) -> Tensor:
-    """The fused op on this backend: the algorithm :func:`choose_algorithm` picks."""
+    """The fused op on this backend: the algorithm :func:`choose_algorithm` picks.
+
+    While a CUDA graph is captured nothing may be benchmarked: a call that was not run
+    before the capture (the usual warm-up) takes its algorithm's heuristic tile."""
     args = (x, weight, bias, residual, stride, padding, dilation, groups, relu)
-    timing = x.is_cuda and AUTOTUNE and not torch.cuda.is_current_stream_capturing()
-    return ALGORITHMS[choose_algorithm(args, timing)](*args)
+    capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
+    name = choose_algorithm(args, timing=x.is_cuda and AUTOTUNE and not capturing)
+    if not x.is_cuda or type(x) is not Tensor:
+        return ALGORITHMS[name](*args)
+    warm = (_call_signature(args), name)
+    if capturing:
+        return ALGORITHMS[name](*args, tune=warm in _warm)
+    out = ALGORITHMS[name](*args)
+    _warm.add(warm)
+    return out
 
 
 def heuristic_config(m: int, k: int, c: int, taps: int, groups: int) -> triton.Config:
