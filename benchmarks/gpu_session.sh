@@ -56,11 +56,12 @@ if has native; then
 fi
 
 if has triton; then
-  # what changed without a GPU since the last session, first: the TMA GEMM on every
-  # ResNet-50 1x1 layer and config, torch.compile/export through the triton_op
+  # what changed without a GPU since the last session, first: the TMA algorithms on every
+  # ResNet-50 1x1 / 3x3 stride-1 layer and config, torch.compile/export through the
+  # triton_op, graph capture without warm-up
   step "triton backend: new paths"
   timeout ${TRITON_TIMEOUT:-180} python -m pytest tests/test_triton_backend.py -m gpu -q -x -p no:cacheprovider \
-    -k "gemm_tma or inductor or compile_and_export" >"$out/triton_tests.log" 2>&1
+    -k "gemm_tma or conv_tma or inductor or compile_and_export or graph_capture" >"$out/triton_tests.log" 2>&1
   echo "exit $?" >>"$out/triton_tests.log"; tail -n 3 "$out/triton_tests.log" | tee -a "$log"
 fi
 
@@ -85,7 +86,9 @@ if has tests; then
   step "gpu tests"
   # one heuristic tile config per shape: hundreds of shapes, no time to autotune each
   tk=${TESTS_K:-}
-  if has triton && [[ -z $tk ]]; then tk="not (gemm_tma or inductor or compile_and_export)"; fi  # ran above
+  if has triton && [[ -z $tk ]]; then
+    tk="not (gemm_tma or conv_tma or inductor or compile_and_export or graph_capture)"  # ran above
+  fi
   RESNET_FUSED_TRITON_AUTOTUNE=0 timeout ${TESTS_TIMEOUT:-240} python -m pytest tests -m gpu -q -p no:cacheprovider \
     $(has native && echo --ignore=tests/test_native_backend.py) \
     ${tk:+-k "$tk"} >"$out/gpu_tests.log" 2>&1
@@ -97,7 +100,7 @@ if has sanitizer; then
   RESNET_FUSED_TRITON_AUTOTUNE=0 timeout ${SANITIZER_TIMEOUT:-120} compute-sanitizer --tool memcheck --error-exitcode 3 \
     python -c "
 import os, torch, resnet_fused
-for backend, algo in (('triton', 'implicit_gemm'), ('triton', 'gemm_tma'), ('native', 'auto')):
+for backend, algo in (('triton', 'implicit_gemm'), ('triton', 'gemm_tma'), ('triton', 'conv_tma'), ('native', 'auto')):
     os.environ['RESNET_FUSED_TRITON_ALGO'] = algo
     m = resnet_fused.resnet50(backend=backend).eval().cuda().half()
     with torch.inference_mode():

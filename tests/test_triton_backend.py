@@ -18,7 +18,7 @@ from resnet_fused.testing import TOLERANCES, reference_conv_bias_act, relative_e
 from test_conv_bias_act import CONV_KINDS, make_case
 
 triton = pytest.importorskip("triton")
-from resnet_fused.backends.triton_backend import CONFIGS, GEMM_CONFIGS  # noqa: E402
+from resnet_fused.backends.triton_backend import CONFIGS, CONV_TMA_CONFIGS, GEMM_CONFIGS  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -136,6 +136,47 @@ def test_gemm_tma_matches_reference(monkeypatch, gen, shape, dtype, residual, re
         x.to(dev), weight.to(dev), None if res is None else res.to(dev), backend="triton")
     out = run_and_check(x, weight, bias, res, 1, 0, 1, 1, relu)
     assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+CONV_TMA_SHAPES = [  # (n, c, h, w, k, r, padding, dilation): odd maps, C across a K chunk, no
+    (2, 24, 7, 9, 40, 3, 1, 1),  # padding, dilation 2, a 5x5
+    (1, 16, 6, 5, 8, 3, 2, 2),
+    (2, 8, 5, 5, 16, 3, 0, 1),
+    (1, 16, 9, 7, 24, 5, 2, 1),
+]
+
+
+@needs_tma
+@pytest.mark.parametrize("shape", CONV_TMA_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("residual, relu", [(False, False), (True, True)], ids=["bias", "bias+residual+relu"])
+def test_conv_tma_matches_reference(monkeypatch, gen, shape, dtype, residual, relu):
+    """Stride-1 convs with TMA boxes of pixels, the padding as TMA's zero fill (the
+    interpreter on CPU)."""
+    monkeypatch.setenv("RESNET_FUSED_TRITON_ALGO", "conv_tma")
+    n, c, h, w, k, r, p, d = shape
+    x, weight, bias, res = make_case(gen, n, c, h, w, k, r, 1, p, d, 1, dtype, residual, channels_last=True)
+    assert "(conv_tma, as RESNET_FUSED_TRITON_ALGO says)" in ops.explain(
+        *on_device(x, weight, res), 1, p, d, backend="triton")
+    out = run_and_check(x, weight, bias, res, 1, p, d, 1, relu)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("kind, reason", [
+    ("stride2", "only stride-1 convs larger than 1x1 with one group"),
+    ("1x1", "only stride-1 convs larger than 1x1 with one group"),
+    ("grouped", "only stride-1 convs larger than 1x1 with one group"),
+    ("float32", "dtype torch.float32 (takes float16, bfloat16)"),
+])
+def test_conv_tma_refuses_what_it_cannot_take(gen, kind, reason):
+    from resnet_fused.backends import triton_backend as tb
+
+    r, s, g, dtype = {"stride2": (3, 2, 1, torch.float16), "1x1": (1, 1, 1, torch.float16),
+                      "grouped": (3, 1, 2, torch.float16), "float32": (3, 1, 1, torch.float32)}[kind]
+    x, weight, _, _ = on_device(*make_case(gen, 1, 16, 6, 6, 16, r, s, r // 2, 1, g, dtype, False,
+                                           channels_last=True))
+    args = (x, weight, None, None, [s, s], [r // 2] * 2, [1, 1], g, True)
+    assert reason in tb.algorithm_refusal("conv_tma", args)
 
 
 @pytest.mark.parametrize("change, reason", [
@@ -271,6 +312,25 @@ def test_choice_is_per_call_signature_alignment_included(monkeypatch, tmp_path, 
     shifted.copy_(x)
     moved = (shifted, *args[1:])
     assert tb.choose_algorithm(moved, timing=True) != "gemm_tma" and len(timed) == 5
+
+
+@needs_tma
+@pytest.mark.parametrize("kind, candidates", [
+    ((16, 1, 1, 0, 1), {"implicit_gemm", "cudnn_epilogue", "gemm_tma"}),
+    ((16, 3, 1, 1, 1), {"implicit_gemm", "cudnn_epilogue", "conv_tma"}),
+    ((16, 3, 2, 1, 1), {"implicit_gemm", "cudnn_epilogue"}),
+    ((16, 1, 2, 0, 1), {"implicit_gemm", "cudnn_epilogue"}),
+    ((3, 7, 2, 3, 1), {"implicit_gemm", "cudnn_epilogue"}),  # the stem: 3 channels
+    ((16, 3, 1, 1, 4), {"implicit_gemm", "cudnn_epilogue"}),  # grouped
+], ids=["1x1", "3x3", "3x3_stride2", "1x1_stride2", "stem", "grouped"])
+def test_which_algorithms_each_conv_kind_is_timed_among(gen, kind, candidates):
+    from resnet_fused.backends import triton_backend as tb
+
+    c, r, stride, pad, groups = kind
+    x, weight, _, _ = on_device(*make_case(gen, 2, c, 9, 9, 16, r, stride, pad, 1, groups, torch.float16, False,
+                                           channels_last=True))
+    args = (x, weight, None, None, [stride] * 2, [pad] * 2, [1, 1], groups, True)
+    assert {name for name in tb.ALGORITHMS if tb.algorithm_refusal(name, args) is None} == candidates
 
 
 @needs_tma
@@ -412,7 +472,7 @@ def fresh_tuning_state(monkeypatch, tmp_path):
     monkeypatch.setattr(tb, "_choices", {})
     monkeypatch.setattr(tb, "_choices_loaded", False)
     monkeypatch.setattr(tb._tuned, "cache", {})
-    monkeypatch.setattr(tb, "_gemm_tiles", {})
+    monkeypatch.setattr(tb, "_tma_tiles", {})
     monkeypatch.setattr(tb, "_table_device", lambda: "Fake GPU")
     return tb
 
@@ -421,8 +481,8 @@ def _record_some_tuning(tb):
     tb._choices["Fake GPU|shape a"] = "cudnn_epilogue"
     tb._choices["Other GPU|shape b"] = "implicit_gemm"  # another model's: not this device's table
     tb._tuned.cache[(3136, 64, True, "torch.float16")] = tb.CONFIGS[4]
-    tb._gemm_tiles["Fake GPU|3.6.0|802816|256|64|1|torch.float16"] = tb.GEMM_CONFIGS[1]
-    tb._gemm_tiles["Other GPU|3.6.0|802816|256|64|1|torch.float16"] = tb.GEMM_CONFIGS[2]
+    tb._tma_tiles["Fake GPU|3.6.0|gemm_tma|802816|256|64|1|torch.float16"] = tb.GEMM_CONFIGS[1]
+    tb._tma_tiles["Other GPU|3.6.0|gemm_tma|802816|256|64|1|torch.float16"] = tb.GEMM_CONFIGS[2]
 
 
 def test_tuning_table_round_trip(fresh_tuning_state, tmp_path):
@@ -437,18 +497,18 @@ def test_tuning_table_round_trip(fresh_tuning_state, tmp_path):
     tb.write_table(str(path), table)
 
     expected_tuned = dict(tb._tuned.cache)
-    expected_gemm = {k: v for k, v in tb._gemm_tiles.items() if k.startswith("Fake GPU|")}
+    expected_gemm = {k: v for k, v in tb._tma_tiles.items() if k.startswith("Fake GPU|")}
     tb._choices.clear()
     tb._tuned.cache.clear()
-    tb._gemm_tiles.clear()
+    tb._tma_tiles.clear()
     assert tb._apply_shipped_table(str(path)) == 3
     assert tb._choices == {"Fake GPU|shape a": "cudnn_epilogue"}
-    for cache, expected in ((tb._tuned.cache, expected_tuned), (tb._gemm_tiles, expected_gemm)):
+    for cache, expected in ((tb._tuned.cache, expected_tuned), (tb._tma_tiles, expected_gemm)):
         assert cache.keys() == expected.keys()
         for key, cfg in cache.items():
             assert (cfg.kwargs, cfg.num_warps, cfg.num_stages, cfg.pre_hook) == \
                 (expected[key].kwargs, expected[key].num_warps, expected[key].num_stages, expected[key].pre_hook)
-    assert tb._gemm_tiles["Fake GPU|3.6.0|802816|256|64|1|torch.float16"].pre_hook is tb._set_gemm_blocks
+    assert tb._tma_tiles["Fake GPU|3.6.0|gemm_tma|802816|256|64|1|torch.float16"].pre_hook is tb._set_gemm_blocks
 
 
 def test_tuning_table_serves_only_its_gpu_model_and_triton_version(fresh_tuning_state, tmp_path, monkeypatch):
@@ -471,16 +531,16 @@ def test_tuning_table_serves_only_its_gpu_model_and_triton_version(fresh_tuning_
     assert tb._apply_shipped_table(str(path)) == 0  # a bad table is ignored with a warning, never fatal
 
 
-def test_gemm_tiles_are_kept_on_disk(fresh_tuning_state, monkeypatch):
+def test_tma_tiles_are_kept_on_disk(fresh_tuning_state, monkeypatch):
     """Triton's autotuner does not cache configs with a pre-hook on disk, so gemm_tma's
     tiles are kept by us: a second process reads them instead of autotuning again."""
     tb = fresh_tuning_state
-    tb._gemm_tiles["Fake GPU|3.6.0|3136|256|64|1|torch.float16"] = tb.GEMM_CONFIGS[3]
-    tb._save_gemm_tiles()
-    monkeypatch.setattr(tb, "_gemm_tiles", {})
+    tb._tma_tiles["Fake GPU|3.6.0|gemm_tma|3136|256|64|1|torch.float16"] = tb.GEMM_CONFIGS[3]
+    tb._save_tma_tiles()
+    monkeypatch.setattr(tb, "_tma_tiles", {})
     monkeypatch.setattr(tb, "_choices_loaded", False)
     tb._load_choices()
-    cfg = tb._gemm_tiles["Fake GPU|3.6.0|3136|256|64|1|torch.float16"]
+    cfg = tb._tma_tiles["Fake GPU|3.6.0|gemm_tma|3136|256|64|1|torch.float16"]
     assert (cfg.kwargs, cfg.num_warps, cfg.num_stages, cfg.pre_hook) == (
         tb.GEMM_CONFIGS[3].kwargs, tb.GEMM_CONFIGS[3].num_warps, tb.GEMM_CONFIGS[3].num_stages, tb._set_gemm_blocks)
 
@@ -547,7 +607,7 @@ GPU_CASES = [
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("case", GPU_CASES, ids=[f"{a}-b{b}-{l.name.replace(' ', '_')}" for a, b, l in GPU_CASES])
+@pytest.mark.parametrize("case", GPU_CASES, ids=[f"{a}-b{b}-{layer.name.replace(' ', '_')}" for a, b, layer in GPU_CASES])
 def test_gpu_resnet_layers(case, dtype):
     arch, batch, layer = case
     gen = torch.Generator().manual_seed(batch)
@@ -612,6 +672,29 @@ def test_gpu_gemm_tma_every_config_on_resnet50_1x1_layers(layer, dtype, config):
     assert relative_error(y, ref) <= TOLERANCES[dtype]
 
 
+CONV_TMA_LAYERS = [layer for layer, _ in conv_layers("resnet50", 32, 224)
+                   if layer.r == 3 and layer.stride == 1 and layer.groups == 1]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", range(len(CONV_TMA_CONFIGS)),
+                         ids=lambda i: str(CONV_TMA_CONFIGS[i]).replace(" ", ""))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layer", CONV_TMA_LAYERS, ids=lambda layer: layer.name.replace(" ", "_"))
+def test_gpu_conv_tma_every_config_on_resnet50_3x3_layers(layer, dtype, config):
+    from resnet_fused.backends import triton_backend as tb
+
+    if not TMA_HERE:
+        pytest.skip("TMA needs compute capability 9.0+")
+    x, w, b, r = layer.tensors(dtype, "cuda", torch.Generator().manual_seed(config))
+    w = w.contiguous(memory_format=torch.channels_last)
+    args = (x, w, b, r, [1, 1], [layer.padding] * 2, [1, 1], 1, layer.relu)
+    assert tb.algorithm_refusal("conv_tma", args) is None
+    y = tb.conv_tma(*args, config=tb.CONV_TMA_CONFIGS[config])
+    ref = reference_conv_bias_act(x, w, b, r, 1, layer.padding, 1, 1, layer.relu, device="cuda")
+    assert relative_error(y, ref) <= TOLERANCES[dtype]
+
+
 @pytest.mark.gpu
 def test_gpu_torch_compile_and_export_of_fused_resnet50():
     model = resnet_fused.resnet50(backend="triton").eval().cuda().half()
@@ -669,12 +752,12 @@ def test_gpu_gemm_tma_tile_is_tuned_once_and_remembered(monkeypatch, tmp_path):
     from resnet_fused.backends import triton_backend as tb
 
     monkeypatch.setenv("RESNET_FUSED_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(tb, "_gemm_tiles", {})
+    monkeypatch.setattr(tb, "_tma_tiles", {})
     layer = ConvLayer(4, 128, 12, 12, 256, 1, 1, 1, 0, 1, 1, True, True)
     x, w, b, r = layer.tensors(torch.bfloat16, "cuda", torch.Generator().manual_seed(4))
     args = (x, w, b, r, [1, 1], [0, 0], [1, 1], 1, True)
     first = tb.gemm_tma(*args)
-    assert len(tb._gemm_tiles) == 1 and (tmp_path / "triton_gemm_tiles.json").exists()
+    assert len(tb._tma_tiles) == 1 and (tmp_path / "triton_tma_tiles.json").exists()
     second = tb.gemm_tma(*args)
     ref = reference_conv_bias_act(x, w, b, r, 1, 0, device="cuda")
     assert relative_error(first, ref) <= TOLERANCES[torch.bfloat16]

@@ -7,7 +7,11 @@ Two algorithms compute ``relu?(conv2d(x, w) + bias + residual?)``:
   elementwise pass -- two passes over the output where eager runs four;
 * ``gemm_tma``: 1x1 stride-1 convs on NHWC fp16/bf16 (two thirds of ResNet-50's
   convs) as the plain GEMM they are, ``(N*H*W, C) x (C, K)``, with whole tiles moved
-  by TMA descriptors (Hopper+), the same fused epilogue.
+  by TMA descriptors (Hopper+), the same fused epilogue;
+* ``conv_tma``: stride-1 convs larger than 1x1 (ResNet's 3x3s but the three stride-2
+  ones) on NHWC fp16/bf16: each program owns a patch of output pixels and, per tap,
+  loads the shifted patch of input pixels as one 4-D TMA box, the zero padding being
+  TMA's out-of-bounds fill (Hopper+).
 
 On a GPU, the first call of each shape times every algorithm that takes it and keeps
 the fastest (cached in
@@ -522,36 +526,19 @@ def gemm_tma_refusal(x, weight, residual, stride, padding, dilation, groups) -> 
     """None when ``gemm_tma`` takes this call, else why not."""
     if tuple(weight.shape[2:]) != (1, 1) or list(stride) != [1, 1] or list(padding) != [0, 0] or groups != 1:
         return "only 1x1 convs with stride 1, no padding, one group are plain GEMMs"
-    if x.dtype not in (torch.float16, torch.bfloat16):
-        return f"dtype {x.dtype} (takes float16, bfloat16)"
-    if _traced(x):
-        return "not offered to torch.compile (descriptor arguments)"
-    if x.is_cuda and _capability(x.device.index or 0) < (9, 0):
-        return "TMA needs compute capability 9.0+"
-    if not x.is_cuda and not INTERPRET:
-        return "no GPU and no interpreter"
-    c, k = x.shape[1], weight.shape[0]
-    if c % 8 or k % 8:
-        return f"TMA rows must be 16-byte multiples: C={c} and K={k} should be multiples of 8"
-    if not x.is_contiguous(memory_format=torch.channels_last):  # then (N*H*W, C) is a row-major view
-        return "x is not dense channels_last"
-    if residual is not None and not residual.is_contiguous(memory_format=torch.channels_last):
-        return "residual is not dense channels_last"
-    for name, t in (("x", x), ("weight", weight), ("residual", residual)):
-        if t is not None and t.data_ptr() % 16:
-            return f"{name} is not 16-byte aligned"
-    return None
+    return _tma_refusal(x, weight, residual)
 
 
-#: the gemm_tma tile per problem, "device|triton|M|K|C|residual|dtype" -> Config: kept by us,
-#: on disk and in the shipped table, because Triton's autotuner does not cache configs
-#: that carry a pre-hook on disk
-_gemm_tiles: dict = {}
+#: the TMA algorithms' tile per problem (:func:`_tile_key`) -> Config: kept by us, on disk
+#: and in the shipped table, because Triton's autotuner does not cache configs that carry
+#: a pre-hook (the TMA configs set their descriptors' boxes in one) on disk
+_tma_tiles: dict = {}
 
 
-def _gemm_key(x: Tensor, m: int, k: int, c: int, residual: Optional[Tensor]) -> str:
-    return "|".join(str(v) for v in (_device_name(x.device.index or 0), triton.__version__, m, k, c,
-                                     int(residual is not None), x.dtype))
+def _tile_key(algorithm: str, x: Tensor, *problem) -> str:
+    """Key of a TMA algorithm's tile: "device|triton|algorithm|problem...|dtype"."""
+    return "|".join(str(v) for v in (_device_name(x.device.index or 0), triton.__version__, algorithm, *problem,
+                                     x.dtype))
 
 
 def heuristic_gemm_config(m: int, k: int, c: int):
@@ -584,9 +571,9 @@ def gemm_tma(x, weight, bias, residual, stride, padding, dilation, groups, relu,
     if cfg is None and interpret:
         cfg = GEMM_INTERPRETER_CONFIG
     if cfg is None:
-        key = _gemm_key(x, m, k, c, residual)
+        key = _tile_key("gemm_tma", x, m, k, c, int(residual is not None))
         _load_choices()
-        cfg = _gemm_tiles.get(key)
+        cfg = _tma_tiles.get(key)
     autotune = cfg is None and AUTOTUNE and tune
     if cfg is None and not autotune:
         cfg = heuristic_gemm_config(m, k, c)
@@ -610,11 +597,220 @@ def gemm_tma(x, weight, bias, residual, stride, padding, dilation, groups, relu,
     with torch.cuda.device(x.device):
         if autotune:
             _tuned_gemm[grid](*args, **flags, UPCAST=False)
-            _gemm_tiles[key] = _tuned_gemm.best_config
-            _save_gemm_tiles()
+            _tma_tiles[key] = _tuned_gemm.best_config
+            _save_tma_tiles()
         else:
             _gemm_bias_act_kernel[grid(cfg.kwargs)](
                 *args, **flags, UPCAST=False, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return y if output_memory_format(x) == torch.channels_last else y.contiguous()
+
+
+# ---------------------------------------------------------------------------------
+# stride-1 R x S convs with TMA: 4-D boxes of NHWC pixels, the padding as TMA's zero fill
+
+@triton.jit
+def _conv_tma_kernel(
+    x_desc, w_desc, r_desc, y_desc,  # x (N, H, W, C); weight (K, R*S*C); residual and y (N, P, Q, K)
+    bias_ptr, N, P, Q, K, C,
+    R: tl.constexpr, S: tl.constexpr, PAD_H: tl.constexpr, PAD_W: tl.constexpr,
+    DIL_H: tl.constexpr, DIL_W: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
+    OUT_BF16: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    BLOCK_M: tl.constexpr = BLOCK_H * BLOCK_W
+    pid = tl.program_id(0)
+    tiles_h = tl.cdiv(P, BLOCK_H)
+    tiles_w = tl.cdiv(Q, BLOCK_W)
+    num_pid_m = N * tiles_h * tiles_w  # a row tile is a BLOCK_H x BLOCK_W patch of one image
+    num_pid_n = tl.cdiv(K, BLOCK_N)
+    pids_per_group = GROUP_M * num_pid_n
+    first_m = (pid // pids_per_group) * GROUP_M
+    group_rows = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % pids_per_group) % group_rows
+    pid_n = (pid % pids_per_group) // group_rows
+    n = pid_m // (tiles_h * tiles_w)
+    patch = pid_m % (tiles_h * tiles_w)
+    p0 = (patch // tiles_w) * BLOCK_H
+    q0 = (patch % tiles_w) * BLOCK_W
+    off_n = pid_n * BLOCK_N
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    chunks = tl.cdiv(C, BLOCK_K)
+    for i in range(0, R * S * chunks):
+        tap = i // chunks
+        c0 = (i % chunks) * BLOCK_K
+        # the input patch this tap sees; rows and columns outside the image (the padding)
+        # and channels past C come back as zeros, so the weight columns they meet (the
+        # next tap's, past C) add nothing
+        a = x_desc.load([n, p0 + (tap // S) * DIL_H - PAD_H, q0 + (tap % S) * DIL_W - PAD_W, c0])
+        a = tl.reshape(a, (BLOCK_M, BLOCK_K))
+        b = w_desc.load([off_n, tap * C + c0])
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b.T, acc)
+
+    if HAS_BIAS:
+        cols = off_n + tl.arange(0, BLOCK_N)
+        acc += tl.load(bias_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)[None, :]
+    if HAS_RESIDUAL:
+        acc += tl.reshape(r_desc.load([n, p0, q0, off_n]), (BLOCK_M, BLOCK_N)).to(tl.float32)
+    if RELU:
+        acc = tl.where(acc < 0.0, 0.0, acc)  # NaN stays NaN
+    if OUT_BF16:
+        out = acc.to(tl.bfloat16)
+    else:
+        out = acc.to(tl.float16)
+    y_desc.store([n, p0, q0, off_n], tl.reshape(out, (1, BLOCK_H, BLOCK_W, BLOCK_N)))  # TMA clips the edges
+
+
+def _set_conv_blocks(nargs):
+    """Autotune pre-hook: each config's tile sizes are the descriptors' box sizes."""
+    bh, bw, bn, bk = nargs["BLOCK_H"], nargs["BLOCK_W"], nargs["BLOCK_N"], nargs["BLOCK_K"]
+    nargs["x_desc"].block_shape = [1, bh, bw, bk]
+    nargs["w_desc"].block_shape = [bn, bk]
+    nargs["r_desc"].block_shape = [1, bh, bw, bn]
+    nargs["y_desc"].block_shape = [1, bh, bw, bn]
+
+
+def _conv_config(bh, bw, bn, bk, stages, group_m=8):
+    return triton.Config({"BLOCK_H": bh, "BLOCK_W": bw, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m},
+                         num_warps=4, num_stages=stages, pre_hook=_set_conv_blocks)
+
+
+#: 4 warps only: the flat (tap, chunk) loop is the one triton#1254 miscompiled at 8 warps
+#: with pointer loads; these patches fit ResNet's maps: 8x8 tiles 56 and 7 (one patch,
+#: 49 of 64 pixels), 4x16 and 16x4 tile 28 and 14 with little waste
+CONV_TMA_CONFIGS = [
+    _conv_config(8, 16, 128, 64, 4),
+    _conv_config(8, 8, 128, 64, 4),
+    _conv_config(8, 8, 256, 64, 3),
+    _conv_config(4, 16, 128, 64, 4),
+    _conv_config(16, 4, 128, 64, 4),
+    _conv_config(8, 8, 64, 64, 5),
+]
+CONV_TMA_INTERPRETER_CONFIG = _conv_config(4, 4, 32, 16, 1, group_m=4)
+
+
+def _prune_conv_tma(configs, named_args, **kwargs):
+    named_args = {**named_args, **kwargs}
+    n, p, q, k, c = (named_args[name] for name in ("N", "P", "Q", "K", "C"))
+    sms, smem = _device_limits(torch.cuda.current_device())
+    fits = []
+    for cfg in configs:
+        bh, bw, bn, bk = (cfg.kwargs[name] for name in ("BLOCK_H", "BLOCK_W", "BLOCK_N", "BLOCK_K"))
+        if cfg.num_stages * (bh * bw * bk + bn * bk) * 2 + bh * bw * bn * 2 > smem:
+            continue
+        if bn > 2 * triton.next_power_of_2(k) or bh > 2 * triton.next_power_of_2(p) or \
+                bw > 2 * triton.next_power_of_2(q):
+            continue  # mostly empty tiles
+        fits.append((cfg, n * triton.cdiv(p, bh) * triton.cdiv(q, bw) * triton.cdiv(k, bn)))
+    if not fits:
+        return [configs[1]]
+    return _filling(fits, sms)
+
+
+def _make_tuned_conv_tma():
+    kwargs = dict(configs=CONV_TMA_CONFIGS, key=["N", "P", "Q", "K", "C", "R", "S", "HAS_RESIDUAL"],
+                  prune_configs_by={"early_config_prune": _prune_conv_tma})
+    return triton.autotune(**kwargs)(_conv_tma_kernel)  # pre-hooks: Triton would not cache on disk anyway
+
+
+_tuned_conv_tma = _make_tuned_conv_tma()
+
+
+def conv_tma_refusal(x, weight, residual, stride, padding, dilation, groups) -> Optional[str]:
+    """None when ``conv_tma`` takes this call, else why not."""
+    if list(stride) != [1, 1] or groups != 1 or tuple(weight.shape[2:]) == (1, 1):
+        return "only stride-1 convs larger than 1x1 with one group (1x1 is gemm_tma's)"
+    return _tma_refusal(x, weight, residual)
+
+
+def _tma_refusal(x, weight, residual) -> Optional[str]:
+    """What both TMA algorithms need of the tensors."""
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        return f"dtype {x.dtype} (takes float16, bfloat16)"
+    if _traced(x):
+        return "not offered to torch.compile (descriptor arguments)"
+    if x.is_cuda and _capability(x.device.index or 0) < (9, 0):
+        return "TMA needs compute capability 9.0+"
+    if not x.is_cuda and not INTERPRET:
+        return "no GPU and no interpreter"
+    c, k = x.shape[1], weight.shape[0]
+    if c % 8 or k % 8:
+        return f"TMA rows must be 16-byte multiples: C={c} and K={k} should be multiples of 8"
+    if not x.is_contiguous(memory_format=torch.channels_last):  # then (N*H*W, C) is a row-major view
+        return "x is not dense channels_last"
+    if residual is not None and not residual.is_contiguous(memory_format=torch.channels_last):
+        return "residual is not dense channels_last"
+    for name, t in (("x", x), ("weight", weight), ("residual", residual)):
+        if t is not None and t.data_ptr() % 16:
+            return f"{name} is not 16-byte aligned"
+    return None
+
+
+def heuristic_conv_tma_config(n: int, p: int, q: int, k: int, c: int):
+    return _prune_conv_tma(CONV_TMA_CONFIGS, {"N": n, "P": p, "Q": q, "K": k, "C": c})[0]
+
+
+def conv_tma(x, weight, bias, residual, stride, padding, dilation, groups, relu, config=None, tune=True) -> Tensor:
+    """A stride-1 R x S conv on NHWC activations, each program a BLOCK_H x BLOCK_W patch of
+    output pixels: per (tap, channel chunk) one TMA box of input pixels, shifted by the tap
+    (the padding is TMA's zero fill), times the tap's weight columns; the same fused
+    epilogue, stored as one box (clipped at the image edge). Tiles as in :func:`gemm_tma`."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    n, c, h, w = x.shape
+    k, _, r, s = weight.shape
+    p = h + 2 * padding[0] - dilation[0] * (r - 1)
+    q = w + 2 * padding[1] - dilation[1] * (s - 1)
+    y = torch.empty((n, k, p, q), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+    xn = x.permute(0, 2, 3, 1)  # dense (N, H, W, C): what _tma_refusal let through
+    wm = weight.permute(0, 2, 3, 1).reshape(k, r * s * c)  # (K, R*S*C): a view for a channels_last weight
+    if wm.stride() != (r * s * c, 1):
+        wm = wm.contiguous()
+    yn = y.permute(0, 2, 3, 1)
+    rn = residual.permute(0, 2, 3, 1) if residual is not None else yn  # never read without a residual
+    interpret = INTERPRET and not x.is_cuda
+    key = None
+    cfg = config
+    if cfg is None and interpret:
+        cfg = CONV_TMA_INTERPRETER_CONFIG
+    if cfg is None:
+        key = _tile_key("conv_tma", x, n, h, w, c, k, r, s, *padding, *dilation, int(residual is not None))
+        _load_choices()
+        cfg = _tma_tiles.get(key)
+    autotune = cfg is None and AUTOTUNE and tune
+    if cfg is None and not autotune:
+        cfg = heuristic_conv_tma_config(n, p, q, k, c)
+    box = CONV_TMA_CONFIGS[0].kwargs if autotune else cfg.kwargs
+    bh, bw, bn, bk = box["BLOCK_H"], box["BLOCK_W"], box["BLOCK_N"], box["BLOCK_K"]
+    descs = (
+        TensorDescriptor.from_tensor(xn, [1, bh, bw, bk]), TensorDescriptor.from_tensor(wm, [bn, bk]),
+        TensorDescriptor.from_tensor(rn, [1, bh, bw, bn]), TensorDescriptor.from_tensor(yn, [1, bh, bw, bn]),
+    )
+    args = (*descs, bias if bias is not None else x, n, p, q, k, c)
+    flags = dict(R=r, S=s, PAD_H=padding[0], PAD_W=padding[1], DIL_H=dilation[0], DIL_W=dilation[1],
+                 HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, RELU=relu,
+                 OUT_BF16=x.dtype == torch.bfloat16)
+
+    def grid(meta):
+        return (n * triton.cdiv(p, meta["BLOCK_H"]) * triton.cdiv(q, meta["BLOCK_W"])
+                * triton.cdiv(k, meta["BLOCK_N"]),)
+
+    if interpret:
+        _conv_tma_kernel[grid(cfg.kwargs)](*args, **flags, UPCAST=True, **cfg.kwargs, num_warps=4, num_stages=1)
+    else:
+        with torch.cuda.device(x.device):
+            if autotune:
+                _tuned_conv_tma[grid](*args, **flags, UPCAST=False)
+                _tma_tiles[key] = _tuned_conv_tma.best_config
+                _save_tma_tiles()
+            else:
+                _conv_tma_kernel[grid(cfg.kwargs)](
+                    *args, **flags, UPCAST=False, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return y if output_memory_format(x) == torch.channels_last else y.contiguous()
 
 
@@ -629,9 +825,10 @@ def cudnn_with_epilogue(x, weight, bias, residual, stride, padding, dilation, gr
 
 
 #: The ways this backend computes the op, by name.
-ALGORITHMS = {"implicit_gemm": implicit_gemm, "cudnn_epilogue": cudnn_with_epilogue, "gemm_tma": gemm_tma}
+ALGORITHMS = {"implicit_gemm": implicit_gemm, "cudnn_epilogue": cudnn_with_epilogue, "gemm_tma": gemm_tma,
+              "conv_tma": conv_tma}
 #: Algorithms that take only some calls: name -> function saying why not (None: takes it).
-_REFUSALS = {"gemm_tma": gemm_tma_refusal}
+_REFUSALS = {"gemm_tma": gemm_tma_refusal, "conv_tma": conv_tma_refusal}
 #: RESNET_FUSED_TRITON_ALGO: "auto" (time the candidates once per shape on a GPU, keep
 #: the fastest), or one name from ALGORITHMS for every call it takes.
 _ALGO_ENV = "RESNET_FUSED_TRITON_ALGO"
@@ -655,8 +852,8 @@ def _load_choices() -> None:
     except (OSError, ValueError):
         pass  # no cache yet, or an unreadable one: time again
     try:
-        with open(_gemm_tiles_path()) as f:
-            _gemm_tiles.update({k: _config_from_json("gemm_tma", v) for k, v in json.load(f).items()})
+        with open(_tma_tiles_path()) as f:
+            _tma_tiles.update({k: _config_from_json(k, v) for k, v in json.load(f).items()})
     except (OSError, ValueError, KeyError, TypeError):
         pass
     _apply_shipped_table()
@@ -693,7 +890,9 @@ def _config_to_json(cfg) -> dict:
 
 
 def _config_from_json(name: str, data: dict):
-    hook = _set_gemm_blocks if name == "gemm_tma" else None
+    """A Config from the table; ``name``: the algorithm, or a :func:`_tile_key`."""
+    algorithm = name.split("|")[2] if "|" in name else name
+    hook = {"gemm_tma": _set_gemm_blocks, "conv_tma": _set_conv_blocks}.get(algorithm)
     return triton.Config(dict(data["kwargs"]), num_warps=data["num_warps"], num_stages=data["num_stages"],
                          pre_hook=hook)
 
@@ -728,9 +927,9 @@ def _apply_shipped_table(path: Optional[str] = None) -> int:
         if name in ALGORITHMS and key not in _choices:
             _choices[key] = name
             taken += 1
-    for key, cfg in entry.get("gemm_tiles", {}).items():
-        if key not in _gemm_tiles:
-            _gemm_tiles[key] = _config_from_json("gemm_tma", cfg)
+    for key, cfg in entry.get("tma_tiles", {}).items():
+        if key not in _tma_tiles:
+            _tma_tiles[key] = _config_from_json(key, cfg)
             taken += 1
     for name, rows in entry.get("autotune", {}).items():
         tuner = _tuners().get(name)
@@ -753,7 +952,7 @@ def measured_table() -> dict:
         "triton": triton.__version__,
         "torch": torch.__version__,
         "algorithms": {k: v for k, v in sorted(_choices.items()) if k.startswith(device + "|")},
-        "gemm_tiles": {k: _config_to_json(v) for k, v in sorted(_gemm_tiles.items()) if k.startswith(device + "|")},
+        "tma_tiles": {k: _config_to_json(v) for k, v in sorted(_tma_tiles.items()) if k.startswith(device + "|")},
         "autotune": {
             name: sorted([list(key), _config_to_json(cfg)] for key, cfg in tuner.cache.items())
             for name, tuner in _tuners().items()
@@ -771,8 +970,8 @@ def merge_tables(base: dict, new: dict) -> dict:
         if old is None or old.get("triton") != entry.get("triton"):
             out["devices"][device] = entry
             continue
-        merged = {**old, **{k: v for k, v in entry.items() if k not in ("algorithms", "gemm_tiles", "autotune")}}
-        for part in ("algorithms", "gemm_tiles"):
+        merged = {**old, **{k: v for k, v in entry.items() if k not in ("algorithms", "tma_tiles", "autotune")}}
+        for part in ("algorithms", "tma_tiles"):
             merged[part] = {**old.get(part, {}), **entry.get(part, {})}
         merged["autotune"] = {}
         for name in sorted(set(old.get("autotune", {})) | set(entry.get("autotune", {}))):
@@ -810,12 +1009,12 @@ if os.environ.get(_RECORD_ENV):
     atexit.register(_record_at_exit)
 
 
-def _gemm_tiles_path() -> str:
-    return os.path.join(os.path.dirname(_choices_path()), "triton_gemm_tiles.json")
+def _tma_tiles_path() -> str:
+    return os.path.join(os.path.dirname(_choices_path()), "triton_tma_tiles.json")
 
 
-def _save_gemm_tiles() -> None:
-    _write_json(_gemm_tiles_path(), {k: _config_to_json(cfg) for k, cfg in _gemm_tiles.items()})
+def _save_tma_tiles() -> None:
+    _write_json(_tma_tiles_path(), {k: _config_to_json(cfg) for k, cfg in _tma_tiles.items()})
 
 
 def _write_json(path: str, data: dict) -> None:
