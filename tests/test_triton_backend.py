@@ -162,6 +162,23 @@ def test_conv_tma_matches_reference(monkeypatch, gen, shape, dtype, residual, re
     assert out.is_contiguous(memory_format=torch.channels_last)
 
 
+@needs_tma
+@pytest.mark.parametrize("algorithm, r", [("gemm_tma", 1), ("conv_tma", 3)])
+def test_tma_takes_odd_strides_on_size_one_dimensions(monkeypatch, gen, algorithm, r):
+    """A 1x1 map is channels_last-dense whatever the strides of its size-1 dimensions, but
+    TMA encodes every stride (16-byte multiples): the descriptors get canonical ones."""
+    from resnet_fused.backends import triton_backend as tb
+
+    monkeypatch.setenv("RESNET_FUSED_TRITON_ALGO", algorithm)
+    x = torch.randn(2, 16, generator=gen).to(torch.float16).to(DEVICE).as_strided((2, 16, 1, 1), (16, 1, 3, 5))
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    weight = (torch.randn(8, 16, r, r, generator=gen) / 4).to(torch.float16).to(DEVICE)
+    bias = torch.randn(8, generator=gen).to(torch.float16).to(DEVICE)
+    args = (x, weight, None, None, [1, 1], [r // 2] * 2, [1, 1], 1, True)
+    assert tb.algorithm_refusal(algorithm, args) is None
+    run_and_check(x, weight, bias, None, 1, r // 2, 1, 1, True)
+
+
 @pytest.mark.parametrize("kind, reason", [
     ("stride2", "only stride-1 convs larger than 1x1 with one group"),
     ("1x1", "only stride-1 convs larger than 1x1 with one group"),
@@ -357,6 +374,32 @@ def test_1x1_convs_time_all_three_algorithms(monkeypatch, tmp_path, gen):
     assert len(ran) == 3 and all(relative_error(out, ref) <= tol(torch.float16) for out in ran)
 
 
+def test_a_failing_candidate_is_skipped_not_fatal(monkeypatch, tmp_path, gen, caplog):
+    """A candidate that fails while being timed (a tile its compiler refuses, say) is left
+    out of the choice with a warning; the call still runs on the fastest of the others."""
+    from resnet_fused.backends import triton_backend as tb
+
+    monkeypatch.setenv("RESNET_FUSED_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(tb, "_choices", {})
+    monkeypatch.setattr(tb, "_choices_loaded", False)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("PassManager::run failed")
+
+    monkeypatch.setitem(tb.ALGORITHMS, "cudnn_epilogue", broken)
+    monkeypatch.setattr(tb, "_time_ms", lambda fn: (fn(), 1.0)[1])
+    x, weight, bias, res = on_device(*make_case(gen, 1, 8, 6, 6, 8, 3, 1, 1, 1, 1, torch.float32, True))
+    args = (x, weight, bias, res, [1, 1], [1, 1], [1, 1], 1, True)
+    with caplog.at_level("WARNING", logger="resnet_fused"):
+        assert tb.choose_algorithm(args, timing=True) == "implicit_gemm"
+    assert "cudnn_epilogue failed on this conv and is skipped for it: RuntimeError: PassManager::run failed" \
+        in caplog.text
+    monkeypatch.setitem(tb.ALGORITHMS, "implicit_gemm", broken)
+    monkeypatch.setattr(tb, "_choices", {})
+    with pytest.raises(RuntimeError, match="PassManager"):
+        tb.choose_algorithm(args, timing=True)
+
+
 def test_choice_while_tracing_times_real_tensors_of_the_traced_shapes(monkeypatch, tmp_path, gen):
     """Under torch.compile the op's body is traced with fake tensors; the algorithm is
     chosen then, by timing both on real tensors of the same shapes and strides."""
@@ -536,6 +579,7 @@ def test_tma_tiles_are_kept_on_disk(fresh_tuning_state, monkeypatch):
     tiles are kept by us: a second process reads them instead of autotuning again."""
     tb = fresh_tuning_state
     tb._tma_tiles["Fake GPU|3.6.0|gemm_tma|3136|256|64|1|torch.float16"] = tb.GEMM_CONFIGS[3]
+    tb._tma_tiles["Fake GPU|3.6.0|conv_tma|8|56|56|64|64|3|3|1|1|1|1|0|torch.float16"] = tb.CONV_TMA_CONFIGS[1]
     tb._save_tma_tiles()
     monkeypatch.setattr(tb, "_tma_tiles", {})
     monkeypatch.setattr(tb, "_choices_loaded", False)
@@ -543,6 +587,8 @@ def test_tma_tiles_are_kept_on_disk(fresh_tuning_state, monkeypatch):
     cfg = tb._tma_tiles["Fake GPU|3.6.0|gemm_tma|3136|256|64|1|torch.float16"]
     assert (cfg.kwargs, cfg.num_warps, cfg.num_stages, cfg.pre_hook) == (
         tb.GEMM_CONFIGS[3].kwargs, tb.GEMM_CONFIGS[3].num_warps, tb.GEMM_CONFIGS[3].num_stages, tb._set_gemm_blocks)
+    assert tb._tma_tiles["Fake GPU|3.6.0|conv_tma|8|56|56|64|64|3|3|1|1|1|1|0|torch.float16"].pre_hook \
+        is tb._set_conv_blocks
 
 
 def test_recording_at_exit_merges_and_ship_script_updates_the_package_table(
@@ -692,6 +738,41 @@ def test_gpu_conv_tma_every_config_on_resnet50_3x3_layers(layer, dtype, config):
     assert tb.algorithm_refusal("conv_tma", args) is None
     y = tb.conv_tma(*args, config=tb.CONV_TMA_CONFIGS[config])
     ref = reference_conv_bias_act(x, w, b, r, 1, layer.padding, 1, 1, layer.relu, device="cuda")
+    assert relative_error(y, ref) <= TOLERANCES[dtype]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", range(len(CONV_TMA_CONFIGS)),
+                         ids=lambda i: str(CONV_TMA_CONFIGS[i]).replace(" ", ""))
+@pytest.mark.parametrize("shape", CONV_TMA_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_gpu_conv_tma_odd_shapes_every_config(shape, config, dtype=torch.bfloat16):
+    """What ResNet's layers do not exercise on the hardware: C across a channel chunk,
+    no padding, dilation 2, a 5x5, maps smaller than the box, the residual box."""
+    from resnet_fused.backends import triton_backend as tb
+
+    if not TMA_HERE:
+        pytest.skip("TMA needs compute capability 9.0+")
+    n, c, h, w, k, r, p, d = shape
+    x, weight, bias, res = on_device(*make_case(torch.Generator().manual_seed(config), n, c, h, w, k, r, 1, p, d,
+                                                1, dtype, True, channels_last=True))
+    y = tb.conv_tma(x, weight, bias, res, [1, 1], [p, p], [d, d], 1, True, config=tb.CONV_TMA_CONFIGS[config])
+    ref = reference_conv_bias_act(x, weight, bias, res, 1, p, d, 1, True, device="cuda")
+    assert relative_error(y, ref) <= TOLERANCES[dtype]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", range(len(GEMM_CONFIGS)), ids=lambda i: str(GEMM_CONFIGS[i]).replace(" ", ""))
+@pytest.mark.parametrize("shape", GEMM_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_gpu_gemm_tma_odd_shapes_every_config(shape, config, dtype=torch.float16):
+    from resnet_fused.backends import triton_backend as tb
+
+    if not TMA_HERE:
+        pytest.skip("TMA needs compute capability 9.0+")
+    n, c, h, w, k = shape
+    x, weight, bias, res = on_device(*make_case(torch.Generator().manual_seed(config), n, c, h, w, k, 1, 1, 0, 1, 1,
+                                                dtype, True, channels_last=True))
+    y = tb.gemm_tma(x, weight, bias, res, [1, 1], [0, 0], [1, 1], 1, True, config=tb.GEMM_CONFIGS[config])
+    ref = reference_conv_bias_act(x, weight, bias, res, 1, 0, 1, 1, True, device="cuda")
     assert relative_error(y, ref) <= TOLERANCES[dtype]
 
 

@@ -1,6 +1,6 @@
 """The "triton" backend: implicit-GEMM convolution with a fused epilogue.
 
-Two algorithms compute ``relu?(conv2d(x, w) + bias + residual?)``:
+Four algorithms compute ``relu?(conv2d(x, w) + bias + residual?)``:
 
 * ``implicit_gemm``: the whole op as one Triton launch (below);
 * ``cudnn_epilogue``: cuDNN's conv, then bias + residual + ReLU as one Triton
@@ -713,7 +713,8 @@ def _prune_conv_tma(configs, named_args, **kwargs):
 
 
 def _make_tuned_conv_tma():
-    kwargs = dict(configs=CONV_TMA_CONFIGS, key=["N", "P", "Q", "K", "C", "R", "S", "HAS_RESIDUAL"],
+    kwargs = dict(configs=CONV_TMA_CONFIGS,
+                  key=["N", "P", "Q", "K", "C", "R", "S", "PAD_H", "PAD_W", "DIL_H", "DIL_W", "HAS_RESIDUAL"],
                   prune_configs_by={"early_config_prune": _prune_conv_tma})
     return triton.autotune(**kwargs)(_conv_tma_kernel)  # pre-hooks: Triton would not cache on disk anyway
 
@@ -726,6 +727,14 @@ def conv_tma_refusal(x, weight, residual, stride, padding, dilation, groups) -> 
     if list(stride) != [1, 1] or groups != 1 or tuple(weight.shape[2:]) == (1, 1):
         return "only stride-1 convs larger than 1x1 with one group (1x1 is gemm_tma's)"
     return _tma_refusal(x, weight, residual)
+
+
+def _nhwc(t: Tensor) -> Tensor:
+    """A channels_last-dense (N, C, H, W) tensor as the (N, H, W, C) tensor it is in memory,
+    with the canonical strides even on size-1 dimensions (where any stride addresses the
+    same elements, but TMA encodes every stride and wants 16-byte multiples)."""
+    n, c, h, w = t.shape
+    return t.permute(0, 2, 3, 1).as_strided((n, h, w, c), (h * w * c, w * c, c, 1))
 
 
 def _tma_refusal(x, weight, residual) -> Optional[str]:
@@ -767,12 +776,12 @@ def conv_tma(x, weight, bias, residual, stride, padding, dilation, groups, relu,
     p = h + 2 * padding[0] - dilation[0] * (r - 1)
     q = w + 2 * padding[1] - dilation[1] * (s - 1)
     y = torch.empty((n, k, p, q), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
-    xn = x.permute(0, 2, 3, 1)  # dense (N, H, W, C): what _tma_refusal let through
+    xn = _nhwc(x)  # dense (N, H, W, C): what _tma_refusal let through
     wm = weight.permute(0, 2, 3, 1).reshape(k, r * s * c)  # (K, R*S*C): a view for a channels_last weight
     if wm.stride() != (r * s * c, 1):
         wm = wm.contiguous()
-    yn = y.permute(0, 2, 3, 1)
-    rn = residual.permute(0, 2, 3, 1) if residual is not None else yn  # never read without a residual
+    yn = _nhwc(y)
+    rn = _nhwc(residual) if residual is not None else yn  # never read without a residual
     interpret = INTERPRET and not x.is_cuda
     key = None
     cfg = config
@@ -1113,13 +1122,30 @@ def choose_algorithm(args: tuple, timing: bool) -> str:
             real = _real_like(args)
             if real is None:
                 return "implicit_gemm"  # symbolic shapes: nothing to time
-            times = {name: _time_ms(lambda fn=ALGORITHMS[name]: fn(*real)) for name in names}
+            times = _time_candidates(names, real)
     else:
-        times = {name: _time_ms(lambda fn=ALGORITHMS[name]: fn(*args)) for name in names}
+        times = _time_candidates(names, args)
     _choices[key] = choice = min(times, key=times.get)
     log.debug("conv %s: %s -> %s", key, {n: round(t, 4) for n, t in times.items()}, choice)
     _save_choices()
     return choice
+
+
+def _time_candidates(names: list, args: tuple) -> dict:
+    """Each algorithm's time on ``args``. One that fails (a tile config the compiler or
+    the GPU refuses) is left out with a warning, so it cannot take down the others;
+    if every one fails, the first failure is raised."""
+    times, failures = {}, []
+    for name in names:
+        try:
+            times[name] = _time_ms(lambda fn=ALGORITHMS[name]: fn(*args))
+        except Exception as exc:  # reported, and re-raised if nothing works
+            log.warning("Triton algorithm %s failed on this conv and is skipped for it: %s: %s",
+                        name, type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+            failures.append(exc)
+    if not times:
+        raise failures[0]
+    return times
 
 
 def _real_like(args: tuple) -> Optional[tuple]:
