@@ -565,19 +565,9 @@ def gemm_tma(x, weight, bias, residual, stride, padding, dilation, groups, relu,
         b = b.contiguous()
     y2 = _as_rows(y, k)
     r2 = _as_rows(residual, k) if residual is not None else y2  # never read without a residual
-    interpret = INTERPRET and not x.is_cuda
-    key = None
-    cfg = config
-    if cfg is None and interpret:
-        cfg = GEMM_INTERPRETER_CONFIG
-    if cfg is None:
-        key = _tile_key("gemm_tma", x, m, k, c, int(residual is not None))
-        _load_choices()
-        cfg = _tma_tiles.get(key)
-    autotune = cfg is None and AUTOTUNE and tune
-    if cfg is None and not autotune:
-        cfg = heuristic_gemm_config(m, k, c)
-    box = GEMM_CONFIGS[0].kwargs if autotune else cfg.kwargs  # autotuning: the pre-hook sets each config's
+    cfg, key = _tma_tile("gemm_tma", x, (m, k, c, int(residual is not None)), config, tune,
+                         GEMM_INTERPRETER_CONFIG, lambda: heuristic_gemm_config(m, k, c))
+    box = (cfg or GEMM_CONFIGS[0]).kwargs  # autotuning: the pre-hook sets each config's
     descs = (
         TensorDescriptor.from_tensor(a, [box["BLOCK_M"], box["BLOCK_K"]]),
         TensorDescriptor.from_tensor(b, [box["BLOCK_N"], box["BLOCK_K"]]),
@@ -591,18 +581,40 @@ def gemm_tma(x, weight, bias, residual, stride, padding, dilation, groups, relu,
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_N"]),)
 
-    if interpret:
-        _gemm_bias_act_kernel[grid(cfg.kwargs)](*args, **flags, UPCAST=True, **cfg.kwargs, num_warps=4, num_stages=1)
-        return y if output_memory_format(x) == torch.channels_last else y.contiguous()
+    _tma_launch(_gemm_bias_act_kernel, _tuned_gemm, x, grid, args, flags, cfg, key)
+    return y if output_memory_format(x) == torch.channels_last else y.contiguous()
+
+
+def _tma_tile(name: str, x: Tensor, problem: tuple, config, tune: bool, interpreter_config, heuristic):
+    """The tile config of a TMA algorithm's launch and its :func:`_tile_key`: ``config`` if
+    given; the interpreter's one; the one measured for this problem before; None, meaning
+    autotune now; or (``tune=False``, RESNET_FUSED_TRITON_AUTOTUNE=0) ``heuristic()``."""
+    if config is not None:
+        return config, None
+    if INTERPRET and not x.is_cuda:
+        return interpreter_config, None
+    key = _tile_key(name, x, *problem)
+    _load_choices()
+    cfg = _tma_tiles.get(key)
+    if cfg is None and not (AUTOTUNE and tune):
+        cfg = heuristic()
+    return cfg, key
+
+
+def _tma_launch(kernel, tuner, x: Tensor, grid, args: tuple, flags: dict, cfg, key: Optional[str]) -> None:
+    """One launch of a TMA algorithm: with ``cfg``, or (None) autotuned, the winner kept
+    under ``key`` in memory and on disk."""
+    if INTERPRET and not x.is_cuda:
+        kernel[grid(cfg.kwargs)](*args, **flags, UPCAST=True, **cfg.kwargs, num_warps=4, num_stages=1)
+        return
     with torch.cuda.device(x.device):
-        if autotune:
-            _tuned_gemm[grid](*args, **flags, UPCAST=False)
-            _tma_tiles[key] = _tuned_gemm.best_config
+        if cfg is None:
+            tuner[grid](*args, **flags, UPCAST=False)
+            _tma_tiles[key] = tuner.best_config
             _save_tma_tiles()
         else:
-            _gemm_bias_act_kernel[grid(cfg.kwargs)](
-                *args, **flags, UPCAST=False, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    return y if output_memory_format(x) == torch.channels_last else y.contiguous()
+            kernel[grid(cfg.kwargs)](*args, **flags, UPCAST=False, **cfg.kwargs, num_warps=cfg.num_warps,
+                                     num_stages=cfg.num_stages)
 
 
 # ---------------------------------------------------------------------------------
@@ -782,19 +794,10 @@ def conv_tma(x, weight, bias, residual, stride, padding, dilation, groups, relu,
         wm = wm.contiguous()
     yn = _nhwc(y)
     rn = _nhwc(residual) if residual is not None else yn  # never read without a residual
-    interpret = INTERPRET and not x.is_cuda
-    key = None
-    cfg = config
-    if cfg is None and interpret:
-        cfg = CONV_TMA_INTERPRETER_CONFIG
-    if cfg is None:
-        key = _tile_key("conv_tma", x, n, h, w, c, k, r, s, *padding, *dilation, int(residual is not None))
-        _load_choices()
-        cfg = _tma_tiles.get(key)
-    autotune = cfg is None and AUTOTUNE and tune
-    if cfg is None and not autotune:
-        cfg = heuristic_conv_tma_config(n, p, q, k, c)
-    box = CONV_TMA_CONFIGS[0].kwargs if autotune else cfg.kwargs
+    problem = (n, h, w, c, k, r, s, *padding, *dilation, int(residual is not None))
+    cfg, key = _tma_tile("conv_tma", x, problem, config, tune, CONV_TMA_INTERPRETER_CONFIG,
+                         lambda: heuristic_conv_tma_config(n, p, q, k, c))
+    box = (cfg or CONV_TMA_CONFIGS[0]).kwargs  # autotuning: the pre-hook sets each config's
     bh, bw, bn, bk = box["BLOCK_H"], box["BLOCK_W"], box["BLOCK_N"], box["BLOCK_K"]
     descs = (
         TensorDescriptor.from_tensor(xn, [1, bh, bw, bk]), TensorDescriptor.from_tensor(wm, [bn, bk]),
@@ -809,17 +812,7 @@ def conv_tma(x, weight, bias, residual, stride, padding, dilation, groups, relu,
         return (n * triton.cdiv(p, meta["BLOCK_H"]) * triton.cdiv(q, meta["BLOCK_W"])
                 * triton.cdiv(k, meta["BLOCK_N"]),)
 
-    if interpret:
-        _conv_tma_kernel[grid(cfg.kwargs)](*args, **flags, UPCAST=True, **cfg.kwargs, num_warps=4, num_stages=1)
-    else:
-        with torch.cuda.device(x.device):
-            if autotune:
-                _tuned_conv_tma[grid](*args, **flags, UPCAST=False)
-                _tma_tiles[key] = _tuned_conv_tma.best_config
-                _save_tma_tiles()
-            else:
-                _conv_tma_kernel[grid(cfg.kwargs)](
-                    *args, **flags, UPCAST=False, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    _tma_launch(_conv_tma_kernel, _tuned_conv_tma, x, grid, args, flags, cfg, key)
     return y if output_memory_format(x) == torch.channels_last else y.contiguous()
 
 
