@@ -138,6 +138,7 @@ def test_gemm_tma_matches_reference(monkeypatch, gen, shape, dtype, residual, re
     assert out.is_contiguous(memory_format=torch.channels_last)
 
 
+MSG = "takes stride-1 convs larger than 1x1 and strided 1x1 convs without padding, one group"
 CONV_TMA_SHAPES = [  # (n, c, h, w, k, r, padding, dilation): odd maps, C across a K chunk, no
     (2, 24, 7, 9, 40, 3, 1, 1),  # padding, dilation 2, a 5x5
     (1, 16, 6, 5, 8, 3, 2, 2),
@@ -180,20 +181,37 @@ def test_tma_takes_odd_strides_on_size_one_dimensions(monkeypatch, gen, algorith
 
 
 @pytest.mark.parametrize("kind, reason", [
-    ("stride2", "only stride-1 convs larger than 1x1 with one group"),
-    ("1x1", "only stride-1 convs larger than 1x1 with one group"),
-    ("grouped", "only stride-1 convs larger than 1x1 with one group"),
+    ("3x3_stride2", MSG),
+    ("1x1", MSG),
+    ("1x1_stride2_padded", MSG),
+    ("grouped", MSG),
     ("float32", "dtype torch.float32 (takes float16, bfloat16)"),
 ])
 def test_conv_tma_refuses_what_it_cannot_take(gen, kind, reason):
     from resnet_fused.backends import triton_backend as tb
 
-    r, s, g, dtype = {"stride2": (3, 2, 1, torch.float16), "1x1": (1, 1, 1, torch.float16),
-                      "grouped": (3, 1, 2, torch.float16), "float32": (3, 1, 1, torch.float32)}[kind]
-    x, weight, _, _ = on_device(*make_case(gen, 1, 16, 6, 6, 16, r, s, r // 2, 1, g, dtype, False,
-                                           channels_last=True))
-    args = (x, weight, None, None, [s, s], [r // 2] * 2, [1, 1], g, True)
+    r, s, p, g, dtype = {"3x3_stride2": (3, 2, 1, 1, torch.float16), "1x1": (1, 1, 0, 1, torch.float16),
+                         "1x1_stride2_padded": (1, 2, 1, 1, torch.float16), "grouped": (3, 1, 1, 2, torch.float16),
+                         "float32": (3, 1, 1, 1, torch.float32)}[kind]
+    x, weight, _, _ = on_device(*make_case(gen, 1, 16, 6, 6, 16, r, s, p, 1, g, dtype, False, channels_last=True))
+    args = (x, weight, None, None, [s, s], [p, p], [1, 1], g, True)
     assert reason in tb.algorithm_refusal("conv_tma", args)
+
+
+@needs_tma
+@pytest.mark.parametrize("shape", [(2, 16, 9, 7, 24, 2), (1, 32, 8, 8, 16, 2), (2, 16, 10, 11, 8, 3)],
+                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("residual", [False, True], ids=["bias+relu", "bias+residual+relu"])
+def test_conv_tma_strided_1x1_matches_reference(monkeypatch, gen, shape, residual):
+    """A strided 1x1 conv (ResNet's downsample) is a stride-1 one over a strided view of
+    the input, which TMA reads directly (odd sizes: the last pixel of each row counts)."""
+    monkeypatch.setenv("RESNET_FUSED_TRITON_ALGO", "conv_tma")
+    n, c, h, w, k, stride = shape
+    x, weight, bias, res = make_case(gen, n, c, h, w, k, 1, stride, 0, 1, 1, torch.float16, residual,
+                                     channels_last=True)
+    assert "(conv_tma, as RESNET_FUSED_TRITON_ALGO says)" in ops.explain(*on_device(x, weight, res), stride,
+                                                                        backend="triton")
+    run_and_check(x, weight, bias, res, stride, 0, 1, 1, True)
 
 
 @pytest.mark.parametrize("change, reason", [
@@ -336,7 +354,7 @@ def test_choice_is_per_call_signature_alignment_included(monkeypatch, tmp_path, 
     ((16, 1, 1, 0, 1), {"implicit_gemm", "cudnn_epilogue", "gemm_tma"}),
     ((16, 3, 1, 1, 1), {"implicit_gemm", "cudnn_epilogue", "conv_tma"}),
     ((16, 3, 2, 1, 1), {"implicit_gemm", "cudnn_epilogue"}),
-    ((16, 1, 2, 0, 1), {"implicit_gemm", "cudnn_epilogue"}),
+    ((16, 1, 2, 0, 1), {"implicit_gemm", "cudnn_epilogue", "conv_tma"}),
     ((3, 7, 2, 3, 1), {"implicit_gemm", "cudnn_epilogue"}),  # the stem: 3 channels
     ((16, 3, 1, 1, 4), {"implicit_gemm", "cudnn_epilogue"}),  # grouped
 ], ids=["1x1", "3x3", "3x3_stride2", "1x1_stride2", "stem", "grouped"])
@@ -719,7 +737,7 @@ def test_gpu_gemm_tma_every_config_on_resnet50_1x1_layers(layer, dtype, config):
 
 
 CONV_TMA_LAYERS = [layer for layer, _ in conv_layers("resnet50", 32, 224)
-                   if layer.r == 3 and layer.stride == 1 and layer.groups == 1]
+                   if (layer.r == 3 and layer.stride == 1 or layer.r == 1 and layer.stride == 2) and layer.groups == 1]
 
 
 @pytest.mark.gpu
@@ -727,17 +745,17 @@ CONV_TMA_LAYERS = [layer for layer, _ in conv_layers("resnet50", 32, 224)
                          ids=lambda i: str(CONV_TMA_CONFIGS[i]).replace(" ", ""))
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("layer", CONV_TMA_LAYERS, ids=lambda layer: layer.name.replace(" ", "_"))
-def test_gpu_conv_tma_every_config_on_resnet50_3x3_layers(layer, dtype, config):
+def test_gpu_conv_tma_every_config_on_resnet50_layers(layer, dtype, config):
     from resnet_fused.backends import triton_backend as tb
 
     if not TMA_HERE:
         pytest.skip("TMA needs compute capability 9.0+")
     x, w, b, r = layer.tensors(dtype, "cuda", torch.Generator().manual_seed(config))
     w = w.contiguous(memory_format=torch.channels_last)
-    args = (x, w, b, r, [1, 1], [layer.padding] * 2, [1, 1], 1, layer.relu)
+    args = (x, w, b, r, [layer.stride] * 2, [layer.padding] * 2, [1, 1], 1, layer.relu)
     assert tb.algorithm_refusal("conv_tma", args) is None
     y = tb.conv_tma(*args, config=tb.CONV_TMA_CONFIGS[config])
-    ref = reference_conv_bias_act(x, w, b, r, 1, layer.padding, 1, 1, layer.relu, device="cuda")
+    ref = reference_conv_bias_act(x, w, b, r, layer.stride, layer.padding, 1, 1, layer.relu, device="cuda")
     assert relative_error(y, ref) <= TOLERANCES[dtype]
 
 

@@ -9,9 +9,10 @@ Four algorithms compute ``relu?(conv2d(x, w) + bias + residual?)``:
   convs) as the plain GEMM they are, ``(N*H*W, C) x (C, K)``, with whole tiles moved
   by TMA descriptors (Hopper+), the same fused epilogue;
 * ``conv_tma``: stride-1 convs larger than 1x1 (ResNet's 3x3s but the three stride-2
-  ones) on NHWC fp16/bf16: each program owns a patch of output pixels and, per tap,
-  loads the shifted patch of input pixels as one 4-D TMA box, the zero padding being
-  TMA's out-of-bounds fill (Hopper+).
+  ones) and strided 1x1 convs (the downsamples) on NHWC fp16/bf16: each program owns a
+  patch of output pixels and, per tap, loads the shifted patch of input pixels as one
+  4-D TMA box, the zero padding being TMA's out-of-bounds fill; a strided 1x1 conv reads
+  a strided view of the input (Hopper+).
 
 On a GPU, the first call of each shape times every algorithm that takes it and keeps
 the fastest (cached in
@@ -736,8 +737,11 @@ _tuned_conv_tma = _make_tuned_conv_tma()
 
 def conv_tma_refusal(x, weight, residual, stride, padding, dilation, groups) -> Optional[str]:
     """None when ``conv_tma`` takes this call, else why not."""
-    if list(stride) != [1, 1] or groups != 1 or tuple(weight.shape[2:]) == (1, 1):
-        return "only stride-1 convs larger than 1x1 with one group (1x1 is gemm_tma's)"
+    one_by_one = tuple(weight.shape[2:]) == (1, 1)
+    strided_1x1 = one_by_one and list(stride) != [1, 1] and list(padding) == [0, 0]
+    if groups != 1 or not (strided_1x1 or (list(stride) == [1, 1] and not one_by_one)):
+        return ("takes stride-1 convs larger than 1x1 and strided 1x1 convs without padding, one group "
+                "(1x1 stride 1 is gemm_tma's)")
     return _tma_refusal(x, weight, residual)
 
 
@@ -785,10 +789,13 @@ def conv_tma(x, weight, bias, residual, stride, padding, dilation, groups, relu,
 
     n, c, h, w = x.shape
     k, _, r, s = weight.shape
+    xn = _nhwc(x)  # dense (N, H, W, C): what _tma_refusal let through
+    if list(stride) != [1, 1]:  # a strided 1x1 conv is a stride-1 one over every stride-th pixel
+        xn = xn[:, ::stride[0], ::stride[1], :]  # a strided view: TMA takes any 16-byte-multiple strides
+        h, w = xn.shape[1], xn.shape[2]
     p = h + 2 * padding[0] - dilation[0] * (r - 1)
     q = w + 2 * padding[1] - dilation[1] * (s - 1)
     y = torch.empty((n, k, p, q), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
-    xn = _nhwc(x)  # dense (N, H, W, C): what _tma_refusal let through
     wm = weight.permute(0, 2, 3, 1).reshape(k, r * s * c)  # (K, R*S*C): a view for a channels_last weight
     if wm.stride() != (r * s * c, 1):
         wm = wm.contiguous()
