@@ -368,6 +368,24 @@ def test_which_algorithms_each_conv_kind_is_timed_among(gen, kind, candidates):
     assert {name for name in tb.ALGORITHMS if tb.algorithm_refusal(name, args) is None} == candidates
 
 
+def test_skipped_algorithms_are_not_candidates(monkeypatch, gen):
+    from resnet_fused.backends import triton_backend as tb
+
+    x, weight, _, _ = on_device(*make_case(gen, 2, 16, 9, 9, 16, 3, 1, 1, 1, 1, torch.float16, False,
+                                           channels_last=True))
+    args = (x, weight, None, None, [1, 1], [1, 1], [1, 1], 1, True)
+    monkeypatch.setenv("RESNET_FUSED_TRITON_SKIP", "conv_tma, gemm_tma")
+    assert tb.algorithm_refusal("conv_tma", args) == "skipped by RESNET_FUSED_TRITON_SKIP"
+    assert tb.algorithm_refusal("cudnn_epilogue", args) is None
+    assert {n for n in tb.ALGORITHMS if tb.algorithm_refusal(n, args) is None} == {"implicit_gemm", "cudnn_epilogue"}
+    monkeypatch.setenv("RESNET_FUSED_TRITON_ALGO", "conv_tma")  # forcing a skipped one: implicit_gemm, said why
+    assert "asks for conv_tma, which does not take this call (skipped by RESNET_FUSED_TRITON_SKIP)" in \
+        ops.explain(x, weight, None, 1, 1, backend="triton")
+    monkeypatch.setenv("RESNET_FUSED_TRITON_SKIP", "implicit_gemm")
+    with pytest.raises(ValueError, match="implicit_gemm is the algorithm every call falls back to"):
+        tb.algorithm_refusal("implicit_gemm", args)
+
+
 @needs_tma
 def test_1x1_convs_time_all_three_algorithms(monkeypatch, tmp_path, gen):
     from resnet_fused.backends import triton_backend as tb

@@ -1059,8 +1059,23 @@ def _shape_key(x, weight, residual, stride, padding, dilation, groups, relu) -> 
     ))
 
 
+#: RESNET_FUSED_TRITON_SKIP: algorithms (comma- or space-separated) never to time or run,
+#: e.g. after one failed its GPU tests (benchmarks/gpu_session.sh sets it then)
+_SKIP_ENV = "RESNET_FUSED_TRITON_SKIP"
+
+
+def _skipped() -> str:
+    return os.environ.get(_SKIP_ENV, "")
+
+
 def algorithm_refusal(name: str, args: tuple) -> Optional[str]:
     """None when algorithm ``name`` takes the call ``args``, else why not."""
+    skipped = _skipped()
+    if skipped and name in skipped.replace(",", " ").split():
+        if name == "implicit_gemm":
+            raise ValueError(f"{_SKIP_ENV}={skipped!r}: implicit_gemm is the algorithm every call falls back "
+                             "to and cannot be skipped")
+        return f"skipped by {_SKIP_ENV}"
     refusal = _REFUSALS.get(name)
     if refusal is None:
         return None
@@ -1086,7 +1101,7 @@ def _call_signature(args: tuple) -> tuple:
     """Everything the choice key and the algorithms' refusals depend on, cheaply."""
     x, weight, _, residual, stride, padding, dilation, groups, relu = args
     sig = (type(x), x.device, x.dtype, x.shape, x.stride(), weight.shape, weight.stride(), x.data_ptr() % 16,
-           weight.data_ptr() % 16, tuple(stride), tuple(padding), tuple(dilation), groups, relu)
+           weight.data_ptr() % 16, tuple(stride), tuple(padding), tuple(dilation), groups, relu, _skipped())
     if residual is None:
         return sig
     return sig + (residual.shape, residual.stride(), residual.data_ptr() % 16)
