@@ -89,6 +89,16 @@ def _launchable(kernel, x: Tensor):
     return torch.library.wrap_triton(kernel) if _traced(x) else kernel
 
 @triton.jit
+def _grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """Program ``pid``'s (row tile, column tile), in groups of GROUP_M row tiles that sweep
+    the column tiles together, so neighbouring programs share operand tiles in L2."""
+    pids_per_group = GROUP_M * num_pid_n
+    first_m = (pid // pids_per_group) * GROUP_M
+    group_rows = tl.minimum(num_pid_m - first_m, GROUP_M)
+    return first_m + (pid % pids_per_group) % group_rows, (pid % pids_per_group) // group_rows
+
+
+@triton.jit
 def _conv_bias_act_kernel(
     # pointers
     x_ptr, w_ptr, bias_ptr, res_ptr, y_ptr,
@@ -118,12 +128,7 @@ def _conv_bias_act_kernel(
     M = N * P * Q
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(K, BLOCK_N)
-    # grouped ordering: GROUP_M row-tiles sweep the column-tiles together (L2 reuse)
-    pids_per_group = GROUP_M * num_pid_n
-    first_m = (pid // pids_per_group) * GROUP_M
-    group_rows = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % pids_per_group) % group_rows
-    pid_n = (pid % pids_per_group) // group_rows
+    pid_m, pid_n = _grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # output pixels
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # output channels within the group
@@ -428,11 +433,7 @@ def _gemm_bias_act_kernel(
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(K, BLOCK_N)
-    pids_per_group = GROUP_M * num_pid_n
-    first_m = (pid // pids_per_group) * GROUP_M
-    group_rows = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % pids_per_group) % group_rows
-    pid_n = (pid % pids_per_group) // group_rows
+    pid_m, pid_n = _grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M)
     off_m = pid_m * BLOCK_M
     off_n = pid_n * BLOCK_N
 
@@ -638,11 +639,7 @@ def _conv_tma_kernel(
     tiles_w = tl.cdiv(Q, BLOCK_W)
     num_pid_m = N * tiles_h * tiles_w  # a row tile is a BLOCK_H x BLOCK_W patch of one image
     num_pid_n = tl.cdiv(K, BLOCK_N)
-    pids_per_group = GROUP_M * num_pid_n
-    first_m = (pid // pids_per_group) * GROUP_M
-    group_rows = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % pids_per_group) % group_rows
-    pid_n = (pid % pids_per_group) // group_rows
+    pid_m, pid_n = _grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M)
     n = pid_m // (tiles_h * tiles_w)
     patch = pid_m % (tiles_h * tiles_w)
     p0 = (patch // tiles_w) * BLOCK_H
