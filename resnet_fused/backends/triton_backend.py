@@ -513,17 +513,6 @@ def _make_tuned_gemm():
 _tuned_gemm = _make_tuned_gemm()
 
 
-def _as_rows(t: Tensor, cols: int) -> Optional[Tensor]:
-    """An NHWC-dense (N, C, H, W) tensor as the (N*H*W, C) row-major matrix it is in
-    memory (a view), or None if it is not laid out so."""
-    if not t.is_contiguous(memory_format=torch.channels_last):
-        return None
-    rows = t.permute(0, 2, 3, 1).reshape(-1, cols)
-    if rows.data_ptr() != t.data_ptr() or (rows.shape[0] > 1 and rows.stride() != (cols, 1)):
-        return None
-    return rows
-
-
 def gemm_tma_refusal(x, weight, residual, stride, padding, dilation, groups) -> Optional[str]:
     """None when ``gemm_tma`` takes this call, else why not."""
     if tuple(weight.shape[2:]) != (1, 1) or list(stride) != [1, 1] or list(padding) != [0, 0] or groups != 1:
@@ -560,13 +549,12 @@ def gemm_tma(x, weight, bias, residual, stride, padding, dilation, groups, relu,
     k = weight.shape[0]
     m = n * h * w
     y = torch.empty((n, k, h, w), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
-    a = _as_rows(x, c)
-    assert a is not None, "gemm_tma_refusal lets only dense channels_last x through"
+    a = _nhwc(x).view(m, c)  # x is channels_last-dense (gemm_tma_refusal): its rows are the pixels
     b = weight.reshape(k, c)
     if b.stride() != (c, 1):
         b = b.contiguous()
-    y2 = _as_rows(y, k)
-    r2 = _as_rows(residual, k) if residual is not None else y2  # never read without a residual
+    y2 = _nhwc(y).view(m, k)
+    r2 = _nhwc(residual).view(m, k) if residual is not None else y2  # never read without a residual
     cfg, key = _tma_tile("gemm_tma", x, (m, k, c, int(residual is not None)), config, tune,
                          GEMM_INTERPRETER_CONFIG, lambda: heuristic_gemm_config(m, k, c))
     box = (cfg or GEMM_CONFIGS[0]).kwargs  # autotuning: the pre-hook sets each config's
@@ -1104,19 +1092,21 @@ def _call_signature(args: tuple) -> tuple:
     return sig + (residual.shape, residual.stride(), residual.data_ptr() % 16)
 
 
-def choose_algorithm(args: tuple, timing: bool) -> str:
+def choose_algorithm(args: tuple, timing: bool, call: Optional[tuple] = None) -> str:
     """Which of ALGORITHMS runs this call. With ``timing`` (a GPU, not capturing a graph),
     an unseen shape runs every algorithm that takes it, keeps the fastest, and remembers
     it on disk; without, a shape timed before keeps its choice, others take implicit_gemm.
     A forced algorithm (RESNET_FUSED_TRITON_ALGO) that does not take the call leaves it
-    to implicit_gemm, as :meth:`TritonBackend.describe` says."""
+    to implicit_gemm, as :meth:`TritonBackend.describe` says. ``call``: the call's
+    :func:`_call_signature`, if the caller has it already."""
     _load_choices()
     forced = _forced_algorithm()
     if forced is not None:
         return forced if algorithm_refusal(forced, args) is None else "implicit_gemm"
     x, weight, _, residual, stride, padding, dilation, groups, relu = args
     plain = type(x) is Tensor  # not a tracing tensor: no data pointer to read there
-    call = _call_signature(args) if plain else None
+    if plain and call is None:
+        call = _call_signature(args)
     key = _keys.get(call) if plain else None
     if key is None:  # ~10 us of refusal checks and string building: once per call signature
         names = [name for name in ALGORITHMS if algorithm_refusal(name, args) is None]
@@ -1184,11 +1174,12 @@ def conv_bias_act_triton(x, weight, bias, residual, stride, padding, dilation, g
     While a CUDA graph is captured nothing may be benchmarked: a call that was not run
     before the capture (the usual warm-up) takes its algorithm's heuristic tile."""
     args = (x, weight, bias, residual, stride, padding, dilation, groups, relu)
-    capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
-    name = choose_algorithm(args, timing=x.is_cuda and AUTOTUNE and not capturing)
-    if not x.is_cuda or type(x) is not Tensor:
-        return ALGORITHMS[name](*args)
-    warm = (_call_signature(args), name)
+    if not x.is_cuda or type(x) is not Tensor:  # the interpreter, or a trace: nothing is captured
+        return ALGORITHMS[choose_algorithm(args, timing=x.is_cuda and AUTOTUNE)](*args)
+    capturing = torch.cuda.is_current_stream_capturing()
+    call = _call_signature(args)
+    name = choose_algorithm(args, timing=AUTOTUNE and not capturing, call=call)
+    warm = (call, name)
     if capturing:
         return ALGORITHMS[name](*args, tune=warm in _warm)
     out = ALGORITHMS[name](*args)
