@@ -24,11 +24,22 @@ ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
 #: gemm_tma runs here: Hopper+ on a GPU, the interpreter on the CPU
 TMA_HERE = not ON_GPU or torch.cuda.get_device_capability() >= (9, 0)
-needs_tma = pytest.mark.skipif(not TMA_HERE, reason="gemm_tma needs compute capability 9.0+")
+needs_tma = pytest.mark.skipif(not TMA_HERE, reason="the TMA algorithms need compute capability 9.0+")
 
 
 def on_device(*tensors):
     return tuple(None if t is None else t.to(DEVICE) for t in tensors)
+
+
+@pytest.fixture
+def fresh_choices(monkeypatch, tmp_path):
+    """The Triton backend module with no algorithm choices yet and a private cache dir."""
+    from resnet_fused.backends import triton_backend as tb
+
+    monkeypatch.setenv("RESNET_FUSED_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(tb, "_choices", {})
+    monkeypatch.setattr(tb, "_choices_loaded", False)
+    return tb
 pytestmark = pytest.mark.skipif(
     backends.unavailable_reason("triton") is not None, reason=str(backends.unavailable_reason("triton"))
 )
@@ -290,14 +301,10 @@ def test_unknown_algorithm_is_an_error(monkeypatch, gen):
         ops.conv_bias_act(x.to(DEVICE), weight.to(DEVICE), bias.to(DEVICE), padding=1, backend="triton")
 
 
-def test_algorithm_choice_is_timed_once_and_kept_on_disk(monkeypatch, tmp_path, gen):
+def test_algorithm_choice_is_timed_once_and_kept_on_disk(monkeypatch, tmp_path, gen, fresh_choices):
     """On a GPU each new shape times both algorithms once; the winner is cached in memory and
     on disk so a second process does not time again. Timing is faked here to pick a winner."""
-    from resnet_fused.backends import triton_backend as tb
-
-    monkeypatch.setenv("RESNET_FUSED_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(tb, "_choices", {})
-    monkeypatch.setattr(tb, "_choices_loaded", False)
+    tb = fresh_choices
     calls = []
 
     def fake_time(fn):
@@ -322,14 +329,10 @@ def test_algorithm_choice_is_timed_once_and_kept_on_disk(monkeypatch, tmp_path, 
 
 
 @needs_tma
-def test_choice_is_per_call_signature_alignment_included(monkeypatch, tmp_path, gen):
+def test_choice_is_per_call_signature_alignment_included(monkeypatch, gen, fresh_choices):
     """The choice is remembered per call signature; the same shape at an address TMA cannot
     take is another signature, timed among the algorithms that do take it."""
-    from resnet_fused.backends import triton_backend as tb
-
-    monkeypatch.setenv("RESNET_FUSED_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(tb, "_choices", {})
-    monkeypatch.setattr(tb, "_choices_loaded", False)
+    tb = fresh_choices
     timed = []
 
     def fake_time(fn):
@@ -387,12 +390,8 @@ def test_skipped_algorithms_are_not_candidates(monkeypatch, gen):
 
 
 @needs_tma
-def test_1x1_convs_time_all_three_algorithms(monkeypatch, tmp_path, gen):
-    from resnet_fused.backends import triton_backend as tb
-
-    monkeypatch.setenv("RESNET_FUSED_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(tb, "_choices", {})
-    monkeypatch.setattr(tb, "_choices_loaded", False)
+def test_1x1_convs_time_all_three_algorithms(monkeypatch, gen, fresh_choices):
+    tb = fresh_choices
     ran = []
 
     def fake_time(fn):
@@ -410,14 +409,10 @@ def test_1x1_convs_time_all_three_algorithms(monkeypatch, tmp_path, gen):
     assert len(ran) == 3 and all(relative_error(out, ref) <= tol(torch.float16) for out in ran)
 
 
-def test_a_failing_candidate_is_skipped_not_fatal(monkeypatch, tmp_path, gen, caplog):
+def test_a_failing_candidate_is_skipped_not_fatal(monkeypatch, gen, caplog, fresh_choices):
     """A candidate that fails while being timed (a tile its compiler refuses, say) is left
     out of the choice with a warning; the call still runs on the fastest of the others."""
-    from resnet_fused.backends import triton_backend as tb
-
-    monkeypatch.setenv("RESNET_FUSED_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(tb, "_choices", {})
-    monkeypatch.setattr(tb, "_choices_loaded", False)
+    tb = fresh_choices
 
     def broken(*args, **kwargs):
         raise RuntimeError("PassManager::run failed")
@@ -436,16 +431,12 @@ def test_a_failing_candidate_is_skipped_not_fatal(monkeypatch, tmp_path, gen, ca
         tb.choose_algorithm(args, timing=True)
 
 
-def test_choice_while_tracing_times_real_tensors_of_the_traced_shapes(monkeypatch, tmp_path, gen):
+def test_choice_while_tracing_times_real_tensors_of_the_traced_shapes(monkeypatch, gen, fresh_choices):
     """Under torch.compile the op's body is traced with fake tensors; the algorithm is
     chosen then, by timing both on real tensors of the same shapes and strides."""
     from torch._subclasses.fake_tensor import FakeTensorMode, is_fake
 
-    from resnet_fused.backends import triton_backend as tb
-
-    monkeypatch.setenv("RESNET_FUSED_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(tb, "_choices", {})
-    monkeypatch.setattr(tb, "_choices_loaded", False)
+    tb = fresh_choices
     seen = []
 
     def fake_time(fn):
@@ -542,14 +533,10 @@ def test_export_keeps_the_triton_op_and_compile_has_no_graph_break(gen):
 
 
 @pytest.fixture
-def fresh_tuning_state(monkeypatch, tmp_path):
+def fresh_tuning_state(fresh_choices, monkeypatch):
     """Empty algorithm and autotune caches, a private cache dir, and a GPU model named
     "Fake GPU" for the tuning table (so the table logic runs without a GPU)."""
-    from resnet_fused.backends import triton_backend as tb
-
-    monkeypatch.setenv("RESNET_FUSED_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(tb, "_choices", {})
-    monkeypatch.setattr(tb, "_choices_loaded", False)
+    tb = fresh_choices
     monkeypatch.setattr(tb._tuned, "cache", {})
     monkeypatch.setattr(tb, "_tma_tiles", {})
     monkeypatch.setattr(tb, "_table_device", lambda: "Fake GPU")
@@ -741,11 +728,10 @@ GEMM_LAYERS = [layer for layer, _ in conv_layers("resnet50", 32, 224) if layer.r
 @pytest.mark.parametrize("config", range(len(GEMM_CONFIGS)), ids=lambda i: str(GEMM_CONFIGS[i]).replace(" ", ""))
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("layer", GEMM_LAYERS, ids=lambda layer: layer.name.replace(" ", "_"))
+@needs_tma
 def test_gpu_gemm_tma_every_config_on_resnet50_1x1_layers(layer, dtype, config):
     from resnet_fused.backends import triton_backend as tb
 
-    if torch.cuda.get_device_capability() < (9, 0):
-        pytest.skip("TMA needs compute capability 9.0+")
     x, w, b, r = layer.tensors(dtype, "cuda", torch.Generator().manual_seed(config))
     args = (x, w, b, r, [1, 1], [0, 0], [1, 1], 1, layer.relu)
     assert tb.algorithm_refusal("gemm_tma", args) is None
@@ -763,11 +749,10 @@ CONV_TMA_LAYERS = [layer for layer, _ in conv_layers("resnet50", 32, 224)
                          ids=lambda i: str(CONV_TMA_CONFIGS[i]).replace(" ", ""))
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("layer", CONV_TMA_LAYERS, ids=lambda layer: layer.name.replace(" ", "_"))
+@needs_tma
 def test_gpu_conv_tma_every_config_on_resnet50_layers(layer, dtype, config):
     from resnet_fused.backends import triton_backend as tb
 
-    if not TMA_HERE:
-        pytest.skip("TMA needs compute capability 9.0+")
     x, w, b, r = layer.tensors(dtype, "cuda", torch.Generator().manual_seed(config))
     w = w.contiguous(memory_format=torch.channels_last)
     args = (x, w, b, r, [layer.stride] * 2, [layer.padding] * 2, [1, 1], 1, layer.relu)
@@ -781,13 +766,12 @@ def test_gpu_conv_tma_every_config_on_resnet50_layers(layer, dtype, config):
 @pytest.mark.parametrize("config", range(len(CONV_TMA_CONFIGS)),
                          ids=lambda i: str(CONV_TMA_CONFIGS[i]).replace(" ", ""))
 @pytest.mark.parametrize("shape", CONV_TMA_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@needs_tma
 def test_gpu_conv_tma_odd_shapes_every_config(shape, config, dtype=torch.bfloat16):
     """What ResNet's layers do not exercise on the hardware: C across a channel chunk,
     no padding, dilation 2, a 5x5, maps smaller than the box, the residual box."""
     from resnet_fused.backends import triton_backend as tb
 
-    if not TMA_HERE:
-        pytest.skip("TMA needs compute capability 9.0+")
     n, c, h, w, k, r, p, d = shape
     x, weight, bias, res = on_device(*make_case(torch.Generator().manual_seed(config), n, c, h, w, k, r, 1, p, d,
                                                 1, dtype, True, channels_last=True))
@@ -799,11 +783,10 @@ def test_gpu_conv_tma_odd_shapes_every_config(shape, config, dtype=torch.bfloat1
 @pytest.mark.gpu
 @pytest.mark.parametrize("config", range(len(GEMM_CONFIGS)), ids=lambda i: str(GEMM_CONFIGS[i]).replace(" ", ""))
 @pytest.mark.parametrize("shape", GEMM_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@needs_tma
 def test_gpu_gemm_tma_odd_shapes_every_config(shape, config, dtype=torch.float16):
     from resnet_fused.backends import triton_backend as tb
 
-    if not TMA_HERE:
-        pytest.skip("TMA needs compute capability 9.0+")
     n, c, h, w, k = shape
     x, weight, bias, res = on_device(*make_case(torch.Generator().manual_seed(config), n, c, h, w, k, 1, 1, 0, 1, 1,
                                                 dtype, True, channels_last=True))
@@ -864,7 +847,7 @@ def test_gpu_graph_capture_of_an_unseen_shape_does_not_benchmark(monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not TMA_HERE, reason="gemm_tma needs compute capability 9.0+")
+@needs_tma
 def test_gpu_gemm_tma_tile_is_tuned_once_and_remembered(monkeypatch, tmp_path):
     from resnet_fused.backends import triton_backend as tb
 
