@@ -1,7 +1,8 @@
 """The "native" backend: the compiled extension resnet_fused._C.
 
-On the CPU (CI) its C++ kernels run for real: oneDNN with fused post-ops for
-float32 (and bfloat16 where this CPU has oneDNN kernels for it, else computed in
+On the CPU (CI) its C++ kernels run for real: Winograd F(4x4, 3x3) for stride-1 3x3
+float32 NHWC convs (and its hand-off of non-finite calls to oneDNN), oneDNN with fused
+post-ops for the other float32 convs (and bfloat16 where this CPU has oneDNN kernels for it, else computed in
 float32), conv + our epilogue pass for float64; every conv kind, random shapes
 (hypothesis), opcheck, whole models. The CUDA kernels are compile-checked here (the
 library holds sm_80 and sm_90 machine code) and run under the ``gpu`` marker.
@@ -130,8 +131,10 @@ def test_cpu_paths_are_explained(gen):
 
 
 @needs_extension
-def test_cpu_packed_weight_follows_in_place_edits_and_new_tensors(gen):
-    x, weight, bias, res = make_case(gen, 2, 8, 7, 7, 16, 3, 1, 1, 1, 1, torch.float32, True)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw_onednn", "nhwc_winograd"])
+def test_cpu_packed_weight_follows_in_place_edits_and_new_tensors(gen, channels_last):
+    x, weight, bias, res = make_case(gen, 2, 8, 7, 7, 16, 3, 1, 1, 1, 1, torch.float32, True, channels_last)
+    assert ("Winograd" in ops.explain(x, weight, res, padding=1, backend="native")) == channels_last
     for _ in range(2):  # the second call is served from the packed-weight cache
         out = ops.conv_bias_act(x, weight, bias, res, padding=1, backend="native")
         assert relative_error(out, reference_conv_bias_act(x, weight, bias, res, 1, 1)) <= 1e-5
@@ -149,9 +152,10 @@ def test_cpu_packed_weight_follows_in_place_edits_and_new_tensors(gen):
 
 
 @needs_extension
-def test_cpu_inference_mode_weights_are_correct(gen):
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw_onednn", "nhwc_winograd"])
+def test_cpu_inference_mode_weights_are_correct(gen, channels_last):
     """Inference tensors keep no version counter; the op packs such a weight per call."""
-    x, weight, bias, res = make_case(gen, 2, 8, 7, 7, 16, 3, 1, 1, 1, 1, torch.float32, True)
+    x, weight, bias, res = make_case(gen, 2, 8, 7, 7, 16, 3, 1, 1, 1, 1, torch.float32, True, channels_last)
     with torch.inference_mode():
         w = weight.clone()
         first = ops.conv_bias_act(x, w, bias, res, padding=1, backend="native")
@@ -195,6 +199,128 @@ def test_cpu_nan_reaches_the_output(gen):
     images[1, :, 5, 7] = float("nan")
     with torch.no_grad():
         assert torch.equal(fused(images).isnan().any(1), tv_model(images).isnan().any(1))
+
+
+# ---- Winograd F(4x4, 3x3): stride-1 3x3 convs in float32 NHWC --------------------------
+
+WINOGRAD = "Winograd F(4x4,3x3)"
+
+
+def _winograd_case(gen, n, c, k, h, w, padding, residual=True, bias=True):
+    x, weight, b, res = make_case(gen, n, c, h, w, k, 3, 1, padding, 1, 1, torch.float32, residual,
+                                  channels_last=True)
+    return x, weight, b if bias else None, res
+
+
+@needs_extension
+@pytest.mark.parametrize("n, c, k, h, w, padding", [
+    (2, 8, 16, 9, 9, 1),
+    (1, 24, 8, 5, 7, 1),
+    (3, 16, 16, 4, 4, 1),
+    (2, 8, 8, 11, 6, 0),
+    (1, 8, 8, 6, 6, 2),
+    (1, 16, 8, 2, 3, 1),
+], ids=["partial_edge_tiles", "odd_hw_three_channel_lanes", "one_tile_per_image", "no_padding", "padding_2",
+        "tiny_image"])
+@pytest.mark.parametrize("residual", [False, True], ids=["no_residual", "residual"])
+@pytest.mark.parametrize("relu", [False, True], ids=["no_relu", "relu"])
+@pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
+def test_cpu_winograd_matches_reference(gen, n, c, k, h, w, padding, residual, relu, bias):
+    x, weight, b, res = _winograd_case(gen, n, c, k, h, w, padding, residual, bias)
+    assert WINOGRAD in ops.explain(x, weight, res, padding=padding, backend="native")
+    out = run_native(x, weight, b, res, 1, padding, 1, 1, relu)
+    ref = reference_conv_bias_act(x, weight, b, res, 1, padding, 1, 1, relu)
+    assert out.shape == ref.shape and out.is_contiguous(memory_format=torch.channels_last)
+    assert relative_error(out, ref) <= TOLERANCES[torch.float32]
+
+
+@needs_extension
+@pytest.mark.slow
+def test_cpu_winograd_spans_several_workspace_blocks(gen):
+    """128 tiles of 256 -> 256 channels need two blocks of the ~8 MiB workspace."""
+    x, weight, b, res = _winograd_case(gen, 2, 256, 256, 29, 29, 1)
+    out = run_native(x, weight, b, res, 1, 1, 1, 1, True)
+    assert relative_error(out, reference_conv_bias_act(x, weight, b, res, 1, 1, 1, 1, True)) <= 1e-5
+
+
+@needs_extension
+@pytest.mark.parametrize("change, why", [
+    (dict(channels_last=False), "input not channels_last"),
+    (dict(c=12), "12 input and 16 output channels (needs multiples of 8)"),
+    (dict(k=20), "16 input and 20 output channels (needs multiples of 8)"),
+    (dict(stride=2), "stride 2x2, dilation 1x1, groups 1"),
+    (dict(dilation=2, padding=2), "stride 1x1, dilation 2x2, groups 1"),
+    (dict(groups=2), "stride 1x1, dilation 1x1, groups 2"),
+    (dict(knob="0"), "RESNET_FUSED_CPU_WINOGRAD=0"),
+], ids=["nchw", "odd_c", "odd_k", "stride_2", "dilation_2", "groups_2", "knob_off"])
+def test_cpu_winograd_refusals_are_explained_and_still_correct(gen, monkeypatch, change, why):
+    a = dict(c=16, k=16, stride=1, padding=1, dilation=1, groups=1, channels_last=True, knob=None) | change
+    if a["knob"] is not None:
+        monkeypatch.setenv("RESNET_FUSED_CPU_WINOGRAD", a["knob"])
+    x, weight, b, res = make_case(gen, 2, a["c"], 9, 9, a["k"], 3, a["stride"], a["padding"], a["dilation"],
+                                  a["groups"], torch.float32, True, a["channels_last"])
+    text = ops.explain(x, weight, res, a["stride"], a["padding"], a["dilation"], a["groups"], backend="native")
+    assert "oneDNN conv" in text and f"(not Winograd: {why}" in text, text
+    out = run_native(x, weight, b, res, a["stride"], a["padding"], a["dilation"], a["groups"], True)
+    ref = reference_conv_bias_act(x, weight, b, res, a["stride"], a["padding"], a["dilation"], a["groups"], True)
+    assert relative_error(out, ref) <= 1e-5
+
+
+@needs_extension
+def test_cpu_winograd_knob_rejects_unknown_values(gen, monkeypatch):
+    x, weight, b, res = _winograd_case(gen, 1, 8, 8, 6, 6, 1)
+    monkeypatch.setenv("RESNET_FUSED_CPU_WINOGRAD", "yes")
+    with pytest.raises(RuntimeError, match=r"RESNET_FUSED_CPU_WINOGRAD should be 0 \(off\) or 1 .* got 'yes'"):
+        ops.conv_bias_act(x, weight, b, res, padding=1, backend="native")
+    monkeypatch.setenv("RESNET_FUSED_CPU_WINOGRAD", "1")
+    assert WINOGRAD in ops.explain(x, weight, res, padding=1, backend="native")
+
+
+@needs_extension
+@pytest.mark.parametrize("poison", ["nan_input", "inf_input", "huge_input", "nan_weight", "inf_weight"])
+def test_cpu_winograd_hands_non_finite_calls_to_a_direct_conv(gen, monkeypatch, poison):
+    """Winograd would spread one NaN/Inf over whole 4x4 tiles, and a value near float32's
+    limit overflows inside its transforms where a direct conv stays finite: such calls are
+    recomputed by oneDNN, so the result is the direct conv's, bit for bit."""
+    x, weight, b, res = _winograd_case(gen, 2, 8, 8, 9, 9, 1)
+    where, what = poison.split("_")
+    target = x if what == "input" else weight
+    target[(0, 3, 4, 4) if what == "input" else (3, 2, 1, 1)] = {"nan": float("nan"), "inf": float("inf"),
+                                                             "huge": 3e37}[where]
+    assert WINOGRAD in ops.explain(x, weight, res, padding=1, backend="native")
+    out = ops.conv_bias_act(x, weight, b, res, padding=1, backend="native")
+    monkeypatch.setenv("RESNET_FUSED_CPU_WINOGRAD", "0")
+    direct = ops.conv_bias_act(x, weight, b, res, padding=1, backend="native")
+    assert torch.equal(out.isnan(), direct.isnan()) and torch.equal(out.isinf(), direct.isinf())
+    assert torch.equal(out.nan_to_num(), direct.nan_to_num())
+    ref = reference_conv_bias_act(x, weight, b, res, 1, 1)
+    assert torch.equal(out.isnan(), ref.isnan())
+    if where != "huge":  # some outputs, not all, are NaN or Inf
+        assert (~out.isfinite()).any() and out.isfinite().any()
+
+
+@needs_extension
+@pytest.mark.parametrize("poison", ["residual", "bias"])
+def test_cpu_winograd_keeps_nan_from_the_epilogue_inputs_in_place(gen, poison):
+    """A NaN in the residual or bias is added after the transforms: it stays on its pixel
+    (or channel) and survives the ReLU, as in torch."""
+    x, weight, b, res = _winograd_case(gen, 2, 8, 16, 9, 9, 1)
+    if poison == "residual":
+        res[1, 5, 2, 7] = float("nan")
+    else:
+        b[11] = float("nan")
+    out = run_native(x, weight, b, res, 1, 1, 1, 1, True)
+    ref = reference_conv_bias_act(x, weight, b, res, 1, 1, 1, 1, True)
+    assert ref.isnan().any() and torch.equal(out.isnan(), ref.isnan())
+    assert relative_error(out.nan_to_num(), ref.nan_to_num()) <= 1e-5
+
+
+@needs_extension
+def test_cpu_winograd_opcheck(gen):
+    x, weight, b, res = _winograd_case(gen, 2, 8, 16, 7, 7, 1)
+    assert WINOGRAD in ops.explain(x, weight, res, padding=1, backend="native")
+    torch.library.opcheck(torch.ops.resnet_fused.native_conv_bias_act.default,
+                          (x, weight, b, res, [1, 1], [1, 1], [1, 1], 1, True))
 
 
 @needs_extension

@@ -1,0 +1,324 @@
+// Winograd F(4x4, 3x3) convolution for the CPU kernel (float32, NHWC, stride 1).
+//
+// Each 4x4 tile of output pixels comes from the 6x6 patch of input pixels under it:
+//
+//     Y = A^T [ (G w G^T) (.) (B^T d B) ] A        (Lavin & Gray 2016, points 0, +-1, +-2)
+//
+// so a tile costs 36 multiply-adds per (input, output) channel pair instead of 144: four
+// times fewer in the part that dominates. Per block of tiles, three stages:
+//
+//   1. input transform (ours, AVX2 over 8 channels at a time): V[p][t][c], p < 36;
+//   2. 36 GEMMs, M[p] = V[p] (tiles x C) @ U[p] (C x K), by at::bmm (MKL);
+//   3. output transform (ours): y = relu?(A^T M A + bias + residual), clipped to the
+//      output's edge and stored NHWC: the fused epilogue, one write of the output.
+//
+// U = G w G^T is computed once per fold (the caller caches it like oneDNN's packed
+// weights), in float64, stored float32: 4x the weight's bytes. Blocks of tiles bound the
+// workspace (about 8 MiB, one buffer per calling thread, reused) and keep V and M in
+// cache between the stages; a fresh buffer per call cost more than the GEMMs at
+// 56x56 (page faults, measured).
+//
+// Precision: relative error ~1e-6 against float64 on ResNet-50's shapes (measured), inside
+// DESIGN.md's float32 bound of 1e-5. Non-finite values: Winograd mixes a 6x6 patch into
+// every output of a tile, so one NaN/Inf in x would spread over whole tiles, and an
+// overflow inside a transform could make a number that a direct convolution keeps finite.
+// Both transforms therefore check every value they produce (one FMA each), and a call
+// that meets a non-finite one is handed back to the caller to compute directly.
+#include "winograd.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/core/CPUAllocator.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define RESNET_FUSED_WINOGRAD_AVX2 1
+#include <immintrin.h>
+#endif
+
+namespace resnet_fused {
+namespace ops {
+namespace winograd {
+namespace {
+
+// Sizes of one call: input N, H, W, C; output channels K and its H, W; tiles per column
+// and row. Tile t is (n, i, j) in row-major order: t = (n * tiles_h + i) * tiles_w + j.
+struct Grid {
+  int64_t n, h, w, c, k, pad_h, pad_w, out_h, out_w, tiles_h, tiles_w;
+};
+
+#if RESNET_FUSED_WINOGRAD_AVX2
+// Only the pointer-level kernels are compiled for AVX2+FMA (nothing from ATen inside, so
+// no inline function shared with other translation units gets AVX2 code); they run only
+// after the CPU said it has both.
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#endif
+
+// o = B^T d for one 6-vector of 8-channel lanes (the rows of B^T are
+// [4 0 -5 0 1 0], [0 -4 -4 1 1 0], [0 4 -4 -1 1 0], [0 -2 -1 2 1 0], [0 2 -1 -2 1 0],
+// [0 4 0 -5 0 1]).
+static inline void input_1d(const __m256 d[6], __m256 o[6]) {
+  const __m256 two = _mm256_set1_ps(2.f), four = _mm256_set1_ps(4.f), five = _mm256_set1_ps(5.f);
+  o[0] = _mm256_add_ps(_mm256_fnmadd_ps(five, d[2], _mm256_mul_ps(four, d[0])), d[4]);
+  o[1] = _mm256_fnmadd_ps(four, _mm256_add_ps(d[1], d[2]), _mm256_add_ps(d[3], d[4]));
+  o[2] = _mm256_fmadd_ps(four, _mm256_sub_ps(d[1], d[2]), _mm256_sub_ps(d[4], d[3]));
+  o[3] = _mm256_fmadd_ps(two, _mm256_sub_ps(d[3], d[1]), _mm256_sub_ps(d[4], d[2]));
+  o[4] = _mm256_fmadd_ps(two, _mm256_sub_ps(d[1], d[3]), _mm256_sub_ps(d[4], d[2]));
+  o[5] = _mm256_add_ps(_mm256_fnmadd_ps(five, d[3], _mm256_mul_ps(four, d[1])), d[5]);
+}
+
+// o = A^T m (rows [1 1 1 1 1 0], [0 1 -1 2 -2 0], [0 1 1 4 4 0], [0 1 -1 8 -8 1]).
+static inline void output_1d(const __m256 m[6], __m256 o[4]) {
+  const __m256 two = _mm256_set1_ps(2.f), four = _mm256_set1_ps(4.f), eight = _mm256_set1_ps(8.f);
+  const __m256 s12 = _mm256_add_ps(m[1], m[2]), d12 = _mm256_sub_ps(m[1], m[2]);
+  const __m256 s34 = _mm256_add_ps(m[3], m[4]), d34 = _mm256_sub_ps(m[3], m[4]);
+  o[0] = _mm256_add_ps(_mm256_add_ps(m[0], s12), s34);
+  o[1] = _mm256_fmadd_ps(two, d34, d12);
+  o[2] = _mm256_fmadd_ps(four, s34, s12);
+  o[3] = _mm256_add_ps(_mm256_fmadd_ps(eight, d34, d12), m[5]);
+}
+
+// acc stays finite while every v added is: v * 0 is NaN exactly for NaN and +-Inf.
+static inline __m256 track(__m256 acc, __m256 v) {
+  return _mm256_fmadd_ps(v, _mm256_setzero_ps(), acc);
+}
+
+static inline bool all_finite(__m256 acc) {
+  return _mm256_movemask_ps(_mm256_cmp_ps(acc, acc, _CMP_UNORD_Q)) == 0;
+}
+
+// Stage 1 for tiles [t_begin, t_end) of a block starting at tile t_base:
+// v[p * v_stride + (t - t_base) * C + c]. False if a value was not finite.
+static bool input_transform(const float* x, const Grid& g, int64_t t_begin, int64_t t_end, int64_t t_base, float* v,
+                            int64_t v_stride) {
+  const __m256 zero = _mm256_setzero_ps();
+  __m256 acc = zero;
+  for (int64_t t = t_begin; t < t_end; ++t) {
+    const int64_t n = t / (g.tiles_h * g.tiles_w), i = (t / g.tiles_w) % g.tiles_h, j = t % g.tiles_w;
+    const float* pixel[6][6];  // the patch's pixels, nullptr in the zero padding
+    for (int r = 0; r < 6; ++r) {
+      for (int s = 0; s < 6; ++s) {
+        const int64_t h = i * 4 - g.pad_h + r, w = j * 4 - g.pad_w + s;
+        pixel[r][s] = (h >= 0 && h < g.h && w >= 0 && w < g.w) ? x + ((n * g.h + h) * g.w + w) * g.c : nullptr;
+      }
+    }
+    float* out = v + (t - t_base) * g.c;
+    for (int64_t c = 0; c < g.c; c += 8) {
+      __m256 rows[6][6];  // rows[r] = B^T applied along the patch's row r
+      for (int r = 0; r < 6; ++r) {
+        __m256 d[6];
+        for (int s = 0; s < 6; ++s) {
+          d[s] = pixel[r][s] ? _mm256_loadu_ps(pixel[r][s] + c) : zero;
+        }
+        input_1d(d, rows[r]);
+      }
+      for (int b = 0; b < 6; ++b) {
+        const __m256 column[6] = {rows[0][b], rows[1][b], rows[2][b], rows[3][b], rows[4][b], rows[5][b]};
+        __m256 o[6];
+        input_1d(column, o);
+        for (int a = 0; a < 6; ++a) {
+          _mm256_storeu_ps(out + (a * 6 + b) * v_stride + c, o[a]);
+          acc = track(acc, o[a]);
+        }
+      }
+    }
+  }
+  return all_finite(acc);
+}
+
+// Stage 3 for tiles [t_begin, t_end): y = relu?(A^T M A + bias + residual). ReLU is
+// max(0, v) with v second, which returns v when v is NaN (as torch.relu keeps NaN).
+static bool output_transform(const float* m, int64_t m_stride, const Grid& g, int64_t t_begin, int64_t t_end,
+                             int64_t t_base, const float* bias, const float* residual, bool relu, float* y) {
+  const __m256 zero = _mm256_setzero_ps();
+  __m256 acc = zero;
+  for (int64_t t = t_begin; t < t_end; ++t) {
+    const int64_t n = t / (g.tiles_h * g.tiles_w), i = (t / g.tiles_w) % g.tiles_h, j = t % g.tiles_w;
+    const float* in = m + (t - t_base) * g.k;
+    for (int64_t k = 0; k < g.k; k += 8) {
+      __m256 rows[6][4];  // rows[a] = A^T applied along row a of the 6x6 tile of M
+      for (int a = 0; a < 6; ++a) {
+        __m256 row[6];
+        for (int b = 0; b < 6; ++b) {
+          row[b] = _mm256_loadu_ps(in + (a * 6 + b) * m_stride + k);
+        }
+        output_1d(row, rows[a]);
+      }
+      const __m256 bias_k = bias ? _mm256_loadu_ps(bias + k) : zero;
+      for (int q = 0; q < 4; ++q) {
+        const __m256 column[6] = {rows[0][q], rows[1][q], rows[2][q], rows[3][q], rows[4][q], rows[5][q]};
+        __m256 o[4];
+        output_1d(column, o);
+        const int64_t w = j * 4 + q;
+        for (int p = 0; p < 4; ++p) {
+          const int64_t h = i * 4 + p;
+          if (h >= g.out_h || w >= g.out_w) {
+            continue;
+          }
+          acc = track(acc, o[p]);
+          const int64_t offset = ((n * g.out_h + h) * g.out_w + w) * g.k + k;
+          __m256 value = _mm256_add_ps(o[p], bias_k);
+          if (residual) {
+            value = _mm256_add_ps(value, _mm256_loadu_ps(residual + offset));
+          }
+          if (relu) {
+            value = _mm256_max_ps(zero, value);
+          }
+          _mm256_storeu_ps(y + offset, value);
+        }
+      }
+    }
+  }
+  return all_finite(acc);
+}
+
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+
+bool cpu_has_avx2_fma() {
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return has;
+}
+#else
+bool cpu_has_avx2_fma() {
+  return false;
+}
+#endif  // RESNET_FUSED_WINOGRAD_AVX2
+
+// V and M of one block, reused across calls on the calling thread (the pool's workers
+// write into the caller's buffer).
+class Workspace {
+ public:
+  float* get(int64_t floats) {
+    const size_t bytes = static_cast<size_t>(floats) * sizeof(float);
+    if (bytes > bytes_) {
+      data_ = c10::GetCPUAllocator()->allocate(bytes);
+      bytes_ = bytes;
+    }
+    return static_cast<float*>(data_.get());
+  }
+
+ private:
+  c10::DataPtr data_;
+  size_t bytes_ = 0;
+};
+
+// Tiles per block: V and M of a block in about this many bytes, but at least kMinBlock
+// tiles (the GEMMs' row count) whatever the channel counts.
+constexpr int64_t kBlockBytes = int64_t(8) << 20;
+constexpr int64_t kMinBlock = 32;
+
+}  // namespace
+
+std::string refusal(const at::Tensor& x, const at::Tensor& weight, const ConvGeometry& g) {
+  const char* knob = std::getenv("RESNET_FUSED_CPU_WINOGRAD");
+  const std::string setting = knob ? knob : "";
+  TORCH_CHECK(setting.empty() || setting == "0" || setting == "1",
+              "RESNET_FUSED_CPU_WINOGRAD should be 0 (off) or 1 (on, the default), got '", setting, "'");
+  if (setting == "0") {
+    return "RESNET_FUSED_CPU_WINOGRAD=0";
+  }
+  if (x.scalar_type() != at::kFloat) {
+    return std::string("dtype ") + c10::toString(x.scalar_type()) + " (Winograd runs float32 only)";
+  }
+  if (weight.size(2) != 3 || weight.size(3) != 3) {
+    return "kernel " + std::to_string(weight.size(2)) + "x" + std::to_string(weight.size(3)) + " (needs 3x3)";
+  }
+  if (g.stride[0] != 1 || g.stride[1] != 1 || g.dilation[0] != 1 || g.dilation[1] != 1 || g.groups != 1) {
+    return "stride " + std::to_string(g.stride[0]) + "x" + std::to_string(g.stride[1]) + ", dilation " +
+           std::to_string(g.dilation[0]) + "x" + std::to_string(g.dilation[1]) + ", groups " +
+           std::to_string(g.groups) + " (needs stride 1, dilation 1, groups 1)";
+  }
+  if (x.size(1) % 8 != 0 || weight.size(0) % 8 != 0) {
+    return std::to_string(x.size(1)) + " input and " + std::to_string(weight.size(0)) +
+           " output channels (needs multiples of 8)";
+  }
+  if (x.numel() == 0) {
+    return "empty input";
+  }
+  if (output_memory_format(x) != at::MemoryFormat::ChannelsLast) {
+    return "input not channels_last (Winograd runs NHWC)";
+  }
+  if (!cpu_has_avx2_fma()) {
+    return "this CPU (or build) has no AVX2+FMA kernels";
+  }
+  return "";
+}
+
+at::Tensor transform_weight(const at::Tensor& weight) {
+  const at::Tensor G = at::tensor({1 / 4., 0., 0., -1 / 6., -1 / 6., -1 / 6., -1 / 6., 1 / 6., -1 / 6., 1 / 24.,
+                                   1 / 12., 1 / 6., 1 / 24., -1 / 12., 1 / 6., 0., 0., 1.},
+                                  at::TensorOptions().dtype(at::kDouble))
+                           .view({6, 3});
+  const at::Tensor w = weight.detach().to(at::kDouble);
+  const at::Tensor u = at::einsum("ai,kcij,bj->abck", {G, w, G});  // (6, 6, C, K)
+  return u.reshape({36, weight.size(1), weight.size(0)}).to(at::kFloat).contiguous();
+}
+
+std::optional<at::Tensor> conv_bias_act(const at::Tensor& x, const at::Tensor& u, int64_t k,
+                                        const std::optional<at::Tensor>& bias,
+                                        const std::optional<at::Tensor>& residual, const ConvGeometry& g, bool relu) {
+#if RESNET_FUSED_WINOGRAD_AVX2
+  const at::Tensor xc = x.contiguous(at::MemoryFormat::ChannelsLast);
+  Grid grid{x.size(0), x.size(2), x.size(3), x.size(1), k, g.padding[0], g.padding[1], 0, 0, 0, 0};
+  grid.out_h = grid.h + 2 * grid.pad_h - 2;
+  grid.out_w = grid.w + 2 * grid.pad_w - 2;
+  grid.tiles_h = (grid.out_h + 3) / 4;
+  grid.tiles_w = (grid.out_w + 3) / 4;
+  at::Tensor y = at::empty({grid.n, k, grid.out_h, grid.out_w},
+                           x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  const at::Tensor r = residual.has_value() ? residual->contiguous(at::MemoryFormat::ChannelsLast) : at::Tensor();
+  const float* x_ptr = xc.const_data_ptr<float>();
+  const float* b_ptr = b.defined() ? b.const_data_ptr<float>() : nullptr;
+  const float* r_ptr = r.defined() ? r.const_data_ptr<float>() : nullptr;
+  float* y_ptr = y.mutable_data_ptr<float>();
+
+  const int64_t tiles = grid.n * grid.tiles_h * grid.tiles_w;
+  const int64_t per_tile = 36 * (grid.c + k);
+  const int64_t block = std::min(tiles, std::max(kMinBlock, kBlockBytes / (per_tile * int64_t(sizeof(float)))));
+  static thread_local Workspace workspace;
+  float* v = workspace.get(block * per_tile);
+  const auto f32 = at::TensorOptions().dtype(at::kFloat);
+  std::atomic<bool> finite{true};
+  for (int64_t start = 0; start < tiles; start += block) {
+    const int64_t count = std::min(block, tiles - start);
+    float* m = v + 36 * count * grid.c;
+    at::parallel_for(start, start + count, 1, [&](int64_t begin, int64_t end) {
+      if (!input_transform(x_ptr, grid, begin, end, start, v, count * grid.c)) {
+        finite = false;
+      }
+    });
+    if (!finite) {
+      return std::nullopt;
+    }
+    at::Tensor m_view = at::from_blob(m, {36, count, k}, f32);
+    at::bmm_out(m_view, at::from_blob(v, {36, count, grid.c}, f32), u);
+    at::parallel_for(start, start + count, 1, [&](int64_t begin, int64_t end) {
+      if (!output_transform(m, count * k, grid, begin, end, start, b_ptr, r_ptr, relu, y_ptr)) {
+        finite = false;
+      }
+    });
+    if (!finite) {
+      return std::nullopt;
+    }
+  }
+  return y;
+#else
+  TORCH_CHECK(false, "resnet_fused: the Winograd path was not built for this CPU");
+#endif
+}
+
+}  // namespace winograd
+}  // namespace ops
+}  // namespace resnet_fused
