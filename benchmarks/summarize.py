@@ -5,32 +5,39 @@ import sys
 
 
 def kernels(path: str) -> str:
+    """One row per layer: the fused kernel (Triton's where it ran, else the native
+    backend's), the conv alone (cuDNN on a GPU, oneDNN on a CPU) and eager."""
     data = json.load(open(path))
     rows: dict[str, dict] = {}
     for bench in data["benchmarks"]:
         info = bench["extra_info"]
         key = f"{info['layer']} b{info['batch']}"
         rows.setdefault(key, {"flops": info["flops"]})[info["provider"]] = info["event_median_ms"]
+    providers = {p for r in rows.values() for p in r}
+    fused = next((p for p in ("fused_triton", "fused_native") if p in providers), "fused_triton")
+    name = fused.removeprefix("fused_")
+    conv_name = "cuDNN" if "cuda" in {b["extra_info"].get("device", "")[:4] for b in data["benchmarks"]} else "oneDNN"
     lines = [
-        "| layer | fused triton ms | TFLOP/s | cuDNN conv ms | eager conv+BN+add+ReLU ms | fused torch ms "
-        "| triton / cuDNN conv | triton / eager |",
+        f"| layer | fused {name} ms | TFLOP/s | {conv_name} conv ms | eager conv+BN+add+ReLU ms | fused torch ms "
+        f"| {name} / {conv_name} conv | {name} / eager |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    total = {"fused_triton": 0.0, "cudnn_conv": 0.0, "eager_conv_bn_add_relu": 0.0}
+    total = {fused: 0.0, "cudnn_conv": 0.0, "eager_conv_bn_add_relu": 0.0}
     for key, r in rows.items():
-        tri, conv, eager = r.get("fused_triton"), r.get("cudnn_conv"), r.get("eager_conv_bn_add_relu")
-        for name in total:
-            total[name] += r.get(name) or 0.0
+        ours, conv, eager = r.get(fused), r.get("cudnn_conv"), r.get("eager_conv_bn_add_relu")
+        for column in total:
+            total[column] += r.get(column) or 0.0
 
         def f(v, fmt="{:.3f}"):
             return "-" if v is None else fmt.format(v)
 
-        tflops = None if tri is None else r["flops"] / (tri * 1e-3) / 1e12
+        tflops = None if ours is None else r["flops"] / (ours * 1e-3) / 1e12
         lines.append(
-            f"| {key} | {f(tri)} | {f(tflops, '{:.0f}')} | {f(conv)} | {f(eager)} | {f(r.get('fused_torch'))} "
-            f"| {f(tri / conv if tri and conv else None, '{:.2f}')} | {f(tri / eager if tri and eager else None, '{:.2f}')} |"
+            f"| {key} | {f(ours)} | {f(tflops, '{:.2f}')} | {f(conv)} | {f(eager)} | {f(r.get('fused_torch'))} "
+            f"| {f(ours / conv if ours and conv else None, '{:.2f}')} "
+            f"| {f(ours / eager if ours and eager else None, '{:.2f}')} |"
         )
-    lines.append(f"| **sum of unique layers** | {total['fused_triton']:.3f} | | {total['cudnn_conv']:.3f} "
+    lines.append(f"| **sum of unique layers** | {total[fused]:.3f} | | {total['cudnn_conv']:.3f} "
                  f"| {total['eager_conv_bn_add_relu']:.3f} | | | |")
     return "\n".join(lines)
 

@@ -1,9 +1,10 @@
 """The "native" backend: the compiled extension resnet_fused._C.
 
 On the CPU (CI) its C++ kernels run for real: Winograd F(4x4, 3x3) for stride-1 3x3
-float32 NHWC convs (and its hand-off of non-finite calls to oneDNN), oneDNN with fused
-post-ops for the other float32 convs (and bfloat16 where this CPU has oneDNN kernels for it, else computed in
-float32), conv + our epilogue pass for float64; every conv kind, random shapes
+float32 NHWC convs (and its hand-off of non-finite calls to oneDNN); oneDNN's conv with
+the bias post-op, then add_ and relu_, for the other float32 convs (and bfloat16 where
+this CPU has oneDNN kernels for it, else computed in float32); conv + our epilogue pass
+for float64; every conv kind, random shapes
 (hypothesis), opcheck, whole models. The CUDA kernels are compile-checked here (the
 library holds sm_80 and sm_90 machine code) and run under the ``gpu`` marker.
 """
@@ -123,7 +124,8 @@ def test_cpu_random_shapes_match_reference(n, c_per_group, k_per_group, groups, 
 @needs_extension
 def test_cpu_paths_are_explained(gen):
     x, weight, _, res = make_case(gen, 2, 8, 6, 6, 8, 3, 1, 1, 1, 1, torch.float32, True)
-    assert "oneDNN conv with the bias and residual add as post-ops" in ops.explain(x, weight, res, padding=1)
+    assert "oneDNN conv with the bias as a post-op (weight pre-packed), then the residual add and ReLU in place" \
+        in ops.explain(x, weight, res, padding=1)
     x64, w64 = x.double(), weight.double()
     assert "conv then one epilogue pass: oneDNN has no Double convolution" in ops.explain(x64, w64, padding=1)
     text = ops.explain(x.bfloat16(), weight.bfloat16(), padding=1, backend="native")
@@ -134,7 +136,7 @@ def test_cpu_paths_are_explained(gen):
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw_onednn", "nhwc_winograd"])
 def test_cpu_packed_weight_follows_in_place_edits_and_new_tensors(gen, channels_last):
     x, weight, bias, res = make_case(gen, 2, 8, 7, 7, 16, 3, 1, 1, 1, 1, torch.float32, True, channels_last)
-    assert ("Winograd" in ops.explain(x, weight, res, padding=1, backend="native")) == channels_last
+    assert ("Winograd F(4x4,3x3)" in ops.explain(x, weight, res, padding=1, backend="native")) == channels_last
     for _ in range(2):  # the second call is served from the packed-weight cache
         out = ops.conv_bias_act(x, weight, bias, res, padding=1, backend="native")
         assert relative_error(out, reference_conv_bias_act(x, weight, bias, res, 1, 1)) <= 1e-5

@@ -5,9 +5,9 @@ csrc/ops/conv_bias_act.cpp and one kernel per device type:
 
 * CPU (csrc/ops/cpu/): stride-1 3x3 float32 NHWC convs as Winograd F(4x4, 3x3) with
   bias, residual and ReLU in its output transform (AVX2; the weight transformed once
-  per fold); the others as oneDNN's convolution with bias and residual add as post-ops
-  and ReLU in place, the weight packed once per fold; a conv + one epilogue pass where
-  oneDNN has no kernel for the dtype.
+  per fold); the others as oneDNN's convolution with the bias as a post-op (the weight
+  packed once per fold), then the residual add and ReLU as ATen's in-place passes; a
+  conv + one epilogue pass of ours where oneDNN has no kernel for the dtype.
 * CUDA (csrc/ops/cuda/, csrc/cutlass/): a CUTLASS implicit GEMM with the epilogue
   fused for fp16/bf16 NHWC; what it refuses (the 3-channel stem, groups, float32,
   NCHW) takes cuDNN's fused conv ops.

@@ -5,12 +5,13 @@
 // (winograd.cpp); the weight is transformed once per fold and cached like oneDNN's
 // packed weights below. A call that meets a NaN/Inf there is recomputed by oneDNN.
 //
-// Other convs: oneDNN's convolution with the bias and the residual (a binary "add"
-// post-op) fused, so conv + bias + residual write the output once. ReLU is then
-// one in-place pass: oneDNN's ReLU post-op maps NaN to 0 where torch.relu keeps
-// NaN, and a garbage input must not come out as plausible numbers (measured cost
-// of the extra pass: ~3% of ResNet-50's convs at batch 8, benchmarks/NOTES.md). The ops are ATen's own oneDNN bindings
-// (mkldnn::_convolution_pointwise[.binary]); the weight is reordered once into
+// Other convs: oneDNN's convolution with the bias as its post-op, then the residual
+// add and the ReLU as ATen's vectorized in-place add_ and relu_.
+// Measured on ResNet-50's residual 1x1 convs (benchmarks/NOTES.md): oneDNN's binary
+// "add" post-op (mkldnn::_convolution_pointwise.binary) was 3-22% slower than this
+// on the AVX2 CPU here, and its ReLU post-op maps NaN to 0 where torch.relu keeps
+// NaN (a garbage input must not come out as plausible numbers). The conv is ATen's own
+// oneDNN binding (mkldnn::_convolution_pointwise); the weight is reordered once into
 // oneDNN's blocked layout for the call's geometry and kept in a cache keyed on the
 // weight tensor itself (identity + version counter), so a folded weight is packed
 // once per fold, not once per call.
@@ -42,7 +43,7 @@ enum class CpuPath { kWinograd, kOneDnn, kOneDnnFloat32, kConvThenEpilogue };
 // ---- ATen's oneDNN fused conv ops, looked up once ----------------------------------
 
 struct OneDnnOps {
-  std::optional<c10::OperatorHandle> unary, binary, bf16_supported, fp16_supported;
+  std::optional<c10::OperatorHandle> unary, bf16_supported, fp16_supported;
 };
 
 const OneDnnOps& onednn_ops() {
@@ -53,7 +54,6 @@ const OneDnnOps& onednn_ops() {
     }
     auto& dispatcher = c10::Dispatcher::singleton();
     o.unary = dispatcher.findSchema({"mkldnn::_convolution_pointwise", ""});
-    o.binary = dispatcher.findSchema({"mkldnn::_convolution_pointwise", "binary"});
     o.bf16_supported = dispatcher.findSchema({"mkldnn::_is_mkldnn_bf16_supported", ""});
     o.fp16_supported = dispatcher.findSchema({"mkldnn::_is_mkldnn_fp16_supported", ""});
     return o;
@@ -87,7 +87,7 @@ bool onednn_has_dtype(at::ScalarType dtype) {
 
 std::pair<CpuPath, std::string> choose_path(const at::Tensor& x, const at::Tensor& weight, const ConvGeometry& g) {
   const auto& ops = onednn_ops();
-  if (!ops.unary || !ops.binary) {
+  if (!ops.unary) {
     return {CpuPath::kConvThenEpilogue,
             "conv then one epilogue pass: this torch has no oneDNN fused convolution (mkldnn::_convolution_pointwise)"};
   }
@@ -106,12 +106,13 @@ std::pair<CpuPath, std::string> choose_path(const at::Tensor& x, const at::Tenso
   const auto dtype = x.scalar_type();
   if (onednn_has_dtype(dtype)) {
     return {CpuPath::kOneDnn,
-            "oneDNN conv with the bias and residual add as post-ops (weight pre-packed), then ReLU in place" + aside};
+            "oneDNN conv with the bias as a post-op (weight pre-packed), then the residual add and ReLU in place" +
+                aside};
   }
   if (dtype == at::kBFloat16 || dtype == at::kHalf) {
     return {CpuPath::kOneDnnFloat32,
-            std::string("oneDNN conv with the bias and residual add as post-ops in float32 (this CPU has no ") +
-                c10::toString(dtype) + " oneDNN kernels), then ReLU, cast back to " + c10::toString(dtype)};
+            std::string("oneDNN conv with the bias as a post-op in float32 (this CPU has no ") +
+                c10::toString(dtype) + " oneDNN kernels), then the residual add and ReLU in place, cast back to " + c10::toString(dtype)};
   }
   return {CpuPath::kConvThenEpilogue,
           std::string("conv then one epilogue pass: oneDNN has no ") + c10::toString(dtype) + " convolution"};
@@ -206,35 +207,6 @@ PackedWeightCache& packed_weights() {
 
 // ---- the paths ----------------------------------------------------------------------
 
-at::Tensor onednn_conv_bias_act(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                                const std::optional<at::Tensor>& residual, const ConvGeometry& g, bool relu,
-                                at::ScalarType compute, at::MemoryFormat fmt) {
-  const at::Tensor xc = x.to(compute).contiguous(fmt);
-  const at::Tensor packed = packed_weights().get(weight, Packing::kOneDnn, compute, g, xc.sizes());
-  const std::vector<int64_t> padding(g.padding.begin(), g.padding.end());
-  const std::vector<int64_t> stride(g.stride.begin(), g.stride.end());
-  const std::vector<int64_t> dilation(g.dilation.begin(), g.dilation.end());
-  c10::IValue b = bias.has_value() ? c10::IValue(bias->to(compute)) : c10::IValue();
-  const c10::List<std::optional<at::Scalar>> no_scalars;
-  torch::jit::Stack stack;
-  if (residual.has_value()) {
-    stack = {xc, residual->to(compute).contiguous(fmt), packed, b, padding, stride, dilation, g.groups,
-             std::string("add"), c10::IValue(), c10::IValue(), no_scalars, c10::IValue()};
-    onednn_ops().binary->callBoxed(&stack);
-  } else {
-    stack = {xc, packed, b, padding, stride, dilation, g.groups, std::string("none"), no_scalars, c10::IValue()};
-    onednn_ops().unary->callBoxed(&stack);
-  }
-  at::Tensor y = stack.at(0).toTensor();
-  if (relu) {
-    y.relu_();
-  }
-  if (y.scalar_type() != x.scalar_type()) {
-    y = y.to(x.scalar_type());
-  }
-  return y.is_contiguous(fmt) ? y : y.contiguous(fmt);
-}
-
 // y <- relu?(y + bias + residual), in place, one pass, computed in opmath (float for
 // the 16-bit types). ``rows`` runs of ``len`` contiguous elements; the bias index is
 // the position in the run (channels_last: a run is one pixel's channels) or the run
@@ -259,25 +231,57 @@ void bias_residual_relu_(scalar_t* y, const scalar_t* bias, const scalar_t* resi
   });
 }
 
-at::Tensor conv_then_epilogue(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                              const std::optional<at::Tensor>& residual, const ConvGeometry& g, bool relu,
-                              at::MemoryFormat fmt) {
-  at::Tensor y = at::convolution(x, weight, std::nullopt, g.stride, g.padding, g.dilation, false, {0, 0}, g.groups);
-  y = y.contiguous(fmt);
+// y <- relu?(y + bias? + residual?) in one pass over y, which is contiguous in ``fmt``.
+void epilogue_pass_(at::Tensor& y, const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
+                    bool relu, at::MemoryFormat fmt) {
   if (!bias.has_value() && !residual.has_value() && !relu) {
-    return y;
+    return;
   }
   const bool channels_last = fmt == at::MemoryFormat::ChannelsLast;
   const int64_t k = y.size(1);
   const int64_t len = channels_last ? k : y.size(2) * y.size(3);
   const int64_t rows = len == 0 ? 0 : y.numel() / len;
-  const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
-  const at::Tensor r = residual.has_value() ? residual->contiguous(fmt) : at::Tensor();
+  const at::Tensor b = bias.has_value() ? bias->to(y.scalar_type()).contiguous() : at::Tensor();
+  const at::Tensor r = residual.has_value() ? residual->to(y.scalar_type()).contiguous(fmt) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "conv_bias_act_epilogue", [&] {
     bias_residual_relu_<scalar_t>(y.data_ptr<scalar_t>(), b.defined() ? b.const_data_ptr<scalar_t>() : nullptr,
                                   r.defined() ? r.const_data_ptr<scalar_t>() : nullptr, rows, len, k, channels_last,
                                   relu);
   });
+}
+
+at::Tensor onednn_conv_bias_act(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                const std::optional<at::Tensor>& residual, const ConvGeometry& g, bool relu,
+                                at::ScalarType compute, at::MemoryFormat fmt) {
+  const at::Tensor xc = x.to(compute).contiguous(fmt);
+  const at::Tensor packed = packed_weights().get(weight, Packing::kOneDnn, compute, g, xc.sizes());
+  const std::vector<int64_t> padding(g.padding.begin(), g.padding.end());
+  const std::vector<int64_t> stride(g.stride.begin(), g.stride.end());
+  const std::vector<int64_t> dilation(g.dilation.begin(), g.dilation.end());
+  c10::IValue b = bias.has_value() ? c10::IValue(bias->to(compute)) : c10::IValue();
+  const c10::List<std::optional<at::Scalar>> no_scalars;
+  torch::jit::Stack stack = {xc, packed, b, padding, stride, dilation, g.groups, std::string("none"), no_scalars,
+                             c10::IValue()};
+  onednn_ops().unary->callBoxed(&stack);
+  at::Tensor y = stack.at(0).toTensor();
+  if (residual.has_value()) {
+    y.add_(residual->to(compute));
+  }
+  if (relu) {
+    y.relu_();  // not aten::_add_relu_, which maps NaN to 0 (measured)
+  }
+  if (y.scalar_type() != x.scalar_type()) {
+    y = y.to(x.scalar_type());
+  }
+  return y.is_contiguous(fmt) ? y : y.contiguous(fmt);
+}
+
+at::Tensor conv_then_epilogue(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                              const std::optional<at::Tensor>& residual, const ConvGeometry& g, bool relu,
+                              at::MemoryFormat fmt) {
+  at::Tensor y = at::convolution(x, weight, std::nullopt, g.stride, g.padding, g.dilation, false, {0, 0}, g.groups);
+  y = y.contiguous(fmt);
+  epilogue_pass_(y, bias, residual, relu, fmt);
   return y;
 }
 
