@@ -34,10 +34,7 @@
 #include <atomic>
 #include <cstdlib>
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define RESNET_FUSED_WINOGRAD_AVX2 1
-#include <immintrin.h>
-#endif
+#include "avx2.h"
 
 namespace resnet_fused {
 namespace ops {
@@ -50,16 +47,8 @@ struct Grid {
   int64_t n, h, w, c, k, pad_h, pad_w, out_h, out_w, tiles_h, tiles_w;
 };
 
-#if RESNET_FUSED_WINOGRAD_AVX2
-// Only the pointer-level kernels are compiled for AVX2+FMA (nothing from ATen inside, so
-// no inline function shared with other translation units gets AVX2 code); they run only
-// after the CPU said it has both.
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-#endif
+#if RESNET_FUSED_AVX2
+RESNET_FUSED_AVX2_BEGIN
 
 // o = B^T d for one 6-vector of 8-channel lanes (the rows of B^T are
 // [4 0 -5 0 1 0], [0 -4 -4 1 1 0], [0 4 -4 -1 1 0], [0 -2 -1 2 1 0], [0 2 -1 -2 1 0],
@@ -179,21 +168,8 @@ static bool output_transform(const float* m, int64_t m_stride, const Grid& g, in
   return all_finite(acc);
 }
 
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
-
-bool cpu_has_avx2_fma() {
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return has;
-}
-#else
-bool cpu_has_avx2_fma() {
-  return false;
-}
-#endif  // RESNET_FUSED_WINOGRAD_AVX2
+RESNET_FUSED_AVX2_END
+#endif  // RESNET_FUSED_AVX2
 
 // V and M of one block, reused across calls on the calling thread (the pool's workers
 // write into the caller's buffer).
@@ -268,7 +244,7 @@ at::Tensor transform_weight(const at::Tensor& weight) {
 std::optional<at::Tensor> conv_bias_act(const at::Tensor& x, const at::Tensor& u, int64_t k,
                                         const std::optional<at::Tensor>& bias,
                                         const std::optional<at::Tensor>& residual, const ConvGeometry& g, bool relu) {
-#if RESNET_FUSED_WINOGRAD_AVX2
+#if RESNET_FUSED_AVX2
   const at::Tensor xc = x.contiguous(at::MemoryFormat::ChannelsLast);
   Grid grid{x.size(0), x.size(2), x.size(3), x.size(1), k, g.padding[0], g.padding[1], 0, 0, 0, 0};
   grid.out_h = grid.h + 2 * grid.pad_h - 2;
