@@ -34,6 +34,11 @@ ON_GPU = torch.cuda.is_available()
 needs_extension = pytest.mark.skipif(INFO["error"] is not None, reason=f"native backend unavailable: {INFO['error']}")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 
+WINOGRAD = "Winograd F(4x4,3x3)"
+#: The Winograd kernels are x86-64 AVX2+FMA code; elsewhere those convs take oneDNN.
+WINOGRAD_CPU = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+needs_avx2 = pytest.mark.skipif(not WINOGRAD_CPU, reason="the Winograd kernels need an x86-64 CPU with AVX2+FMA")
+
 
 @pytest.mark.skipif(not REQUIRED, reason="RESNET_FUSED_REQUIRE_EXTENSION is not set (CI sets it)")
 def test_extension_was_built_and_loads():
@@ -136,7 +141,8 @@ def test_cpu_paths_are_explained(gen):
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw_onednn", "nhwc_winograd"])
 def test_cpu_packed_weight_follows_in_place_edits_and_new_tensors(gen, channels_last):
     x, weight, bias, res = make_case(gen, 2, 8, 7, 7, 16, 3, 1, 1, 1, 1, torch.float32, True, channels_last)
-    assert ("Winograd F(4x4,3x3)" in ops.explain(x, weight, res, padding=1, backend="native")) == channels_last
+    if WINOGRAD_CPU:
+        assert (WINOGRAD in ops.explain(x, weight, res, padding=1, backend="native")) == channels_last
     for _ in range(2):  # the second call is served from the packed-weight cache
         out = ops.conv_bias_act(x, weight, bias, res, padding=1, backend="native")
         assert relative_error(out, reference_conv_bias_act(x, weight, bias, res, 1, 1)) <= 1e-5
@@ -205,7 +211,6 @@ def test_cpu_nan_reaches_the_output(gen):
 
 # ---- Winograd F(4x4, 3x3): stride-1 3x3 convs in float32 NHWC --------------------------
 
-WINOGRAD = "Winograd F(4x4,3x3)"
 
 
 def _winograd_case(gen, n, c, k, h, w, padding, residual=True, bias=True):
@@ -215,6 +220,7 @@ def _winograd_case(gen, n, c, k, h, w, padding, residual=True, bias=True):
 
 
 @needs_extension
+@needs_avx2
 @pytest.mark.parametrize("n, c, k, h, w, padding", [
     (2, 8, 16, 9, 9, 1),
     (1, 24, 8, 5, 7, 1),
@@ -237,6 +243,7 @@ def test_cpu_winograd_matches_reference(gen, n, c, k, h, w, padding, residual, r
 
 
 @needs_extension
+@needs_avx2
 @pytest.mark.slow
 def test_cpu_winograd_spans_several_workspace_blocks(gen):
     """128 tiles of 256 -> 256 channels need two blocks of the ~8 MiB workspace."""
@@ -246,6 +253,7 @@ def test_cpu_winograd_spans_several_workspace_blocks(gen):
 
 
 @needs_extension
+@needs_avx2
 @pytest.mark.parametrize("change, why", [
     (dict(channels_last=False), "input not channels_last"),
     (dict(c=12), "12 input and 16 output channels (needs multiples of 8)"),
@@ -269,6 +277,7 @@ def test_cpu_winograd_refusals_are_explained_and_still_correct(gen, monkeypatch,
 
 
 @needs_extension
+@needs_avx2
 def test_cpu_winograd_knob_rejects_unknown_values(gen, monkeypatch):
     x, weight, b, res = _winograd_case(gen, 1, 8, 8, 6, 6, 1)
     monkeypatch.setenv("RESNET_FUSED_CPU_WINOGRAD", "yes")
@@ -279,6 +288,7 @@ def test_cpu_winograd_knob_rejects_unknown_values(gen, monkeypatch):
 
 
 @needs_extension
+@needs_avx2
 @pytest.mark.parametrize("poison", ["nan_input", "inf_input", "huge_input", "nan_weight", "inf_weight"])
 def test_cpu_winograd_hands_non_finite_calls_to_a_direct_conv(gen, monkeypatch, poison):
     """Winograd would spread one NaN/Inf over whole 4x4 tiles, and a value near float32's
@@ -302,6 +312,7 @@ def test_cpu_winograd_hands_non_finite_calls_to_a_direct_conv(gen, monkeypatch, 
 
 
 @needs_extension
+@needs_avx2
 @pytest.mark.parametrize("poison", ["residual", "bias"])
 def test_cpu_winograd_keeps_nan_from_the_epilogue_inputs_in_place(gen, poison):
     """A NaN in the residual or bias is added after the transforms: it stays on its pixel
@@ -318,6 +329,7 @@ def test_cpu_winograd_keeps_nan_from_the_epilogue_inputs_in_place(gen, poison):
 
 
 @needs_extension
+@needs_avx2
 def test_cpu_winograd_opcheck(gen):
     x, weight, b, res = _winograd_case(gen, 2, 8, 16, 7, 7, 1)
     assert WINOGRAD in ops.explain(x, weight, res, padding=1, backend="native")
