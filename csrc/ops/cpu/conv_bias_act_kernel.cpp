@@ -8,8 +8,8 @@
 // Other convs: oneDNN's convolution with the bias as its post-op, then the residual
 // add and the ReLU as ATen's vectorized in-place add_ and relu_.
 // Measured on ResNet-50's residual 1x1 convs (benchmarks/NOTES.md): oneDNN's binary
-// "add" post-op (mkldnn::_convolution_pointwise.binary) was 3-22% slower than this
-// on the AVX2 CPU here, and its ReLU post-op maps NaN to 0 where torch.relu keeps
+// "add" post-op (mkldnn::_convolution_pointwise.binary) was up to 22% slower than this
+// per layer and 4% over the forward on the AVX2 CPU here, and its ReLU post-op maps NaN to 0 where torch.relu keeps
 // NaN (a garbage input must not come out as plausible numbers). The conv is ATen's own
 // oneDNN binding (mkldnn::_convolution_pointwise); the weight is reordered once into
 // oneDNN's blocked layout for the call's geometry and kept in a cache keyed on the
@@ -112,7 +112,8 @@ std::pair<CpuPath, std::string> choose_path(const at::Tensor& x, const at::Tenso
   if (dtype == at::kBFloat16 || dtype == at::kHalf) {
     return {CpuPath::kOneDnnFloat32,
             std::string("oneDNN conv with the bias as a post-op in float32 (this CPU has no ") +
-                c10::toString(dtype) + " oneDNN kernels), then the residual add and ReLU in place, cast back to " + c10::toString(dtype)};
+                c10::toString(dtype) + " oneDNN kernels), then the residual add and ReLU in place, cast back to " +
+                c10::toString(dtype)};
   }
   return {CpuPath::kConvThenEpilogue,
           std::string("conv then one epilogue pass: oneDNN has no ") + c10::toString(dtype) + " convolution"};
@@ -312,7 +313,8 @@ at::Tensor native_conv_bias_act_cpu(const at::Tensor& x, const at::Tensor& weigh
 std::string native_conv_bias_act_path_cpu(const at::Tensor& x, const at::Tensor& weight,
                                           const std::optional<at::Tensor>& residual, at::IntArrayRef stride,
                                           at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
-  const ConvGeometry g = check_conv_bias_act_args(x, weight, std::nullopt, residual, stride, padding, dilation, groups).first;
+  const ConvGeometry g =
+      check_conv_bias_act_args(x, weight, std::nullopt, residual, stride, padding, dilation, groups).first;
   return choose_path(x, weight, g).second;
 }
 
