@@ -2,7 +2,7 @@
 //
 // Each 4x4 tile of output pixels comes from the 6x6 patch of input pixels under it:
 //
-//     Y = A^T [ (G w G^T) (.) (B^T d B) ] A        (Lavin & Gray 2016, points 0, +-1, +-2)
+//     Y = A^T [ (G w G^T) (.) (B^T d B) ] A        (Lavin & Gray 2016; points below)
 //
 // so a tile costs 36 multiply-adds per (input, output) channel pair instead of 144: four
 // times fewer in the part that dominates. Per block of tiles, three stages:
@@ -18,8 +18,9 @@
 // cache between the stages; a fresh buffer per call cost more than the GEMMs at
 // 56x56 (page faults, measured).
 //
-// Precision: relative error ~1e-6 against float64 on ResNet-50's shapes (measured), inside
-// DESIGN.md's float32 bound of 1e-5. Non-finite values: Winograd mixes a 6x6 patch into
+// Precision: relative error 0.8-1.1e-6 against float64 on ResNet-50's shapes (measured;
+// oneDNN's direct conv 0.3-0.75e-6), inside DESIGN.md's float32 bound of 1e-5; over a
+// whole network about 1.6x torchvision's own float32 error (benchmarks/NOTES.md). Non-finite values: Winograd mixes a 6x6 patch into
 // every output of a tile, so one NaN/Inf in x would spread over whole tiles, and an
 // overflow inside a transform could make a number that a direct convolution keeps finite.
 // Both transforms therefore check every value they produce (one FMA each), and a call
@@ -50,28 +51,36 @@ struct Grid {
 #if RESNET_FUSED_AVX2
 RESNET_FUSED_AVX2_BEGIN
 
+// The interpolation points are 0, 1, -1, 1/2, -2 (and infinity). Lavin & Gray's 0, +-1,
+// +-2 make the same number of operations but 1.5x the float32 error (1.7e-6 vs 1.1e-6
+// relative on ResNet shapes, measured; cf. Barabasz et al., "Error analysis and improving
+// the accuracy of Winograd convolution", 2020): a network of 50 such convs doubled its
+// error against float64 with the first set.
+//
 // o = B^T d for one 6-vector of 8-channel lanes (the rows of B^T are
-// [4 0 -5 0 1 0], [0 -4 -4 1 1 0], [0 4 -4 -1 1 0], [0 -2 -1 2 1 0], [0 2 -1 -2 1 0],
-// [0 4 0 -5 0 1]).
+// [1 -3/2 -2 3/2 1 0], [0 -1 1/2 5/2 1 0], [0 1 -5/2 1/2 1 0], [0 -2 -1 2 1 0],
+// [0 1/2 -1 -1/2 1 0], [0 1 -3/2 -2 3/2 1]).
 static inline void input_1d(const __m256 d[6], __m256 o[6]) {
-  const __m256 two = _mm256_set1_ps(2.f), four = _mm256_set1_ps(4.f), five = _mm256_set1_ps(5.f);
-  o[0] = _mm256_add_ps(_mm256_fnmadd_ps(five, d[2], _mm256_mul_ps(four, d[0])), d[4]);
-  o[1] = _mm256_fnmadd_ps(four, _mm256_add_ps(d[1], d[2]), _mm256_add_ps(d[3], d[4]));
-  o[2] = _mm256_fmadd_ps(four, _mm256_sub_ps(d[1], d[2]), _mm256_sub_ps(d[4], d[3]));
-  o[3] = _mm256_fmadd_ps(two, _mm256_sub_ps(d[3], d[1]), _mm256_sub_ps(d[4], d[2]));
-  o[4] = _mm256_fmadd_ps(two, _mm256_sub_ps(d[1], d[3]), _mm256_sub_ps(d[4], d[2]));
-  o[5] = _mm256_add_ps(_mm256_fnmadd_ps(five, d[3], _mm256_mul_ps(four, d[1])), d[5]);
+  const __m256 half = _mm256_set1_ps(0.5f), one_half = _mm256_set1_ps(1.5f), two = _mm256_set1_ps(2.f),
+               two_half = _mm256_set1_ps(2.5f);
+  const __m256 d31 = _mm256_sub_ps(d[3], d[1]), d42 = _mm256_sub_ps(d[4], d[2]);
+  o[0] = _mm256_fmadd_ps(one_half, d31, _mm256_fnmadd_ps(two, d[2], _mm256_add_ps(d[4], d[0])));
+  o[1] = _mm256_fmadd_ps(half, d[2], _mm256_fmadd_ps(two_half, d[3], _mm256_sub_ps(d[4], d[1])));
+  o[2] = _mm256_fmadd_ps(half, d[3], _mm256_fnmadd_ps(two_half, d[2], _mm256_add_ps(d[4], d[1])));
+  o[3] = _mm256_fmadd_ps(two, d31, d42);
+  o[4] = _mm256_fnmadd_ps(half, d31, d42);
+  o[5] = _mm256_fmadd_ps(one_half, d42, _mm256_fnmadd_ps(two, d[3], _mm256_add_ps(d[5], d[1])));
 }
 
-// o = A^T m (rows [1 1 1 1 1 0], [0 1 -1 2 -2 0], [0 1 1 4 4 0], [0 1 -1 8 -8 1]).
+// o = A^T m (rows [1 1 1 1 1 0], [0 1 -1 1/2 -2 0], [0 1 1 1/4 4 0], [0 1 -1 1/8 -8 1]).
 static inline void output_1d(const __m256 m[6], __m256 o[4]) {
-  const __m256 two = _mm256_set1_ps(2.f), four = _mm256_set1_ps(4.f), eight = _mm256_set1_ps(8.f);
+  const __m256 eighth = _mm256_set1_ps(0.125f), quarter = _mm256_set1_ps(0.25f), half = _mm256_set1_ps(0.5f),
+               two = _mm256_set1_ps(2.f), four = _mm256_set1_ps(4.f), eight = _mm256_set1_ps(8.f);
   const __m256 s12 = _mm256_add_ps(m[1], m[2]), d12 = _mm256_sub_ps(m[1], m[2]);
-  const __m256 s34 = _mm256_add_ps(m[3], m[4]), d34 = _mm256_sub_ps(m[3], m[4]);
-  o[0] = _mm256_add_ps(_mm256_add_ps(m[0], s12), s34);
-  o[1] = _mm256_fmadd_ps(two, d34, d12);
-  o[2] = _mm256_fmadd_ps(four, s34, s12);
-  o[3] = _mm256_add_ps(_mm256_fmadd_ps(eight, d34, d12), m[5]);
+  o[0] = _mm256_add_ps(_mm256_add_ps(m[0], s12), _mm256_add_ps(m[3], m[4]));
+  o[1] = _mm256_fnmadd_ps(two, m[4], _mm256_fmadd_ps(half, m[3], d12));
+  o[2] = _mm256_fmadd_ps(four, m[4], _mm256_fmadd_ps(quarter, m[3], s12));
+  o[3] = _mm256_add_ps(_mm256_fnmadd_ps(eight, m[4], _mm256_fmadd_ps(eighth, m[3], d12)), m[5]);
 }
 
 // acc stays finite while every v added is: v * 0 is NaN exactly for NaN and +-Inf.
@@ -232,8 +241,9 @@ std::string refusal(const at::Tensor& x, const at::Tensor& weight, const ConvGeo
 }
 
 at::Tensor transform_weight(const at::Tensor& weight) {
-  const at::Tensor G = at::tensor({1 / 4., 0., 0., -1 / 6., -1 / 6., -1 / 6., -1 / 6., 1 / 6., -1 / 6., 1 / 24.,
-                                   1 / 12., 1 / 6., 1 / 24., -1 / 12., 1 / 6., 0., 0., 1.},
+  // Row j of G is (1, a, a^2) / prod_{l != j} (a - a_l) for point a = a_j; the last is infinity's.
+  const at::Tensor G = at::tensor({1., 0., 0., 1 / 3., 1 / 3., 1 / 3., -1 / 3., 1 / 3., -1 / 3., -16 / 15., -8 / 15.,
+                                   -4 / 15., 1 / 15., -2 / 15., 4 / 15., 0., 0., 1.},
                                   at::TensorOptions().dtype(at::kDouble))
                            .view({6, 3});
   const at::Tensor w = weight.detach().to(at::kDouble);
