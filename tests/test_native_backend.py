@@ -397,7 +397,8 @@ def test_native_path_query_checks_its_arguments_too():
 @needs_extension
 @pytest.mark.slow
 @pytest.mark.parametrize("arch, dtype", [("resnet18", torch.float32), ("resnet50", torch.float32),
-                                         ("resnext50_32x4d", torch.float32), ("resnet18", torch.bfloat16)])
+                                         ("resnext50_32x4d", torch.float32), ("wide_resnet50_2", torch.float32),
+                                         ("resnet18", torch.bfloat16)])
 def test_cpu_whole_model_matches_torchvision(arch, dtype, gen):
     tv_model = seeded_torchvision_model(arch, seed=17, calibration_size=32)
     fused = resnet_fused.get_model(arch, backend="native")
