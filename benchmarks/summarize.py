@@ -33,7 +33,7 @@ def kernels(path: str) -> str:
 
         tflops = None if ours is None else r["flops"] / (ours * 1e-3) / 1e12
         lines.append(
-            f"| {key} | {f(ours)} | {f(tflops, '{:.2f}')} | {f(conv)} | {f(eager)} | {f(r.get('fused_torch'))} "
+            f"| {key} | {f(ours)} | {f(tflops, '{:.3g}')} | {f(conv)} | {f(eager)} | {f(r.get('fused_torch'))} "
             f"| {f(ours / conv if ours and conv else None, '{:.2f}')} "
             f"| {f(ours / eager if ours and eager else None, '{:.2f}')} |"
         )
