@@ -4,9 +4,9 @@ On the CPU (CI) its C++ kernels run for real: Winograd F(4x4, 3x3) for stride-1 
 float32 NHWC convs (and its hand-off of non-finite calls to oneDNN); oneDNN's conv with
 the bias post-op, then add_ and relu_, for the other float32 convs (and bfloat16 where
 this CPU has oneDNN kernels for it, else computed in float32); conv + our epilogue pass
-for float64; every conv kind, random shapes
-(hypothesis), opcheck, whole models. The CUDA kernels are compile-checked here (the
-library holds sm_80 and sm_90 machine code) and run under the ``gpu`` marker.
+for float64; every conv kind, random shapes (hypothesis), opcheck, whole models. The CUDA
+kernels are compile-checked here (the library holds sm_80 and sm_90 machine code) and
+run under the ``gpu`` marker.
 """
 import copy
 import os
