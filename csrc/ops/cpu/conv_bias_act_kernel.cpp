@@ -232,25 +232,6 @@ void bias_residual_relu_(scalar_t* y, const scalar_t* bias, const scalar_t* resi
   });
 }
 
-// y <- relu?(y + bias? + residual?) in one pass over y, which is contiguous in ``fmt``.
-void epilogue_pass_(at::Tensor& y, const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
-                    bool relu, at::MemoryFormat fmt) {
-  if (!bias.has_value() && !residual.has_value() && !relu) {
-    return;
-  }
-  const bool channels_last = fmt == at::MemoryFormat::ChannelsLast;
-  const int64_t k = y.size(1);
-  const int64_t len = channels_last ? k : y.size(2) * y.size(3);
-  const int64_t rows = len == 0 ? 0 : y.numel() / len;
-  const at::Tensor b = bias.has_value() ? bias->to(y.scalar_type()).contiguous() : at::Tensor();
-  const at::Tensor r = residual.has_value() ? residual->to(y.scalar_type()).contiguous(fmt) : at::Tensor();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "conv_bias_act_epilogue", [&] {
-    bias_residual_relu_<scalar_t>(y.data_ptr<scalar_t>(), b.defined() ? b.const_data_ptr<scalar_t>() : nullptr,
-                                  r.defined() ? r.const_data_ptr<scalar_t>() : nullptr, rows, len, k, channels_last,
-                                  relu);
-  });
-}
-
 at::Tensor onednn_conv_bias_act(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                                 const std::optional<at::Tensor>& residual, const ConvGeometry& g, bool relu,
                                 at::ScalarType compute, at::MemoryFormat fmt) {
@@ -282,7 +263,20 @@ at::Tensor conv_then_epilogue(const at::Tensor& x, const at::Tensor& weight, con
                               at::MemoryFormat fmt) {
   at::Tensor y = at::convolution(x, weight, std::nullopt, g.stride, g.padding, g.dilation, false, {0, 0}, g.groups);
   y = y.contiguous(fmt);
-  epilogue_pass_(y, bias, residual, relu, fmt);
+  if (!bias.has_value() && !residual.has_value() && !relu) {
+    return y;
+  }
+  const bool channels_last = fmt == at::MemoryFormat::ChannelsLast;
+  const int64_t k = y.size(1);
+  const int64_t len = channels_last ? k : y.size(2) * y.size(3);
+  const int64_t rows = len == 0 ? 0 : y.numel() / len;
+  const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  const at::Tensor r = residual.has_value() ? residual->contiguous(fmt) : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "conv_bias_act_epilogue", [&] {
+    bias_residual_relu_<scalar_t>(y.data_ptr<scalar_t>(), b.defined() ? b.const_data_ptr<scalar_t>() : nullptr,
+                                  r.defined() ? r.const_data_ptr<scalar_t>() : nullptr, rows, len, k, channels_last,
+                                  relu);
+  });
   return y;
 }
 
