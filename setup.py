@@ -123,6 +123,19 @@ def _write_build_config(path: str, defines: dict[str, str]) -> None:
             f.write(text)
 
 
+def _openmp_link_args(torch):
+    """at::parallel_for is inline (ATen/ParallelOpenMP.h): compiled without -fopenmp it
+    runs on one thread. Link the OpenMP runtime torch itself loaded, by its file, so the
+    extension names the same soname (a wheel may bundle a hash-named libgomp) and both
+    share one thread pool and torch.set_num_threads."""
+    if "ATen parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        return []
+    lib = os.path.join(os.path.dirname(torch.__file__), "lib")
+    bundled = sorted(glob.glob(os.path.join(lib, "libgomp*.so*")))
+    _say(f"OpenMP: {bundled[0] if bundled else 'the compiler runtime (torch bundles none)'}")
+    return [bundled[0]] if bundled else ["-fopenmp"]
+
+
 def _extension():
     if os.environ.get("RESNET_FUSED_BUILD_EXTENSION", "1") == "0":
         _say("RESNET_FUSED_BUILD_EXTENSION=0: pure-Python install, no resnet_fused._C")
@@ -156,6 +169,9 @@ def _extension():
     sources = sorted(glob.glob(os.path.join(CSRC, "ops", "*.cpp")))
     sources += sorted(glob.glob(os.path.join(CSRC, "ops", "cpu", "*.cpp")))
     cxx = ["-O3", "-g0", "-include", os.path.join(ROOT, generated, "build_config.h")]
+    link = _openmp_link_args(torch)
+    if link:
+        cxx.append("-fopenmp")
     include_dirs = [os.path.join(ROOT, CSRC)]
     jobs = os.environ.get("MAX_JOBS", str(os.cpu_count() or 1))
 
@@ -197,13 +213,14 @@ def _extension():
         )
         ext = CUDAExtension(
             "resnet_fused._C", sources, include_dirs=include_dirs,
-            extra_compile_args={"cxx": cxx, "nvcc": nvcc_flags},
+            extra_compile_args={"cxx": cxx, "nvcc": nvcc_flags}, extra_link_args=link,
         )
         cutlass_util = os.path.join(os.path.dirname(cutlass), "tools", "util", "include")
         ext.sm90a_build = (sm90a_units, nvcc, [cutlass, cutlass_util, os.path.join(ROOT, CSRC)], int(jobs))
     else:
         _say(f"building resnet_fused._C: CPU kernels, torch {torch.__version__}, {jobs} jobs")
-        ext = CppExtension("resnet_fused._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx})
+        ext = CppExtension("resnet_fused._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx},
+                           extra_link_args=link)
     _write_build_config(os.path.join(ROOT, generated, "build_config.h"), defines)
 
     class BuildExt(BuildExtension):

@@ -82,7 +82,8 @@ def extension_info() -> dict[str, Any]:
     Keys: ``built`` (a library file exists), ``loaded``, ``error`` (why it is not
     usable, or None), ``path``; when loaded, also ``torch_version`` (built against),
     ``cpu``, ``cuda`` (CUDA kernels compiled in), ``cuda_archs`` ("80;90"),
-    ``cuda_version``, ``cutlass_version``.
+    ``cuda_version``, ``cutlass_version``, ``cpu_parallel`` ("OpenMP" when the CPU
+    kernels split their work over torch's intra-op threads, "none" when one thread).
     """
     error = load()
     path = _library_path()

@@ -45,9 +45,22 @@ def test_extension_was_built_and_loads():
     assert INFO["built"] and INFO["loaded"] and INFO["error"] is None, INFO
     assert INFO["torch_version"] == torch.__version__
     assert "native" in resnet_fused.available_backends("cpu")
+    assert_cpu_kernels_parallel()
     if REQUIRED == "cuda":
         assert INFO["cuda"] is True and INFO["cuda_archs"].split(";") == ["80", "90"], INFO
         assert INFO["cutlass_kernels"].split(";") == ["sm80_128x128", "sm80_64x64", "sm90a_128x128"], INFO
+
+
+def assert_cpu_kernels_parallel():
+    # at::parallel_for is inline: without -fopenmp the Winograd transforms and GEMMs ran on
+    # one of the two cores (found by timing 1 vs 2 threads: the same).
+    if "ATen parallel backend: OpenMP" in torch.__config__.parallel_info():
+        assert INFO["cpu_parallel"] == "OpenMP", INFO
+
+
+@needs_extension
+def test_cpu_kernels_are_built_with_torchs_thread_pool():
+    assert_cpu_kernels_parallel()
 
 
 def _cuobjdump():
@@ -228,8 +241,11 @@ def _winograd_case(gen, n, c, k, h, w, padding, residual=True, bias=True):
     (2, 8, 8, 11, 6, 0),
     (1, 8, 8, 6, 6, 2),
     (1, 16, 8, 2, 3, 1),
+    (1, 8, 24, 7, 9, 1),
+    (2, 64, 64, 20, 20, 1),
+    (1, 192, 168, 6, 10, 1),
 ], ids=["partial_edge_tiles", "odd_hw_three_channel_lanes", "one_tile_per_image", "no_padding", "padding_2",
-        "tiny_image"])
+        "tiny_image", "k_16_plus_8", "several_blocks_per_thread", "u_over_4mib_shared_blocks"])
 @pytest.mark.parametrize("residual", [False, True], ids=["no_residual", "residual"])
 @pytest.mark.parametrize("relu", [False, True], ids=["no_relu", "relu"])
 @pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
@@ -262,12 +278,14 @@ def test_cpu_winograd_spans_several_workspace_blocks(gen):
     (dict(dilation=2, padding=2), "stride 1x1, dilation 2x2, groups 1"),
     (dict(groups=2), "stride 1x1, dilation 1x1, groups 2"),
     (dict(knob="0"), "RESNET_FUSED_CPU_WINOGRAD=0"),
-], ids=["nchw", "odd_c", "odd_k", "stride_2", "dilation_2", "groups_2", "knob_off"])
+    (dict(c=512, k=512, h=8), "8 tiles of 4x4 outputs for 36864 KiB of transformed weight (needs at most 2048 KiB a "
+                         "tile: with fewer tiles the direct conv is faster)"),
+], ids=["nchw", "odd_c", "odd_k", "stride_2", "dilation_2", "groups_2", "knob_off", "few_tiles_for_a_big_weight"])
 def test_cpu_winograd_refusals_are_explained_and_still_correct(gen, monkeypatch, change, why):
-    a = dict(c=16, k=16, stride=1, padding=1, dilation=1, groups=1, channels_last=True, knob=None) | change
+    a = dict(c=16, k=16, h=9, stride=1, padding=1, dilation=1, groups=1, channels_last=True, knob=None) | change
     if a["knob"] is not None:
         monkeypatch.setenv("RESNET_FUSED_CPU_WINOGRAD", a["knob"])
-    x, weight, b, res = make_case(gen, 2, a["c"], 9, 9, a["k"], 3, a["stride"], a["padding"], a["dilation"],
+    x, weight, b, res = make_case(gen, 2, a["c"], a["h"], a["h"], a["k"], 3, a["stride"], a["padding"], a["dilation"],
                                   a["groups"], torch.float32, True, a["channels_last"])
     text = ops.explain(x, weight, res, a["stride"], a["padding"], a["dilation"], a["groups"], backend="native")
     assert "oneDNN conv" in text and f"(not Winograd: {why}" in text, text
@@ -290,11 +308,13 @@ def test_cpu_winograd_knob_rejects_unknown_values(gen, monkeypatch):
 @needs_extension
 @needs_avx2
 @pytest.mark.parametrize("poison", ["nan_input", "inf_input", "huge_input", "nan_weight", "inf_weight"])
-def test_cpu_winograd_hands_non_finite_calls_to_a_direct_conv(gen, monkeypatch, poison):
+@pytest.mark.parametrize("c, k", [(8, 8), (192, 168)], ids=["own_blocks", "shared_blocks"])
+def test_cpu_winograd_hands_non_finite_calls_to_a_direct_conv(gen, monkeypatch, poison, c, k):
     """Winograd would spread one NaN/Inf over whole 4x4 tiles, and a value near float32's
     limit overflows inside its transforms where a direct conv stays finite: such calls are
-    recomputed by oneDNN, so the result is the direct conv's, bit for bit."""
-    x, weight, b, res = _winograd_case(gen, 2, 8, 8, 9, 9, 1)
+    recomputed by oneDNN, so the result is the direct conv's, bit for bit. (Both ways of
+    blocking the tiles: per thread for U up to 4 MiB, shared above.)"""
+    x, weight, b, res = _winograd_case(gen, 2, c, k, 9, 9, 1)
     where, what = poison.split("_")
     target = x if what == "input" else weight
     target[(0, 3, 4, 4) if what == "input" else (3, 2, 1, 1)] = {"nan": float("nan"), "inf": float("inf"),

@@ -35,6 +35,13 @@ std::string build_info() {
 #else
   info += "\"cuda\": false, ";
 #endif
+#ifdef _OPENMP
+  // at::parallel_for (inline in ATen's headers) splits the CPU kernels over torch's
+  // OpenMP threads only when this library was compiled with OpenMP; otherwise one thread.
+  info += "\"cpu_parallel\": \"OpenMP\", ";
+#else
+  info += "\"cpu_parallel\": \"none\", ";
+#endif
   info += "\"cpu\": true}";
   return info;
 }

@@ -8,15 +8,20 @@
 // times fewer in the part that dominates. Per block of tiles, three stages:
 //
 //   1. input transform (ours, AVX2 over 8 channels at a time): V[p][t][c], p < 36;
-//   2. 36 GEMMs, M[p] = V[p] (tiles x C) @ U[p] (C x K), by at::bmm (MKL);
+//   2. 36 GEMMs, M[p] = V[p] (tiles x C) @ U[p] (C x K);
 //   3. output transform (ours): y = relu?(A^T M A + bias + residual), clipped to the
 //      output's edge and stored NHWC: the fused epilogue, one write of the output.
 //
 // U = G w G^T is computed once per fold (the caller caches it like oneDNN's packed
 // weights), in float64, stored float32: 4x the weight's bytes. Blocks of tiles bound the
-// workspace (about 8 MiB, one buffer per calling thread, reused) and keep V and M in
-// cache between the stages; a fresh buffer per call cost more than the GEMMs at
-// 56x56 (page faults, measured).
+// workspace (buffers reused per thread: a fresh buffer per call cost more than the GEMMs
+// at 56x56, in page faults) and keep V and M in cache between the stages, two ways:
+//
+//   - U up to 4 MiB (C x K up to 128 x 128): each thread takes its own blocks of a few
+//     dozen tiles through all three stages, V and M in its L2, the GEMMs by our AVX2
+//     6x16 register-tile kernel;
+//   - larger U: blocks of a few hundred tiles shared by all threads, so U is read once
+//     per block; the transforms split over the threads, the GEMMs by at::bmm (MKL).
 //
 // Precision: relative error 0.8-1.1e-6 against float64 on ResNet-50's shapes (measured;
 // oneDNN's direct conv 0.3-0.75e-6), inside DESIGN.md's float32 bound of 1e-5; over a
@@ -177,6 +182,93 @@ static bool output_transform(const float* m, int64_t m_stride, const Grid& g, in
   return all_finite(acc);
 }
 
+// m[r][0:16] = sum_c v[r][c] u[c][0:16] for the 6 rows r of a row group: 12 accumulators
+// in registers, per c two loads of u and six broadcasts of v (Haswell's 6x16 shape;
+// FMA-bound while u's C x 16 slab stays in L1 across the row groups of a block). The
+// accumulators are named, not an array: GCC spilled the array to the stack every c.
+static inline void gemm_6x16(const float* v, int64_t v_ld, const float* u, int64_t u_ld, float* m, int64_t m_ld,
+                             int64_t c_count) {
+  __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00, a31 = a00,
+         a40 = a00, a41 = a00, a50 = a00, a51 = a00;
+  const float *v0 = v, *v1 = v + v_ld, *v2 = v + 2 * v_ld, *v3 = v + 3 * v_ld, *v4 = v + 4 * v_ld,
+              *v5 = v + 5 * v_ld;
+  for (int64_t c = 0; c < c_count; ++c, u += u_ld) {
+    const __m256 b0 = _mm256_loadu_ps(u), b1 = _mm256_loadu_ps(u + 8);
+    __m256 a = _mm256_broadcast_ss(v0 + c);
+    a00 = _mm256_fmadd_ps(a, b0, a00);
+    a01 = _mm256_fmadd_ps(a, b1, a01);
+    a = _mm256_broadcast_ss(v1 + c);
+    a10 = _mm256_fmadd_ps(a, b0, a10);
+    a11 = _mm256_fmadd_ps(a, b1, a11);
+    a = _mm256_broadcast_ss(v2 + c);
+    a20 = _mm256_fmadd_ps(a, b0, a20);
+    a21 = _mm256_fmadd_ps(a, b1, a21);
+    a = _mm256_broadcast_ss(v3 + c);
+    a30 = _mm256_fmadd_ps(a, b0, a30);
+    a31 = _mm256_fmadd_ps(a, b1, a31);
+    a = _mm256_broadcast_ss(v4 + c);
+    a40 = _mm256_fmadd_ps(a, b0, a40);
+    a41 = _mm256_fmadd_ps(a, b1, a41);
+    a = _mm256_broadcast_ss(v5 + c);
+    a50 = _mm256_fmadd_ps(a, b0, a50);
+    a51 = _mm256_fmadd_ps(a, b1, a51);
+  }
+  _mm256_storeu_ps(m, a00);
+  _mm256_storeu_ps(m + 8, a01);
+  _mm256_storeu_ps(m + m_ld, a10);
+  _mm256_storeu_ps(m + m_ld + 8, a11);
+  _mm256_storeu_ps(m + 2 * m_ld, a20);
+  _mm256_storeu_ps(m + 2 * m_ld + 8, a21);
+  _mm256_storeu_ps(m + 3 * m_ld, a30);
+  _mm256_storeu_ps(m + 3 * m_ld + 8, a31);
+  _mm256_storeu_ps(m + 4 * m_ld, a40);
+  _mm256_storeu_ps(m + 4 * m_ld + 8, a41);
+  _mm256_storeu_ps(m + 5 * m_ld, a50);
+  _mm256_storeu_ps(m + 5 * m_ld + 8, a51);
+}
+
+// The same for 8 output channels (K % 16 == 8 leaves one such column).
+static inline void gemm_6x8(const float* v, int64_t v_ld, const float* u, int64_t u_ld, float* m, int64_t m_ld,
+                            int64_t c_count) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0;
+  for (int64_t c = 0; c < c_count; ++c, u += u_ld) {
+    const __m256 b = _mm256_loadu_ps(u);
+    a0 = _mm256_fmadd_ps(_mm256_broadcast_ss(v + c), b, a0);
+    a1 = _mm256_fmadd_ps(_mm256_broadcast_ss(v + v_ld + c), b, a1);
+    a2 = _mm256_fmadd_ps(_mm256_broadcast_ss(v + 2 * v_ld + c), b, a2);
+    a3 = _mm256_fmadd_ps(_mm256_broadcast_ss(v + 3 * v_ld + c), b, a3);
+    a4 = _mm256_fmadd_ps(_mm256_broadcast_ss(v + 4 * v_ld + c), b, a4);
+    a5 = _mm256_fmadd_ps(_mm256_broadcast_ss(v + 5 * v_ld + c), b, a5);
+  }
+  _mm256_storeu_ps(m, a0);
+  _mm256_storeu_ps(m + m_ld, a1);
+  _mm256_storeu_ps(m + 2 * m_ld, a2);
+  _mm256_storeu_ps(m + 3 * m_ld, a3);
+  _mm256_storeu_ps(m + 4 * m_ld, a4);
+  _mm256_storeu_ps(m + 5 * m_ld, a5);
+}
+
+// Stage 2 for one block of `rows` tiles (a multiple of 6) held by one thread:
+// M[p] (rows x K) = V[p] (rows x C) @ U[p] (C x K) for the 36 p.
+static void block_gemms(const float* v, const float* u, float* m, int64_t rows, int64_t c, int64_t k) {
+  for (int p = 0; p < 36; ++p) {
+    const float* vp = v + p * rows * c;
+    const float* up = u + p * c * k;
+    float* mp = m + p * rows * k;
+    int64_t k0 = 0;
+    for (; k0 + 16 <= k; k0 += 16) {
+      for (int64_t t0 = 0; t0 < rows; t0 += 6) {
+        gemm_6x16(vp + t0 * c, c, up + k0, k, mp + t0 * k + k0, k, c);
+      }
+    }
+    if (k0 < k) {  // K % 16 == 8
+      for (int64_t t0 = 0; t0 < rows; t0 += 6) {
+        gemm_6x8(vp + t0 * c, c, up + k0, k, mp + t0 * k + k0, k, c);
+      }
+    }
+  }
+}
+
 RESNET_FUSED_AVX2_END
 #endif  // RESNET_FUSED_AVX2
 
@@ -198,8 +290,17 @@ class Workspace {
   size_t bytes_ = 0;
 };
 
-// Tiles per block: V and M of a block in about this many bytes, but at least kMinBlock
-// tiles (the GEMMs' row count) whatever the channel counts.
+// Winograd only where there are enough tiles to pay for reading U: see refusal().
+constexpr int64_t kMaxUBytesPerTile = int64_t(2) << 20;
+// Up to this size of U (C x K up to 128 x 128), each thread takes its own blocks of tiles
+// through all three stages, with our GEMM kernel; V and M of a block in about
+// kOwnBlockBytes, inside the thread's L2 (512 KiB here). Measured against shared blocks
+// at batch 8: 0.79x the time at 64x56x56, 0.71x at 128x28x28, parity at 256x14x14
+// (where U is 9.4 MB and each block of a few tiles reads all of it).
+constexpr int64_t kOwnBlocksMaxU = int64_t(4) << 20;
+constexpr int64_t kOwnBlockBytes = int64_t(384) << 10;
+// Shared blocks: V and M of a block in about kBlockBytes, but at least kMinBlock tiles
+// (the GEMMs' row count) whatever the channel counts.
 constexpr int64_t kBlockBytes = int64_t(8) << 20;
 constexpr int64_t kMinBlock = 32;
 
@@ -230,6 +331,18 @@ std::string refusal(const at::Tensor& x, const at::Tensor& weight, const ConvGeo
   }
   if (x.numel() == 0) {
     return "empty input";
+  }
+  // Each tile reads all of U (4x the weight's bytes), so with few tiles a big U is
+  // bandwidth: 512 -> 512 channels at 7x7 took 2.3x oneDNN's time at batch 1 (4 tiles,
+  // 9.4 MB of U a tile), 1.15x at batch 2, 0.94x at batch 4 and 0.66x at batch 8; at
+  // 256 -> 256 channels, 14x14, batch 1 (0.6 MB a tile) it took 0.6x.
+  const int64_t out_h = x.size(2) + 2 * g.padding[0] - 2, out_w = x.size(3) + 2 * g.padding[1] - 2;
+  const int64_t tiles = x.size(0) * ((out_h + 3) / 4) * ((out_w + 3) / 4);
+  const int64_t u_bytes = 36 * x.size(1) * weight.size(0) * int64_t(sizeof(float));
+  if (tiles > 0 && u_bytes / tiles > kMaxUBytesPerTile) {
+    return std::to_string(tiles) + " tiles of 4x4 outputs for " + std::to_string(u_bytes >> 10) +
+           " KiB of transformed weight (needs at most " + std::to_string(kMaxUBytesPerTile >> 10) +
+           " KiB a tile: with fewer tiles the direct conv is faster)";
   }
   if (output_memory_format(x) != at::MemoryFormat::ChannelsLast) {
     return "input not channels_last (Winograd runs NHWC)";
@@ -272,11 +385,43 @@ std::optional<at::Tensor> conv_bias_act(const at::Tensor& x, const at::Tensor& u
 
   const int64_t tiles = grid.n * grid.tiles_h * grid.tiles_w;
   const int64_t per_tile = 36 * (grid.c + k);
+  std::atomic<bool> finite{true};
+  if (36 * grid.c * k * int64_t(sizeof(float)) <= kOwnBlocksMaxU) {
+    // Each thread runs the three stages over its own blocks of tiles, V and M in its L2.
+    const int64_t by_cache = kOwnBlockBytes / (per_tile * int64_t(sizeof(float)));
+    const int64_t by_balance = (tiles + 4 * at::get_num_threads() - 1) / (4 * at::get_num_threads());
+    const int64_t rows = std::clamp<int64_t>(std::min(by_cache, (by_balance + 5) / 6 * 6) / 6 * 6, 6, 60);
+    const int64_t blocks = (tiles + rows - 1) / rows;
+    const float* u_ptr = u.const_data_ptr<float>();
+    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+      static thread_local Workspace local;
+      float* v_local = local.get(rows * per_tile);
+      float* m_local = v_local + 36 * rows * grid.c;
+      for (int64_t blk = begin; blk < end && finite; ++blk) {
+        const int64_t start = blk * rows, count = std::min(rows, tiles - start);
+        if (count < rows) {  // the GEMMs run whole groups of 6 rows: zero the rows past the end
+          for (int p = 0; p < 36; ++p) {
+            std::fill(v_local + (p * rows + count) * grid.c, v_local + (p + 1) * rows * grid.c, 0.f);
+          }
+        }
+        bool ok = input_transform(x_ptr, grid, start, start + count, start, v_local, rows * grid.c);
+        if (ok) {
+          block_gemms(v_local, u_ptr, m_local, rows, grid.c, k);
+          ok = output_transform(m_local, rows * k, grid, start, start + count, start, b_ptr, r_ptr, relu, y_ptr);
+        }
+        if (!ok) {
+          finite = false;
+        }
+      }
+    });
+    return finite ? std::optional<at::Tensor>(y) : std::nullopt;
+  }
+  // Larger U (256 and 512 channels: 9.4 and 37.7 MB): blocks shared by all threads, so U
+  // is read once per block; the transforms split over the threads, the GEMMs by MKL's bmm.
   const int64_t block = std::min(tiles, std::max(kMinBlock, kBlockBytes / (per_tile * int64_t(sizeof(float)))));
   static thread_local Workspace workspace;
   float* v = workspace.get(block * per_tile);
   const auto f32 = at::TensorOptions().dtype(at::kFloat);
-  std::atomic<bool> finite{true};
   for (int64_t start = 0; start < tiles; start += block) {
     const int64_t count = std::min(block, tiles - start);
     float* m = v + 36 * count * grid.c;
