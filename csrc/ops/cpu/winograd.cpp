@@ -182,6 +182,18 @@ static bool output_transform(const float* m, int64_t m_stride, const Grid& g, in
   return all_finite(acc);
 }
 
+// One row of the 6x16 tile: lo, hi += v * (b0, b1).
+static inline void fma_row(__m256& lo, __m256& hi, const float* v, __m256 b0, __m256 b1) {
+  const __m256 a = _mm256_broadcast_ss(v);
+  lo = _mm256_fmadd_ps(a, b0, lo);
+  hi = _mm256_fmadd_ps(a, b1, hi);
+}
+
+static inline void store_row(float* m, __m256 lo, __m256 hi) {
+  _mm256_storeu_ps(m, lo);
+  _mm256_storeu_ps(m + 8, hi);
+}
+
 // m[r][0:16] = sum_c v[r][c] u[c][0:16] for the 6 rows r of a row group: 12 accumulators
 // in registers, per c two loads of u and six broadcasts of v (Haswell's 6x16 shape;
 // FMA-bound while u's C x 16 slab stays in L1 across the row groups of a block). The
@@ -190,41 +202,21 @@ static inline void gemm_6x16(const float* v, int64_t v_ld, const float* u, int64
                              int64_t c_count) {
   __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00, a31 = a00,
          a40 = a00, a41 = a00, a50 = a00, a51 = a00;
-  const float *v0 = v, *v1 = v + v_ld, *v2 = v + 2 * v_ld, *v3 = v + 3 * v_ld, *v4 = v + 4 * v_ld,
-              *v5 = v + 5 * v_ld;
   for (int64_t c = 0; c < c_count; ++c, u += u_ld) {
     const __m256 b0 = _mm256_loadu_ps(u), b1 = _mm256_loadu_ps(u + 8);
-    __m256 a = _mm256_broadcast_ss(v0 + c);
-    a00 = _mm256_fmadd_ps(a, b0, a00);
-    a01 = _mm256_fmadd_ps(a, b1, a01);
-    a = _mm256_broadcast_ss(v1 + c);
-    a10 = _mm256_fmadd_ps(a, b0, a10);
-    a11 = _mm256_fmadd_ps(a, b1, a11);
-    a = _mm256_broadcast_ss(v2 + c);
-    a20 = _mm256_fmadd_ps(a, b0, a20);
-    a21 = _mm256_fmadd_ps(a, b1, a21);
-    a = _mm256_broadcast_ss(v3 + c);
-    a30 = _mm256_fmadd_ps(a, b0, a30);
-    a31 = _mm256_fmadd_ps(a, b1, a31);
-    a = _mm256_broadcast_ss(v4 + c);
-    a40 = _mm256_fmadd_ps(a, b0, a40);
-    a41 = _mm256_fmadd_ps(a, b1, a41);
-    a = _mm256_broadcast_ss(v5 + c);
-    a50 = _mm256_fmadd_ps(a, b0, a50);
-    a51 = _mm256_fmadd_ps(a, b1, a51);
+    fma_row(a00, a01, v + c, b0, b1);
+    fma_row(a10, a11, v + v_ld + c, b0, b1);
+    fma_row(a20, a21, v + 2 * v_ld + c, b0, b1);
+    fma_row(a30, a31, v + 3 * v_ld + c, b0, b1);
+    fma_row(a40, a41, v + 4 * v_ld + c, b0, b1);
+    fma_row(a50, a51, v + 5 * v_ld + c, b0, b1);
   }
-  _mm256_storeu_ps(m, a00);
-  _mm256_storeu_ps(m + 8, a01);
-  _mm256_storeu_ps(m + m_ld, a10);
-  _mm256_storeu_ps(m + m_ld + 8, a11);
-  _mm256_storeu_ps(m + 2 * m_ld, a20);
-  _mm256_storeu_ps(m + 2 * m_ld + 8, a21);
-  _mm256_storeu_ps(m + 3 * m_ld, a30);
-  _mm256_storeu_ps(m + 3 * m_ld + 8, a31);
-  _mm256_storeu_ps(m + 4 * m_ld, a40);
-  _mm256_storeu_ps(m + 4 * m_ld + 8, a41);
-  _mm256_storeu_ps(m + 5 * m_ld, a50);
-  _mm256_storeu_ps(m + 5 * m_ld + 8, a51);
+  store_row(m, a00, a01);
+  store_row(m + m_ld, a10, a11);
+  store_row(m + 2 * m_ld, a20, a21);
+  store_row(m + 3 * m_ld, a30, a31);
+  store_row(m + 4 * m_ld, a40, a41);
+  store_row(m + 5 * m_ld, a50, a51);
 }
 
 // The same for 8 output channels (K % 16 == 8 leaves one such column).
