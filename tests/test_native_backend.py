@@ -38,6 +38,7 @@ WINOGRAD = "Winograd F(4x4,3x3)"
 #: The Winograd kernels are x86-64 AVX2+FMA code; elsewhere those convs take oneDNN.
 WINOGRAD_CPU = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 needs_avx2 = pytest.mark.skipif(not WINOGRAD_CPU, reason="the Winograd kernels need an x86-64 CPU with AVX2+FMA")
+CONV1X1 = "1x1 conv as one GEMM over the pixels"
 
 
 @pytest.mark.skipif(not REQUIRED, reason="RESNET_FUSED_REQUIRE_EXTENSION is not set (CI sets it)")
@@ -150,40 +151,48 @@ def test_cpu_paths_are_explained(gen):
     assert "oneDNN" in text and text.startswith("runs on 'native'")
 
 
+#: The packings the cache keeps: oneDNN's (3x3 NCHW), Winograd's (3x3 NHWC), the 1x1 GEMM's.
+PACKINGS = pytest.mark.parametrize("channels_last, r, packing", [(False, 3, "oneDNN"), (True, 3, WINOGRAD),
+                                                                 (True, 1, CONV1X1)],
+                                   ids=["nchw_onednn", "nhwc_winograd", "nhwc_conv1x1"])
+
+
 @needs_extension
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw_onednn", "nhwc_winograd"])
-def test_cpu_packed_weight_follows_in_place_edits_and_new_tensors(gen, channels_last):
-    x, weight, bias, res = make_case(gen, 2, 8, 7, 7, 16, 3, 1, 1, 1, 1, torch.float32, True, channels_last)
+@PACKINGS
+def test_cpu_packed_weight_follows_in_place_edits_and_new_tensors(gen, channels_last, r, packing):
+    p = r // 2
+    x, weight, bias, res = make_case(gen, 2, 8, 7, 7, 16, r, 1, p, 1, 1, torch.float32, True, channels_last)
     if WINOGRAD_CPU:
-        assert (WINOGRAD in ops.explain(x, weight, res, padding=1, backend="native")) == channels_last
+        assert packing in ops.explain(x, weight, res, padding=p, backend="native")
     for _ in range(2):  # the second call is served from the packed-weight cache
-        out = ops.conv_bias_act(x, weight, bias, res, padding=1, backend="native")
-        assert relative_error(out, reference_conv_bias_act(x, weight, bias, res, 1, 1)) <= 1e-5
+        out = ops.conv_bias_act(x, weight, bias, res, padding=p, backend="native")
+        assert relative_error(out, reference_conv_bias_act(x, weight, bias, res, 1, p)) <= 1e-5
     with torch.no_grad():
         weight.mul_(-2.0)  # bumps the version counter: the packed copy is stale
-    out = ops.conv_bias_act(x, weight, bias, res, padding=1, backend="native")
-    assert relative_error(out, reference_conv_bias_act(x, weight, bias, res, 1, 1)) <= 1e-5
+    out = ops.conv_bias_act(x, weight, bias, res, padding=p, backend="native")
+    assert relative_error(out, reference_conv_bias_act(x, weight, bias, res, 1, p)) <= 1e-5
     for _ in range(3):  # fresh weights, possibly at a recycled address, version 0 again
-        weight = torch.randn(16, 8, 3, 3, generator=gen)
-        out = ops.conv_bias_act(x, weight, bias, res, padding=1, backend="native")
-        assert relative_error(out, reference_conv_bias_act(x, weight, bias, res, 1, 1)) <= 1e-5
-    weight.data = torch.randn(16, 8, 3, 3, generator=gen)  # same tensor and version, new storage
-    out = ops.conv_bias_act(x, weight, bias, res, padding=1, backend="native")
-    assert relative_error(out, reference_conv_bias_act(x, weight, bias, res, 1, 1)) <= 1e-5
+        weight = torch.randn(16, 8, r, r, generator=gen)
+        out = ops.conv_bias_act(x, weight, bias, res, padding=p, backend="native")
+        assert relative_error(out, reference_conv_bias_act(x, weight, bias, res, 1, p)) <= 1e-5
+    weight.data = torch.randn(16, 8, r, r, generator=gen)  # same tensor and version, new storage
+    out = ops.conv_bias_act(x, weight, bias, res, padding=p, backend="native")
+    assert relative_error(out, reference_conv_bias_act(x, weight, bias, res, 1, p)) <= 1e-5
 
 
 @needs_extension
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw_onednn", "nhwc_winograd"])
-def test_cpu_inference_mode_weights_are_correct(gen, channels_last):
+@PACKINGS
+def test_cpu_inference_mode_weights_are_correct(gen, channels_last, r, packing):
     """Inference tensors keep no version counter; the op packs such a weight per call."""
-    x, weight, bias, res = make_case(gen, 2, 8, 7, 7, 16, 3, 1, 1, 1, 1, torch.float32, True, channels_last)
+    p = r // 2
+    x, weight, bias, res = make_case(gen, 2, 8, 7, 7, 16, r, 1, p, 1, 1, torch.float32, True, channels_last)
     with torch.inference_mode():
         w = weight.clone()
-        first = ops.conv_bias_act(x, w, bias, res, padding=1, backend="native")
+        first = ops.conv_bias_act(x, w, bias, res, padding=p, backend="native")
         w.mul_(-1.0)  # in place, no version bump
-        second = ops.conv_bias_act(x, w, bias, res, padding=1, backend="native")
-    assert relative_error(first, reference_conv_bias_act(x, weight, bias, res, 1, 1)) <= 1e-5
-    assert relative_error(second, reference_conv_bias_act(x, -weight, bias, res, 1, 1)) <= 1e-5
+        second = ops.conv_bias_act(x, w, bias, res, padding=p, backend="native")
+    assert relative_error(first, reference_conv_bias_act(x, weight, bias, res, 1, p)) <= 1e-5
+    assert relative_error(second, reference_conv_bias_act(x, -weight, bias, res, 1, p)) <= 1e-5
 
 
 @needs_extension
@@ -356,6 +365,99 @@ def test_cpu_winograd_opcheck(gen):
     assert WINOGRAD in ops.explain(x, weight, res, padding=1, backend="native")
     torch.library.opcheck(torch.ops.resnet_fused.native_conv_bias_act.default,
                           (x, weight, b, res, [1, 1], [1, 1], [1, 1], 1, True))
+
+
+# ---- 1x1 stride-1 convs as one GEMM over the pixels, float32 NHWC --------------------
+
+
+def _conv1x1_case(gen, n, c, k, h, w, residual=True, bias=True):
+    x, weight, b, res = make_case(gen, n, c, h, w, k, 1, 1, 0, 1, 1, torch.float32, residual, channels_last=True)
+    return x, weight, b if bias else None, res
+
+
+@needs_extension
+@needs_avx2
+@pytest.mark.parametrize("n, c, k, h, w", [
+    (2, 64, 256, 7, 7),
+    (1, 3, 8, 2, 2),
+    (3, 24, 24, 5, 4),
+    (1, 64, 64, 1, 2),
+    (2, 16, 8, 6, 6),
+], ids=["blocks_and_a_short_row_group", "fewer_pixels_than_a_row_group", "k_16_plus_8", "two_pixels", "k_8"])
+@pytest.mark.parametrize("residual", [False, True], ids=["no_residual", "residual"])
+@pytest.mark.parametrize("relu", [False, True], ids=["no_relu", "relu"])
+@pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
+def test_cpu_conv1x1_matches_reference(gen, n, c, k, h, w, residual, relu, bias):
+    x, weight, b, res = _conv1x1_case(gen, n, c, k, h, w, residual, bias)
+    assert CONV1X1 in ops.explain(x, weight, res, backend="native")
+    out = run_native(x, weight, b, res, 1, 0, 1, 1, relu)
+    ref = reference_conv_bias_act(x, weight, b, res, 1, 0, 1, 1, relu)
+    assert out.shape == ref.shape and out.is_contiguous(memory_format=torch.channels_last)
+    assert relative_error(out, ref) <= TOLERANCES[torch.float32]
+
+
+@needs_extension
+@needs_avx2
+@pytest.mark.parametrize("change, why", [
+    (dict(channels_last=False), "input not channels_last"),
+    (dict(k=12), "12 output channels (needs a multiple of 8)"),
+    (dict(c=256, k=128), "256 -> 128 channels (128 KiB of weight; the GEMM without cache blocking is for at "
+                         "most 64 KiB, oneDNN is faster above)"),
+    (dict(stride=2), "not a 1x1 stride-1 unpadded ungrouped conv"),
+    (dict(padding=1), "not a 1x1 stride-1 unpadded ungrouped conv"),
+    (dict(groups=2), "not a 1x1 stride-1 unpadded ungrouped conv"),
+    (dict(knob="0"), "RESNET_FUSED_CPU_CONV1X1=0"),
+], ids=["nchw", "odd_k", "large_weight", "stride_2", "padding_1", "groups_2", "knob_off"])
+def test_cpu_conv1x1_refusals_are_explained_and_still_correct(gen, monkeypatch, change, why):
+    a = dict(c=16, k=16, stride=1, padding=0, groups=1, channels_last=True, knob=None) | change
+    if a["knob"] is not None:
+        monkeypatch.setenv("RESNET_FUSED_CPU_CONV1X1", a["knob"])
+    x, weight, b, res = make_case(gen, 2, a["c"], 9, 9, a["k"], 1, a["stride"], a["padding"], 1, a["groups"],
+                                  torch.float32, True, a["channels_last"])
+    text = ops.explain(x, weight, res, a["stride"], a["padding"], 1, a["groups"], backend="native")
+    assert "oneDNN conv" in text and f"(not the 1x1 GEMM: {why}" in text, text
+    out = run_native(x, weight, b, res, a["stride"], a["padding"], 1, a["groups"], True)
+    ref = reference_conv_bias_act(x, weight, b, res, a["stride"], a["padding"], 1, a["groups"], True)
+    assert relative_error(out, ref) <= 1e-5
+
+
+@needs_extension
+@needs_avx2
+def test_cpu_conv1x1_knob_rejects_unknown_values(gen, monkeypatch):
+    x, weight, b, res = _conv1x1_case(gen, 1, 8, 8, 6, 6)
+    monkeypatch.setenv("RESNET_FUSED_CPU_CONV1X1", "on")
+    with pytest.raises(RuntimeError, match=r"RESNET_FUSED_CPU_CONV1X1 should be 0 \(off\) or 1 .* got 'on'"):
+        ops.conv_bias_act(x, weight, b, res, backend="native")
+
+
+@needs_extension
+@needs_avx2
+@pytest.mark.parametrize("poison", ["nan_input", "inf_input", "nan_weight", "inf_weight", "nan_residual",
+                                    "nan_bias"])
+def test_cpu_conv1x1_keeps_non_finite_values_where_a_direct_conv_puts_them(gen, monkeypatch, poison):
+    x, weight, b, res = _conv1x1_case(gen, 2, 16, 24, 5, 5)
+    what, where = poison.split("_")
+    target = {"input": x, "weight": weight, "residual": res, "bias": b}[where]
+    index = {"input": (1, 3, 2, 4), "weight": (5, 7, 0, 0), "residual": (0, 9, 1, 1), "bias": (11,)}[where]
+    target[index] = float(what)
+    assert CONV1X1 in ops.explain(x, weight, res, backend="native")
+    out = ops.conv_bias_act(x, weight, b, res, backend="native")
+    ref = reference_conv_bias_act(x, weight, b, res, 1, 0)
+    assert torch.equal(out.isnan(), ref.isnan()) and torch.equal(out.isinf(), ref.isinf())
+    assert (~out.isfinite()).any() and out.isfinite().any()
+    monkeypatch.setenv("RESNET_FUSED_CPU_CONV1X1", "0")
+    direct = ops.conv_bias_act(x, weight, b, res, backend="native")
+    assert torch.equal(out.isnan(), direct.isnan()) and torch.equal(out.isinf(), direct.isinf())
+    assert relative_error(out.nan_to_num(0.0, 0.0, 0.0), direct.nan_to_num(0.0, 0.0, 0.0)) <= 1e-5
+
+
+@needs_extension
+@needs_avx2
+def test_cpu_conv1x1_opcheck(gen):
+    x, weight, b, res = _conv1x1_case(gen, 2, 8, 24, 5, 3)
+    assert CONV1X1 in ops.explain(x, weight, res, backend="native")
+    torch.library.opcheck(torch.ops.resnet_fused.native_conv_bias_act.default,
+                          (x, weight, b, res, [1, 1], [0, 0], [1, 1], 1, True))
 
 
 @needs_extension

@@ -5,6 +5,9 @@
 // (winograd.cpp); the weight is transformed once per fold and cached like oneDNN's
 // packed weights below. A call that meets a NaN/Inf there is recomputed by oneDNN.
 //
+// Stride-1 1x1 convs in float32 NHWC with at most 64 KiB of weight (ResNet-50's layer1):
+// one GEMM over the pixels with the epilogue applied to each register tile (conv1x1.cpp).
+//
 // Other convs: oneDNN's convolution with the bias as its post-op, then the residual
 // add and the ReLU as ATen's vectorized in-place add_ and relu_.
 // Measured on ResNet-50's residual 1x1 convs (benchmarks/NOTES.md): oneDNN's binary
@@ -32,13 +35,14 @@
 #include <vector>
 
 #include "../conv_bias_act.h"
+#include "conv1x1.h"
 #include "winograd.h"
 
 namespace resnet_fused {
 namespace ops {
 namespace {
 
-enum class CpuPath { kWinograd, kOneDnn, kOneDnnFloat32, kConvThenEpilogue };
+enum class CpuPath { kWinograd, kConv1x1, kOneDnn, kOneDnnFloat32, kConvThenEpilogue };
 
 // ---- ATen's oneDNN fused conv ops, looked up once ----------------------------------
 
@@ -100,9 +104,19 @@ std::pair<CpuPath, std::string> choose_path(const at::Tensor& x, const at::Tenso
             "Winograd F(4x4,3x3) with bias, residual and ReLU fused in the output transform (weight transformed "
             "once); oneDNN for a call that meets a non-finite value"};
   }
-  // Say why a 3x3 conv is not Winograd's only where the answer is not obvious.
-  const bool square3 = weight.size(2) == 3 && weight.size(3) == 3;
-  const std::string aside = square3 && x.scalar_type() == at::kFloat ? " (not Winograd: " + not_winograd + ")" : "";
+  const std::string not_1x1 = conv1x1::refusal(x, weight, g);
+  if (not_1x1.empty()) {
+    return {CpuPath::kConv1x1,
+            "1x1 conv as one GEMM over the pixels (AVX2 6x16 register tiles) with bias, residual and ReLU applied "
+            "to each tile before its store"};
+  }
+  // Say why a float32 3x3 or 1x1 conv took neither only where the answer is not obvious.
+  std::string aside;
+  if (x.scalar_type() == at::kFloat && weight.size(2) == 3 && weight.size(3) == 3) {
+    aside = " (not Winograd: " + not_winograd + ")";
+  } else if (x.scalar_type() == at::kFloat && weight.size(2) == 1 && weight.size(3) == 1) {
+    aside = " (not the 1x1 GEMM: " + not_1x1 + ")";
+  }
   const auto dtype = x.scalar_type();
   if (onednn_has_dtype(dtype)) {
     return {CpuPath::kOneDnn,
@@ -131,7 +145,7 @@ std::pair<CpuPath, std::string> choose_path(const at::Tensor& x, const at::Tenso
 // On a miss, the weight's older entries and those of freed weights are dropped, so the
 // cache holds about one packed copy per live weight and input shape.
 
-enum class Packing : int64_t { kOneDnn, kWinograd };
+enum class Packing : int64_t { kOneDnn, kWinograd, kConv1x1 };
 
 using WeakTensorImpl = c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>;
 
@@ -180,6 +194,9 @@ class PackedWeightCache {
   static at::Tensor pack(const at::Tensor& weight, Packing packing, const ConvGeometry& g, at::IntArrayRef x_sizes) {
     if (packing == Packing::kWinograd) {
       return winograd::transform_weight(weight);
+    }
+    if (packing == Packing::kConv1x1) {
+      return conv1x1::pack_weight(weight);
     }
     return at::mkldnn_reorder_conv2d_weight(weight.contiguous().to_mkldnn(), g.padding, g.stride, g.dilation,
                                             g.groups, x_sizes);
@@ -294,6 +311,9 @@ at::Tensor native_conv_bias_act_cpu(const at::Tensor& x, const at::Tensor& weigh
       }
       return onednn_conv_bias_act(x, weight, bias, residual, g, relu, at::kFloat, fmt);
     }
+    case CpuPath::kConv1x1:
+      return conv1x1::conv_bias_act(x, packed_weights().get(weight, Packing::kConv1x1, at::kFloat, g, {}), bias,
+                                    residual, relu);
     case CpuPath::kOneDnn:
       return onednn_conv_bias_act(x, weight, bias, residual, g, relu, x.scalar_type(), fmt);
     case CpuPath::kOneDnnFloat32:
