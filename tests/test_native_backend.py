@@ -672,6 +672,27 @@ def test_gpu_stem_and_float32_fall_back_to_cudnn(gen, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(ON_GPU and not GPU_NATIVE, reason=f"no CUDA kernels in this build: {INFO}")
+@pytest.mark.parametrize("c, k, r, s, p, groups, dtype", [
+    (64, 64, 3, 1, 1, 1, torch.float16),
+    (3, 64, 7, 2, 3, 1, torch.float16),
+    (64, 64, 3, 1, 1, 32, torch.float16),
+    (64, 64, 1, 1, 0, 1, torch.float32),
+], ids=["cutlass", "stem_fallback", "grouped_fallback", "float32_fallback"])
+@pytest.mark.parametrize("residual", [False, True], ids=["no_residual", "residual"])
+def test_gpu_nan_reaches_the_output_on_every_path(gen, c, k, r, s, p, groups, dtype, residual):
+    """A NaN pixel must come out NaN wherever a direct conv + torch.relu puts it: no
+    fused ReLU may turn it into 0 (cuDNN's and oneDNN's map NaN to 0)."""
+    x, weight, bias, res = make_case(gen, 2, c, 12, 12, k, r, s, p, 1, groups, dtype, residual, channels_last=True)
+    x[1, 0, 5, 6] = float("nan")
+    x, weight, bias = x.cuda(), weight.cuda(), bias.cuda()
+    res = None if res is None else res.cuda()
+    out = run_native(x, weight, bias, res, s, p, 1, groups, True)
+    ref = reference_conv_bias_act(x, weight, bias, res, s, p, 1, groups, True, device="cuda")
+    assert ref.isnan().any() and torch.equal(out.isnan().cpu(), ref.isnan().cpu())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(ON_GPU and not GPU_NATIVE, reason=f"no CUDA kernels in this build: {INFO}")
 @pytest.mark.parametrize("arch", resnet_fused.ARCHS)
 def test_gpu_whole_model_parity(arch, gen):
     tv_model = seeded_torchvision_model(arch, seed=5, calibration_size=32)

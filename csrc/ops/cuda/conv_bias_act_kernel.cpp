@@ -3,10 +3,11 @@
 // fp16/bf16 NHWC convs run a CUTLASS implicit GEMM with the epilogue fused
 // (csrc/cutlass/: sm80 kernels with two tiles, and sm90a ones where built). Everything that kernel refuses -- the 3-channel stem, grouped
 // convs, float32, NCHW activations, a misaligned pointer, an architecture this build
-// has no code for -- takes cuDNN: its fused conv+bias+add+ReLU
-// (cudnn_convolution_add_relu) or conv+bias+ReLU (cudnn_convolution_relu) where
-// there is a ReLU, else conv with bias (+ the residual). The path and the reason
-// are what native_conv_bias_act_path returns.
+// has no code for -- takes cuDNN's conv with bias, then the residual add and ReLU in
+// place. Not cuDNN's fused conv+add+ReLU (cudnn_convolution_add_relu): cuDNN's ReLU is
+// reported to map NaN to 0 (as oneDNN's does on the CPU, measured), and a garbage input
+// must not come out as plausible numbers; torch.relu keeps NaN. The path and the
+// reason are what native_conv_bias_act_path returns.
 //
 // This file holds no device code, so the host compiler builds it; the CUTLASS
 // templates are in torch-free .cu units behind a plain launch interface.
@@ -208,38 +209,14 @@ at::Tensor generic_conv_bias_act(const at::Tensor& x, const at::Tensor& weight, 
   return y;
 }
 
-at::Tensor cudnn_conv_bias_act(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                               const std::optional<at::Tensor>& residual, const ConvGeometry& g, bool relu,
-                               at::MemoryFormat fmt) {
-  if (!relu) {
-    return generic_conv_bias_act(x, weight, bias, residual, g, relu, fmt);
-  }
-  at::Tensor y;
-  try {
-    y = residual.has_value()
-            ? at::cudnn_convolution_add_relu(x, weight, residual->contiguous(x.suggest_memory_format()), 1, bias,
-                                             g.stride, g.padding, g.dilation, g.groups)
-            : at::cudnn_convolution_relu(x, weight, bias, g.stride, g.padding, g.dilation, g.groups);
-  } catch (const c10::Error& e) {
-    // cuDNN's runtime-fusion engines do not take every shape and dtype; the unfused
-    // ops always run. Say so once, not once per call.
-    static std::once_flag warned;
-    std::call_once(warned, [&] {
-      TORCH_WARN("resnet_fused: cuDNN's fused conv+ReLU refused a call (", e.what_without_backtrace(),
-                 "); running conv, add and ReLU unfused where it does");
-    });
-    return generic_conv_bias_act(x, weight, bias, residual, g, relu, fmt);
-  }
-  return y.is_contiguous(fmt) ? y : y.contiguous(fmt);
-}
-
 std::string cudnn_path(const at::Tensor& x, bool relu, bool residual) {
   if (!at::globalContext().userEnabledCuDNN() || !at::detail::getCUDAHooks().compiledWithCuDNN()) {
     return "cuDNN is off";
   }
-  if (relu && residual) return "cudnn_convolution_add_relu";
-  if (relu) return "cudnn_convolution_relu";
-  return residual ? "conv with bias, then the residual add" : "conv with bias";
+  std::string path = "conv with bias";
+  if (residual) path += relu ? ", then the residual add and ReLU in place" : ", then the residual add in place";
+  else if (relu) path += ", then ReLU in place";
+  return relu ? path + " (not cuDNN's fused ReLU, which is reported to map NaN to 0)" : path;
 }
 
 at::Tensor native_conv_bias_act_cuda(const at::Tensor& x, const at::Tensor& weight,
@@ -252,11 +229,7 @@ at::Tensor native_conv_bias_act_cuda(const at::Tensor& x, const at::Tensor& weig
   if (cutlass_refusal(x, weight, residual, g, out, relu, &key).empty()) {
     return cutlass_conv_bias_act(x, weight, bias, residual, g, out, key);
   }
-  const at::MemoryFormat fmt = output_memory_format(x);
-  if (cudnn_path(x, relu, residual.has_value()) == "cuDNN is off" || x.numel() == 0) {
-    return generic_conv_bias_act(x, weight, bias, residual, g, relu, fmt);
-  }
-  return cudnn_conv_bias_act(x, weight, bias, residual, g, relu, fmt);
+  return generic_conv_bias_act(x, weight, bias, residual, g, relu, output_memory_format(x));
 }
 
 std::string native_conv_bias_act_path_cuda(const at::Tensor& x, const at::Tensor& weight,
