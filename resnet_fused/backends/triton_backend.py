@@ -57,6 +57,7 @@ calls it whenever the Triton backend is asked for.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -410,12 +411,14 @@ def bias_residual_relu_(y: Tensor, bias: Optional[Tensor], residual: Optional[Te
     numel = y.numel()
     block = 1024
     grid = (triton.cdiv(numel, block),)
-    _launchable(_bias_residual_relu_kernel, y)[grid](
-        y, *_stand_ins(y, bias, residual),
-        numel, y.shape[1], y.shape[2] * y.shape[3],
-        HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, RELU=relu,
-        CHANNELS_LAST=fmt == torch.channels_last, BLOCK=block, num_warps=4,
-    )
+    # Triton launches on the current device's stream: make that y's device.
+    with torch.cuda.device(y.device) if y.is_cuda else contextlib.nullcontext():
+        _launchable(_bias_residual_relu_kernel, y)[grid](
+            y, *_stand_ins(y, bias, residual),
+            numel, y.shape[1], y.shape[2] * y.shape[3],
+            HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, RELU=relu,
+            CHANNELS_LAST=fmt == torch.channels_last, BLOCK=block, num_warps=4,
+        )
     return y
 
 
