@@ -166,9 +166,12 @@ std::string cutlass_refusal(const at::Tensor& x, const at::Tensor& weight, const
   return "";
 }
 
-at::Tensor cutlass_conv_bias_act(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                                 const std::optional<at::Tensor>& residual, const ConvGeometry& g,
-                                 const std::array<int64_t, 4>& out, const cc::KernelKey& key) {
+// nullopt when CUTLASS failed to launch a kernel that can_implement accepted (e.g. the
+// shared-memory attribute was refused): the caller then runs the unfused path.
+std::optional<at::Tensor> cutlass_conv_bias_act(const at::Tensor& x, const at::Tensor& weight,
+                                                const std::optional<at::Tensor>& bias,
+                                                const std::optional<at::Tensor>& residual, const ConvGeometry& g,
+                                                const std::array<int64_t, 4>& out, const cc::KernelKey& key) {
   // Packed NHWC/KRSC with 16-byte aligned data; a view that is not gets copied
   // (the fused modules pass tensors that already are).
   const auto operand = [](const at::Tensor& t, at::MemoryFormat fmt) {
@@ -193,8 +196,12 @@ at::Tensor cutlass_conv_bias_act(const at::Tensor& x, const at::Tensor& weight, 
   }
   const char* error = cc::run(key, p, workspace.defined() ? workspace.data_ptr() : nullptr,
                               c10::cuda::getCurrentCUDAStream(x.get_device()).stream());
-  TORCH_CHECK(error == nullptr, "resnet_fused native CUDA conv failed: ", error, " (x ", shape_str(x.sizes()),
-              ", weight ", shape_str(weight.sizes()), ", ", x.scalar_type(), ")");
+  if (error != nullptr) {
+    TORCH_WARN("resnet_fused: the CUTLASS kernel ", cc::variant_name(key.variant), " failed to run (", error, "; x ",
+               shape_str(x.sizes()), ", weight ", shape_str(weight.sizes()), ", ", x.scalar_type(),
+               "); this call runs cuDNN's conv, then the add and ReLU");
+    return std::nullopt;
+  }
   return y;
 }
 
@@ -227,7 +234,9 @@ at::Tensor native_conv_bias_act_cuda(const at::Tensor& x, const at::Tensor& weig
   c10::cuda::CUDAGuard guard(x.device());
   cc::KernelKey key{};
   if (cutlass_refusal(x, weight, residual, g, out, relu, &key).empty()) {
-    return cutlass_conv_bias_act(x, weight, bias, residual, g, out, key);
+    if (auto y = cutlass_conv_bias_act(x, weight, bias, residual, g, out, key)) {
+      return *y;
+    }
   }
   return generic_conv_bias_act(x, weight, bias, residual, g, relu, output_memory_format(x));
 }
