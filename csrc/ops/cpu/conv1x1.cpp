@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "avx2.h"
+#include "switches.h"
 
 namespace resnet_fused {
 namespace ops {
@@ -92,11 +93,7 @@ RESNET_FUSED_AVX2_END
 }  // namespace
 
 std::string refusal(const at::Tensor& x, const at::Tensor& weight, const ConvGeometry& g) {
-  const char* knob = std::getenv("RESNET_FUSED_CPU_CONV1X1");
-  const std::string setting = knob ? knob : "";
-  TORCH_CHECK(setting.empty() || setting == "0" || setting == "1",
-              "RESNET_FUSED_CPU_CONV1X1 should be 0 (off) or 1 (on, the default), got '", setting, "'");
-  if (setting == "0") {
+  if (switched_off("RESNET_FUSED_CPU_CONV1X1")) {
     return "RESNET_FUSED_CPU_CONV1X1=0";
   }
   if (x.scalar_type() != at::kFloat) {

@@ -41,6 +41,7 @@
 #include <cstdlib>
 
 #include "avx2.h"
+#include "switches.h"
 
 namespace resnet_fused {
 namespace ops {
@@ -246,11 +247,7 @@ constexpr int64_t kMinBlock = 32;
 }  // namespace
 
 std::string refusal(const at::Tensor& x, const at::Tensor& weight, const ConvGeometry& g) {
-  const char* knob = std::getenv("RESNET_FUSED_CPU_WINOGRAD");
-  const std::string setting = knob ? knob : "";
-  TORCH_CHECK(setting.empty() || setting == "0" || setting == "1",
-              "RESNET_FUSED_CPU_WINOGRAD should be 0 (off) or 1 (on, the default), got '", setting, "'");
-  if (setting == "0") {
+  if (switched_off("RESNET_FUSED_CPU_WINOGRAD")) {
     return "RESNET_FUSED_CPU_WINOGRAD=0";
   }
   if (x.scalar_type() != at::kFloat) {
