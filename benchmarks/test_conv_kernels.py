@@ -42,10 +42,12 @@ PROVIDERS += ["cudnn_conv", "eager_conv_bn_add_relu"]
 
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_conv_layer(benchmark, layer, provider, device, dtype):
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator(device=device).manual_seed(0)  # drawn where they run (batch 256: ~200M values)
     sets = [layer.tensors(dtype, device, gen) for _ in range(2)]  # rotate two input sets
-    bn = [t.to(device, dtype) for t in (torch.randn(layer.k, generator=gen), torch.rand(layer.k, generator=gen) + 0.5,
-                                        torch.rand(layer.k, generator=gen) + 0.5, torch.randn(layer.k, generator=gen))]
+    bn = [torch.randn(layer.k, generator=gen, device=device).to(dtype),
+          torch.rand(layer.k, generator=gen, device=device).to(dtype) + 0.5,
+          torch.rand(layer.k, generator=gen, device=device).to(dtype) + 0.5,
+          torch.randn(layer.k, generator=gen, device=device).to(dtype)]
     bn_args = (bn[0], bn[1], bn[2], bn[3])  # running_mean, running_var, weight, bias
     if provider.startswith("fused_"):
         backend = provider.removeprefix("fused_")

@@ -82,8 +82,9 @@ class ConvLayer:
         p, q = self.out_hw
         cl = torch.channels_last
 
-        def rand(*shape):
-            return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
+        def rand(*shape):  # drawn where the generator lives (a CUDA one: no host-side draw and copy)
+            where = gen.device if gen is not None else "cpu"
+            return torch.randn(*shape, generator=gen, device=where).to(device=device, dtype=dtype)
 
         x = rand(self.n, self.c, self.h, self.w).contiguous(memory_format=cl)
         fan_in = self.c // self.groups * self.r * self.s

@@ -60,9 +60,11 @@ def tolerance(dtype: torch.dtype, device: torch.device | str = "cpu") -> float:
 
 
 def relative_error(out: Tensor, ref: Tensor) -> float:
-    """||out - ref|| / ||ref|| in float64 on the CPU; inf if ``out`` has NaN or inf."""
-    out64 = out.detach().to("cpu", torch.float64)
-    ref64 = ref.detach().to("cpu", torch.float64)
+    """||out - ref|| / ||ref|| in float64 (on their GPU when both are on the same one, else
+    on the CPU); inf if ``out`` has NaN or inf."""
+    where = out.device if out.device == ref.device else torch.device("cpu")
+    out64 = out.detach().to(where, torch.float64)
+    ref64 = ref.detach().to(where, torch.float64)
     if out64.shape != ref64.shape:
         raise ValueError(f"shapes differ: out {tuple(out64.shape)}, ref {tuple(ref64.shape)}")
     if not torch.isfinite(out64).all():

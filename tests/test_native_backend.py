@@ -600,10 +600,10 @@ GPU_CASES = _gpu_cases()
                          ids=[f"{a}-b{b}-{layer.name.replace(' ', '_')}" for a, b, layer in GPU_CASES])
 def test_gpu_resnet_layers(case, dtype, residual):
     _, batch, layer = case
-    gen = torch.Generator().manual_seed(batch)
+    gen = torch.Generator(device="cuda").manual_seed(batch)  # batch 256: ~200M values, drawn on the GPU
     x, weight, bias, res = layer.tensors(dtype, "cuda", gen)
     if residual and res is None:
-        res = torch.randn(layer.n, layer.k, *layer.out_hw, generator=gen).to("cuda", dtype)
+        res = torch.randn(layer.n, layer.k, *layer.out_hw, generator=gen, device="cuda").to(dtype)
         res = res.contiguous(memory_format=torch.channels_last)
     elif not residual:
         res = None

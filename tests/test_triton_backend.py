@@ -679,7 +679,7 @@ GPU_CASES = [
 @pytest.mark.parametrize("case", GPU_CASES, ids=[f"{a}-b{b}-{layer.name.replace(' ', '_')}" for a, b, layer in GPU_CASES])
 def test_gpu_resnet_layers(case, dtype):
     arch, batch, layer = case
-    gen = torch.Generator().manual_seed(batch)
+    gen = torch.Generator(device="cuda").manual_seed(batch)  # batch 256: drawn on the GPU, not the host
     x, weight, bias, res = layer.tensors(dtype, "cuda", gen)
     prev = torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = False
@@ -702,7 +702,7 @@ def test_gpu_every_tile_config_is_correct(layer, config, dtype=torch.float16):
     from resnet_fused.backends import triton_backend as tb
 
     cfg = CONFIGS[config]
-    x, w, b, r = layer.tensors(dtype, "cuda", torch.Generator().manual_seed(config))
+    x, w, b, r = layer.tensors(dtype, "cuda", torch.Generator(device="cuda").manual_seed(config))
     y = torch.full((layer.n, layer.k, *layer.out_hw), float("nan"), device="cuda", dtype=dtype)
     y = y.contiguous(memory_format=torch.channels_last)
     c, k = layer.c // layer.groups, layer.k // layer.groups
@@ -732,7 +732,7 @@ GEMM_LAYERS = [layer for layer, _ in conv_layers("resnet50", 32, 224) if layer.r
 def test_gpu_gemm_tma_every_config_on_resnet50_1x1_layers(layer, dtype, config):
     from resnet_fused.backends import triton_backend as tb
 
-    x, w, b, r = layer.tensors(dtype, "cuda", torch.Generator().manual_seed(config))
+    x, w, b, r = layer.tensors(dtype, "cuda", torch.Generator(device="cuda").manual_seed(config))
     args = (x, w, b, r, [1, 1], [0, 0], [1, 1], 1, layer.relu)
     assert tb.algorithm_refusal("gemm_tma", args) is None
     y = tb.gemm_tma(*args, config=tb.GEMM_CONFIGS[config])
@@ -753,7 +753,7 @@ CONV_TMA_LAYERS = [layer for layer, _ in conv_layers("resnet50", 32, 224)
 def test_gpu_conv_tma_every_config_on_resnet50_layers(layer, dtype, config):
     from resnet_fused.backends import triton_backend as tb
 
-    x, w, b, r = layer.tensors(dtype, "cuda", torch.Generator().manual_seed(config))
+    x, w, b, r = layer.tensors(dtype, "cuda", torch.Generator(device="cuda").manual_seed(config))
     w = w.contiguous(memory_format=torch.channels_last)
     args = (x, w, b, r, [layer.stride] * 2, [layer.padding] * 2, [1, 1], 1, layer.relu)
     assert tb.algorithm_refusal("conv_tma", args) is None
@@ -835,7 +835,7 @@ def test_gpu_graph_capture_of_an_unseen_shape_does_not_benchmark(monkeypatch):
 
     monkeypatch.setattr(tb, "_warm", set())
     layer = ConvLayer(3, 64, 13, 13, 256, 1, 1, 1, 0, 1, 1, True, True)  # a 1x1 shape no other test uses
-    x, w, b, r = layer.tensors(torch.float16, "cuda", torch.Generator().manual_seed(3))
+    x, w, b, r = layer.tensors(torch.float16, "cuda", torch.Generator(device="cuda").manual_seed(3))
     ref = reference_conv_bias_act(x, w, b, r, 1, 0, device="cuda")
     graph = torch.cuda.CUDAGraph()
     with torch.inference_mode():
@@ -854,7 +854,7 @@ def test_gpu_gemm_tma_tile_is_tuned_once_and_remembered(monkeypatch, tmp_path):
     monkeypatch.setenv("RESNET_FUSED_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(tb, "_tma_tiles", {})
     layer = ConvLayer(4, 128, 12, 12, 256, 1, 1, 1, 0, 1, 1, True, True)
-    x, w, b, r = layer.tensors(torch.bfloat16, "cuda", torch.Generator().manual_seed(4))
+    x, w, b, r = layer.tensors(torch.bfloat16, "cuda", torch.Generator(device="cuda").manual_seed(4))
     args = (x, w, b, r, [1, 1], [0, 0], [1, 1], 1, True)
     first = tb.gemm_tma(*args)
     assert len(tb._tma_tiles) == 1 and (tmp_path / "triton_tma_tiles.json").exists()
