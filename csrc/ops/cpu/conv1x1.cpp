@@ -61,11 +61,11 @@ static inline void store_tile(const float* tile, int64_t valid, int nr, int64_t 
   }
 }
 
-// Pixels [row0, row0 + count) of x (rows of C floats) through all of W. ``pad`` holds 6
-// rows: the last row group, when it has fewer than 6 pixels, is copied there and
-// zero-filled, so the kernel never reads past x.
+// Pixels [row0, row0 + count) of x (rows of C floats) through all of W. The last row
+// group, when it has fewer than 6 pixels, is copied into ``pad`` (6 rows, sized on first
+// need) and zero-filled, so the kernel never reads past x.
 static void block(const float* x, int64_t row0, int64_t count, int64_t c, const float* w, int64_t k,
-                  const float* bias, const float* residual, bool relu, float* y, float* pad) {
+                  const float* bias, const float* residual, bool relu, float* y, std::vector<float>& pad) {
   alignas(32) float tile[6 * 16];
   for (int64_t k0 = 0; k0 < k; k0 += 16) {
     const int nr = k - k0 >= 16 ? 16 : 8;  // K % 8 == 0
@@ -73,9 +73,10 @@ static void block(const float* x, int64_t row0, int64_t count, int64_t c, const 
       const int64_t valid = std::min<int64_t>(6, count - g);
       const float* v = x + (row0 + g) * c;
       if (valid < 6) {
-        std::copy(v, v + valid * c, pad);
-        std::fill(pad + valid * c, pad + 6 * c, 0.f);
-        v = pad;
+        pad.resize(6 * c);
+        std::copy(v, v + valid * c, pad.begin());
+        std::fill(pad.begin() + valid * c, pad.end(), 0.f);
+        v = pad.data();
       }
       if (nr == 16) {
         gemm_6x16(v, c, w + k0, k, tile, 16, c);
@@ -145,10 +146,10 @@ at::Tensor conv_bias_act(const at::Tensor& x, const at::Tensor& w, const std::op
   float* y_ptr = y.mutable_data_ptr<float>();
   const int64_t blocks = (pixels + kRowsPerBlock - 1) / kRowsPerBlock;
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> pad(6 * c);
+    std::vector<float> pad;  // allocated only by a block ending in a short row group
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t row0 = blk * kRowsPerBlock;
-      block(x_ptr, row0, std::min(kRowsPerBlock, pixels - row0), c, w_ptr, k, b_ptr, r_ptr, relu, y_ptr, pad.data());
+      block(x_ptr, row0, std::min(kRowsPerBlock, pixels - row0), c, w_ptr, k, b_ptr, r_ptr, relu, y_ptr, pad);
     }
   });
   return y;

@@ -135,8 +135,9 @@ std::pair<CpuPath, std::string> choose_path(const at::Tensor& x, const at::Tenso
 
 // ---- weights packed once per (weight tensor, version, geometry) ---------------------
 //
-// Two packings: oneDNN's blocked layout for the call's geometry and input sizes, or
-// Winograd's transformed weight (independent of the input sizes, so one per weight).
+// Three packings: oneDNN's blocked layout for the call's geometry and input sizes,
+// Winograd's transformed weight, or the 1x1 GEMM's W^T (the last two independent of the
+// input sizes, so one per weight).
 //
 // An entry is served only while its weight tensor is alive and unchanged: same
 // TensorImpl, version counter, data pointer, sizes and strides. That catches in-place
