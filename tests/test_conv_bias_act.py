@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import resnet_fused
-from resnet_fused import ops
+from resnet_fused import backends, ops
 from resnet_fused.testing import TOLERANCES, reference_conv_bias_act, relative_error
 
 # (why it is here, N, C, H, W, K, R, stride, padding, dilation, groups)
@@ -94,6 +94,46 @@ def test_gradients_match_autograd_of_the_reference(gen):
     assert torch.autograd.gradcheck(
         lambda *a: ops.conv_bias_act(*a, stride=1, padding=1, groups=2, relu=True), (x, weight, bias, res)
     )
+
+
+# (why, C, K, R, stride, padding, dtype): each lands on a different path of the native
+# CPU kernel (Winograd, the 1x1 GEMM, oneDNN, oneDNN in float32 for bfloat16)
+VIEW_CASES = [
+    ("3x3 stride 1", 16, 16, 3, 1, 1, torch.float32),
+    ("1x1 stride 1", 16, 24, 1, 1, 0, torch.float32),
+    ("3x3 stride 2", 8, 16, 3, 2, 1, torch.float32),
+    ("3x3 bfloat16", 8, 16, 3, 1, 1, torch.bfloat16),
+]
+
+
+def strided_views(gen, n, c, h, w, k, r, stride, padding, dtype):
+    """x, weight, bias and residual as views that are dense in no memory format: x and
+    the residual every other channel of a wider NHWC tensor, the bias every other
+    element of a longer vector, the weight a transposed copy read back through .t()."""
+    x = torch.randn(n, h, w, 2 * c, generator=gen).to(dtype).permute(0, 3, 1, 2)[:, ::2]
+    weight = (torch.randn(c, k, r, r, generator=gen) / (c * r * r) ** 0.5).to(dtype).transpose(0, 1)
+    bias = torch.randn(2 * k, generator=gen).to(dtype)[::2]
+    p = (h + 2 * padding - r) // stride + 1
+    q = (w + 2 * padding - r) // stride + 1
+    res = torch.randn(n, p, q, 2 * k, generator=gen).to(dtype).permute(0, 3, 1, 2)[:, 1::2]
+    return x, weight, bias, res
+
+
+@pytest.mark.parametrize("backend", ["torch", "native", "triton"])
+@pytest.mark.parametrize("case", VIEW_CASES, ids=[c[0] for c in VIEW_CASES])
+def test_strided_and_expanded_views_on_every_backend(gen, backend, case):
+    """A bias, residual, x or weight that is a strided view is read through its strides
+    (a native kernel and every Triton kernel once read the bias as if dense: wrong answers)."""
+    if backend not in resnet_fused.available_backends("cpu"):
+        pytest.skip(f"{backend} does not run on this machine's CPU: {backends.unavailable_reason(backend)}")
+    _, c, k, r, s, p, dtype = case
+    x, weight, bias, res = strided_views(gen, 2, c, 9, 7, k, r, s, p, dtype)
+    assert not bias.is_contiguous() and not res.is_contiguous(memory_format=torch.channels_last)
+    expanded = torch.randn(1, generator=gen).to(dtype).expand(k)
+    for b in (bias, expanded):
+        out = ops.conv_bias_act(x, weight, b, res, stride=s, padding=p, relu=True, backend=backend)
+        ref = reference_conv_bias_act(x, weight, b, res, s, p)
+        assert relative_error(out, ref) <= TOLERANCES[dtype], ops.explain(x, weight, res, s, p, backend=backend)
 
 
 def test_backend_auto_and_available_backends():

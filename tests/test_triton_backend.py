@@ -191,6 +191,28 @@ def test_tma_takes_odd_strides_on_size_one_dimensions(monkeypatch, gen, algorith
     run_and_check(x, weight, bias, None, 1, r // 2, 1, 1, True)
 
 
+@pytest.mark.parametrize("algorithm, r", [
+    ("implicit_gemm", 3), ("cudnn_epilogue", 3),
+    pytest.param("gemm_tma", 1, marks=needs_tma), pytest.param("conv_tma", 3, marks=needs_tma),
+])
+def test_every_algorithm_reads_strided_bias_and_residual(monkeypatch, gen, algorithm, r):
+    """Each kernel reads the bias at bias_ptr + k: a strided or expanded bias view (and,
+    where the algorithm takes one, a residual dense in no format) must still give the
+    right answer (it once did not)."""
+    monkeypatch.setenv("RESNET_FUSED_TRITON_ALGO", algorithm)
+    n, c, h, w, k = 2, 16, 7, 5, 24
+    x = torch.randn(n, c, h, w, generator=gen).to(torch.float16).contiguous(memory_format=torch.channels_last)
+    weight = (torch.randn(k, c, r, r, generator=gen) / (c * r * r) ** 0.5).to(torch.float16)
+    res = torch.randn(n, h, w, 2 * k, generator=gen).to(torch.float16).permute(0, 3, 1, 2)[:, ::2]
+    if algorithm.endswith("_tma"):  # they refuse a residual that is not dense NHWC (explained)
+        res = res.contiguous(memory_format=torch.channels_last)
+    for bias in (torch.randn(2 * k, generator=gen).to(torch.float16)[1::2],
+                 torch.randn(1, generator=gen).to(torch.float16).expand(k)):
+        assert f"({algorithm}, as RESNET_FUSED_TRITON_ALGO says)" in ops.explain(
+            *on_device(x, weight, res), 1, r // 2, backend="triton")
+        run_and_check(x, weight, bias, res, 1, r // 2, 1, 1, True)
+
+
 @pytest.mark.parametrize("kind, reason", [
     ("3x3_stride2", MSG),
     ("1x1", MSG),

@@ -408,6 +408,8 @@ def bias_residual_relu_(y: Tensor, bias: Optional[Tensor], residual: Optional[Te
         raise ValueError(f"y should be dense in {fmt}, got strides {y.stride()}")
     if residual is not None and residual.stride() != y.stride():
         residual = residual.contiguous(memory_format=fmt)
+    if bias is not None:
+        bias = bias.contiguous()
     numel = y.numel()
     block = 1024
     grid = (triton.cdiv(numel, block),)
@@ -1176,6 +1178,8 @@ def conv_bias_act_triton(x, weight, bias, residual, stride, padding, dilation, g
 
     While a CUDA graph is captured nothing may be benchmarked: a call that was not run
     before the capture (the usual warm-up) takes its algorithm's heuristic tile."""
+    if bias is not None:  # every kernel reads the bias at bias_ptr + k: a strided view is copied
+        bias = bias.contiguous()
     args = (x, weight, bias, residual, stride, padding, dilation, groups, relu)
     if not x.is_cuda or type(x) is not Tensor:  # the interpreter, or a trace: nothing is captured
         return ALGORITHMS[choose_algorithm(args, timing=x.is_cuda and AUTOTUNE)](*args)

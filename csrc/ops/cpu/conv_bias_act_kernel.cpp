@@ -258,7 +258,8 @@ at::Tensor onednn_conv_bias_act(const at::Tensor& x, const at::Tensor& weight, c
   const std::vector<int64_t> padding(g.padding.begin(), g.padding.end());
   const std::vector<int64_t> stride(g.stride.begin(), g.stride.end());
   const std::vector<int64_t> dilation(g.dilation.begin(), g.dilation.end());
-  c10::IValue b = bias.has_value() ? c10::IValue(bias->to(compute)) : c10::IValue();
+  // oneDNN reads the bias as a dense vector: a strided or expanded view is copied.
+  c10::IValue b = bias.has_value() ? c10::IValue(bias->to(compute).contiguous()) : c10::IValue();
   const c10::List<std::optional<at::Scalar>> no_scalars;
   torch::jit::Stack stack = {xc, packed, b, padding, stride, dilation, g.groups, std::string("none"), no_scalars,
                              c10::IValue()};
