@@ -10,7 +10,7 @@ Quick use::
 from . import ops
 from ._extension import extension_info
 from .backends import available_backends
-from .fold import FoldCache, fold_batchnorm
+from .fold import FoldCache, fold_batchnorm, refold
 from .fuse import fuse, unfuse
 from .models import (
     ARCHS,
@@ -42,6 +42,7 @@ __all__ = [
     "unfuse",
     "fold_batchnorm",
     "FoldCache",
+    "refold",
     "FusedConvBNAct",
     "FusedBasicBlock",
     "FusedBottleneck",

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-__all__ = ["fold_batchnorm", "foldable_batchnorm", "FoldCache"]
+__all__ = ["fold_batchnorm", "foldable_batchnorm", "FoldCache", "refold"]
 
 
 def fold_batchnorm(
@@ -79,10 +79,12 @@ class FoldCache:
 
     :meth:`get` refolds whenever any of the six tensors changed: a new storage
     (``.to()``, ``.half()``, assignment) changes its data pointer or dtype, and every
-    in-place write (``load_state_dict``, optimizer steps, edits under no_grad) bumps
-    its version counter. So the cache never serves a stale fold. It holds on to the
-    storages it folded from, so no new tensor can reuse their addresses while the
-    key still names them.
+    in-place write through the tensor (``load_state_dict``, optimizer steps, edits
+    under no_grad) bumps its version counter. It holds on to the storages it folded
+    from, so no new tensor can reuse their addresses while the key still names them.
+    One write it cannot see: through ``.data`` (``conv.weight.data.mul_(2)``), a
+    detached alias with a version counter of its own. After such an edit call
+    :func:`refold`.
     """
 
     __slots__ = ("_key", "_value", "_sources")
@@ -130,3 +132,29 @@ def _state_key(tensors, eps: float, channels_last: bool):
             return None
         key.append((t.data_ptr(), version, t.dtype, t.device, tuple(t.shape)))
     return tuple(key)
+
+
+def refold(model: Optional[nn.Module] = None) -> int:
+    """Forget folded and packed weights, so the next forward folds the parameters as they are now.
+
+    The caches follow every change PyTorch can see on their own (see :class:`FoldCache`;
+    the native CPU backend's packed weights keep the same rule). An edit through
+    ``.data`` is the one they cannot see: call ``refold(model)`` after one. Without
+    ``model`` (the op called on your own weights) only the native backend's packed
+    weights are dropped. Returns the number of cached entries dropped.
+    """
+    from . import _extension
+
+    if model is not None and not isinstance(model, nn.Module):
+        raise TypeError(f"model should be an nn.Module or None, got {type(model).__name__}")
+    dropped = 0
+    for module in () if model is None else model.modules():
+        for value in vars(module).values():
+            caches = value.values() if isinstance(value, dict) else (value,)
+            for cache in caches:
+                if isinstance(cache, FoldCache) and cache._key is not None:
+                    cache.clear()
+                    dropped += 1
+    if _extension.load() is None:
+        dropped += torch.ops.resnet_fused.native_clear_packed_weights()
+    return dropped

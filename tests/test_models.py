@@ -180,6 +180,27 @@ def test_fold_cache_refreshes_after_in_place_edits(gen):
     assert _check(fused, tv_model, gen) <= FP32
 
 
+@pytest.mark.parametrize("backend", ["torch", "native"])
+def test_refold_after_edits_through_data(gen, backend):
+    """``.data`` is a detached alias with a version counter of its own: no cache can see
+    a write through it, so refold() is the documented step after one."""
+    if backend not in resnet_fused.available_backends("cpu"):
+        pytest.skip(f"{backend} does not run on the CPU here")
+    tv_model = seeded_torchvision_model("resnet18", seed=25, calibration_size=32)
+    fused = fused_twin(tv_model, arch="resnet18", backend=backend)
+    if backend == "native":
+        fused = fused.to(memory_format=torch.channels_last)
+    assert _check(fused, tv_model, gen) <= FP32  # fills the fold and packed-weight caches
+    for model in (tv_model, fused):
+        model.layer1[0].conv1.weight.data.mul_(-2.0)
+        model.layer2[1].bn2.running_var.data.fill_(5.0)
+        model.conv1.weight.data.mul_(0.5)
+    assert resnet_fused.refold(fused) >= 3
+    assert _check(fused, tv_model, gen) <= FP32
+    with pytest.raises(TypeError, match="model should be an nn.Module or None, got str"):
+        resnet_fused.refold("resnet18")
+
+
 def test_fold_cache_refreshes_after_dtype_round_trip(gen):
     tv_model = seeded_torchvision_model("resnet18", seed=23, calibration_size=32)
     fused = fused_twin(tv_model, arch="resnet18")

@@ -182,6 +182,21 @@ def test_cpu_packed_weight_follows_in_place_edits_and_new_tensors(gen, channels_
 
 @needs_extension
 @PACKINGS
+def test_cpu_packed_weight_refold_after_an_edit_through_data(gen, channels_last, r, packing):
+    """An edit through ``.data`` bumps no version counter the cache could see; refold()
+    empties the cache (documented), after which the op packs the weight again."""
+    p = r // 2
+    x, weight, bias, res = make_case(gen, 2, 8, 7, 7, 16, r, 1, p, 1, 1, torch.float32, True, channels_last)
+    ops.conv_bias_act(x, weight, bias, res, padding=p, backend="native")  # packed and cached
+    weight.data.mul_(-2.0)
+    assert resnet_fused.refold() >= 1
+    out = ops.conv_bias_act(x, weight, bias, res, padding=p, backend="native")
+    assert relative_error(out, reference_conv_bias_act(x, weight, bias, res, 1, p)) <= 1e-5
+    assert resnet_fused.refold() >= 1 and resnet_fused.refold() == 0
+
+
+@needs_extension
+@PACKINGS
 def test_cpu_inference_mode_weights_are_correct(gen, channels_last, r, packing):
     """Inference tensors keep no version counter; the op packs such a weight per call."""
     p = r // 2

@@ -142,7 +142,8 @@ std::pair<CpuPath, std::string> choose_path(const at::Tensor& x, const at::Tenso
 // An entry is served only while its weight tensor is alive and unchanged: same
 // TensorImpl, version counter, data pointer, sizes and strides. That catches in-place
 // edits, optimizer steps, load_state_dict, `w.data = t` and address reuse. Not seen:
-// edits through `w.data.add_(...)` (a detached alias has its own version counter).
+// edits through `w.data.add_(...)` (a detached alias has its own version counter):
+// resnet_fused.refold() empties the cache (native_clear_packed_weights) after one.
 // On a miss, the weight's older entries and those of freed weights are dropped, so the
 // cache holds about one packed copy per live weight and input shape.
 
@@ -189,6 +190,14 @@ class PackedWeightCache {
     }
     entries_.insert_or_assign(key, PackedWeight{WeakTensorImpl(source.getIntrusivePtr()), state, packed});
     return packed;
+  }
+
+  // Drops every entry; returns how many there were.
+  int64_t clear() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const auto n = static_cast<int64_t>(entries_.size());
+    entries_.clear();
+    return n;
   }
 
  private:
@@ -335,6 +344,11 @@ std::string native_conv_bias_act_path_cpu(const at::Tensor& x, const at::Tensor&
 }
 
 }  // namespace
+
+TORCH_LIBRARY_FRAGMENT(resnet_fused, m) {
+  // Empties the packed-weight cache (resnet_fused.refold); returns the entries dropped.
+  m.def("native_clear_packed_weights() -> int", [] { return packed_weights().clear(); });
+}
 
 TORCH_LIBRARY_IMPL(resnet_fused, CPU, m) {
   m.impl("native_conv_bias_act", &native_conv_bias_act_cpu);
