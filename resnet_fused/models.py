@@ -19,7 +19,7 @@ from torchvision.models import resnet as tv_resnet
 
 from . import backends
 from .fold import FoldCache, foldable_batchnorm
-from .modules import conv_bn_act
+from .modules import conv_bn_act, watched
 
 __all__ = [
     "ResNet",
@@ -73,7 +73,7 @@ class ResNet(nn.Module):
             # (train mode on the CPU keeps the caller's layout: it is torchvision's
             # forward, and a layout change would change its rounding)
             x = x.contiguous(memory_format=torch.channels_last)
-        if self._stem_fold is not None and type(self.relu) is nn.ReLU:
+        if self._stem_fold is not None and type(self.relu) is nn.ReLU and not watched(self.conv1, self.bn1, self.relu):
             x = conv_bn_act(self.conv1, self.bn1, self._stem_fold, x, relu=True, backend=self.backend)
         else:
             x = self.relu(self.bn1(self.conv1(x)))

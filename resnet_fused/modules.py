@@ -6,7 +6,9 @@ Each fused module keeps torchvision's own submodules under torchvision's names
 
 * eval mode: every conv+BN pair is one :func:`resnet_fused.ops.conv_bias_act` call
   on the folded weights (cached, see :class:`~resnet_fused.fold.FoldCache`); a block's
-  last conv takes the residual add and the ReLU in the same call.
+  last conv takes the residual add and the ReLU in the same call. While a forward
+  hook watches one of the modules a fused call would skip, those modules run
+  themselves (torchvision's forward), so every hook fires as it would unfused.
 * train mode: torchvision's forward, op for op (batch statistics, running-stat
   updates, autograd through everything).
 """
@@ -16,6 +18,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules import module as _module_state
 from torchvision.models import resnet as tv_resnet
 
 from . import backends
@@ -23,6 +26,22 @@ from .fold import FoldCache, fold_modules, foldable_batchnorm, uses_batch_statis
 from .ops import conv_bias_act
 
 __all__ = ["FusedConvBNAct", "FusedBasicBlock", "FusedBottleneck", "conv_bn_act"]
+
+
+def watched(*modules: Optional[nn.Module]) -> bool:
+    """True when a forward hook (or pre-hook) would see any of ``modules`` run: one of
+    their own or of their submodules, or a global one. A fused forward calls none of
+    them, so it must then run the modules themselves (checked per call: a hook may be
+    added after fusing)."""
+    if _module_state._global_forward_hooks or _module_state._global_forward_pre_hooks:
+        return True
+    for module in modules:
+        if module is None:
+            continue
+        for m in module.modules():
+            if m._forward_hooks or m._forward_pre_hooks:
+                return True
+    return False
 
 
 def _fold_needs_grad(conv: nn.Conv2d, bn: nn.Module) -> bool:
@@ -85,6 +104,9 @@ class FusedConvBNAct(nn.Module):
         self._fold = FoldCache()
 
     def forward(self, x: Tensor) -> Tensor:
+        if watched(self.conv, self.bn, self.act):
+            x = self.bn(self.conv(x))
+            return x if self.act is None else self.act(x)
         return conv_bn_act(self.conv, self.bn, self._fold, x, relu=self.act is not None, backend=self.backend)
 
     def extra_repr(self) -> str:
@@ -150,7 +172,7 @@ class _FusedBlock(nn.Module):
     def _identity(self, x: Tensor) -> Tensor:
         if self.downsample is None:
             return x
-        if self._downsample_fold is None:
+        if self._downsample_fold is None or watched(self.downsample):
             return self.downsample(x)
         conv, bn = self.downsample
         return conv_bn_act(conv, bn, self._downsample_fold, x, relu=False, backend=self.backend)
@@ -177,7 +199,7 @@ class FusedBasicBlock(_FusedBlock):
     _pairs = (("conv1", "bn1"), ("conv2", "bn2"))
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.training:
+        if self.training or watched(self.conv1, self.bn1, self.conv2, self.bn2, self.relu):
             return self._reference_forward(x)
         identity = self._identity(x)
         out = self._pair("conv1", "bn1", x, relu=True)
@@ -195,7 +217,7 @@ class FusedBottleneck(_FusedBlock):
     _pairs = (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"))
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.training:
+        if self.training or watched(self.conv1, self.bn1, self.conv2, self.bn2, self.conv3, self.bn3, self.relu):
             return self._reference_forward(x)
         identity = self._identity(x)
         out = self._pair("conv1", "bn1", x, relu=True)

@@ -168,6 +168,51 @@ def test_a_conv_whose_output_feeds_anything_else_is_not_fused(gen):
     assert type(resnet_fused.fuse(Branchy()).conv) is nn.Conv2d
 
 
+@pytest.mark.parametrize("when", ["before_fusing", "after_fusing"])
+def test_hooks_on_modules_inside_fused_ones_still_fire(gen, when):
+    """A fused forward skips calling conv, bn and relu; while any of them (or a global
+    hook) is watched, the fused modules run them so every hook sees what it would unfused."""
+    tv_model = seeded_torchvision_model("resnet50", seed=7, calibration_size=32).eval()
+    names = ["conv1", "bn1", "relu", "layer1.0.conv1", "layer1.0.bn2", "layer1.0.relu",
+             "layer2.0.downsample.0", "layer3.1.conv3"]
+
+    def watch(model, seen):
+        for name in names:
+            model.get_submodule(name).register_forward_hook(
+                lambda m, i, o, name=name: seen.append((name, tuple(o.shape), o.detach().double().sum().item())))
+
+    seen_tv, seen_fused = [], []
+    watch(tv_model, seen_tv)
+    fused = resnet_fused.fuse(tv_model) if when == "before_fusing" else None
+    if fused is None:
+        plain = copy.deepcopy(tv_model)
+        plain._forward_hooks.clear()
+        for m in plain.modules():
+            m._forward_hooks.clear()
+        fused = resnet_fused.fuse(plain)
+        watch(fused, seen_fused)
+    else:
+        for m in fused.modules():  # the deep copy carried the hooks (appending to seen_tv)
+            m._forward_hooks.clear()
+        watch(fused, seen_fused)
+    x = torch.randn(2, 3, 32, 32, generator=gen)
+    with torch.no_grad():
+        out, ref = fused(x), tv_model(x)
+    assert relative_error(out, ref.double()) <= FP32
+    assert [s[:2] for s in seen_fused] == [s[:2] for s in seen_tv] and len(seen_tv) == 10  # a block runs its relu 3 times
+    for (name, _, a), (_, _, b) in zip(seen_fused, seen_tv):
+        assert abs(a - b) <= 1e-4 * max(1.0, abs(b)), name
+    seen_global = []
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda m, i, o: seen_global.append(type(m).__name__) if isinstance(m, nn.Conv2d) else None)
+    try:
+        with torch.no_grad():
+            assert relative_error(fused(x), ref.double()) <= FP32
+    finally:
+        handle.remove()
+    assert seen_global.count("Conv2d") == sum(isinstance(m, nn.Conv2d) for m in tv_model.modules())
+
+
 def test_blocks_with_non_relu_activation_are_left_alone():
     model = torchvision.models.resnet18()
     model.layer1[0].relu = nn.SiLU()
