@@ -231,13 +231,27 @@ def default_providers(device: torch.device, cuda_graphs: bool) -> list[str]:
     return names
 
 
-def check_provider(name: str) -> None:
+def check_provider(name: str, device: Optional[torch.device] = None) -> None:
+    """ValueError unless ``name`` is a provider that can run on ``device`` (when given).
+
+    A fused provider whose backend cannot run on the device is refused, not timed: its
+    calls would all fall back to the torch backend and be reported under its name."""
     base = name.removesuffix("+graphs")
     if base not in MODEL_PROVIDERS:
         valid = ", ".join(list(MODEL_PROVIDERS) + [f"{p}+graphs" for p in MODEL_PROVIDERS if p.startswith("fused_")])
         raise ValueError(f"unknown provider {name!r}; expected one of {valid}")
     if name.endswith("+graphs") and not base.startswith("fused_"):
         raise ValueError(f"+graphs applies to the fused providers only, got {name!r}")
+    if device is None:
+        return
+    if name.endswith("+graphs") and device.type != "cuda":
+        raise ValueError(f"{name} replays a CUDA graph: it needs a cuda device, got {device}")
+    if base.startswith("fused_"):
+        backend = base.removeprefix("fused_")
+        if backend not in backends.available_backends(device):
+            why = backends.unavailable_reason(backend) or f"the {backend} backend has no {device.type} kernels here"
+            here = ", ".join(f"fused_{b}" for b in backends.available_backends(device))
+            raise ValueError(f"{name} cannot run on {device}: {why} (fused providers that can: {here})")
 
 
 @contextlib.contextmanager
@@ -260,7 +274,7 @@ def model_runner(
     Setup (compiling, autotuning, scripting, CUDA-graph capture) happens here, on
     ``example``, and is what the returned seconds measure; the callable is warm.
     """
-    check_provider(provider)
+    check_provider(provider, example.device)
     device, dtype = example.device, example.dtype
     start = time.perf_counter()
     graphs = provider.endswith("+graphs")

@@ -32,6 +32,19 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _cuda_refusal(devices: Sequence[str]) -> Optional[str]:
+    """Why one of ``devices`` cannot be used on this machine, or None."""
+    for text in devices:
+        device = torch.device(text)
+        if device.type != "cuda":
+            continue
+        if not torch.cuda.is_available():
+            return f"--device {text} was asked for, but torch.cuda.is_available() is False on this machine"
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            return f"--device {text}: this machine has {torch.cuda.device_count()} CUDA device(s) (cuda:0..)"
+    return None
+
+
 def _device_arg(text: str) -> str:
     try:
         device = torch.device(text)
@@ -102,7 +115,7 @@ def _add_validate(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed for weights, statistics and images (default 0)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=_cmd_validate)
+    p.set_defaults(func=_cmd_validate, subparser=p)
 
 
 def _fmt(value: Optional[float]) -> str:
@@ -115,8 +128,9 @@ def _cmd_validate(args, parser) -> int:
     from .validate import default_devices, plan, run_validation
 
     devices = args.device
-    if devices and any(d.startswith("cuda") for d in devices) and not torch.cuda.is_available():
-        parser.error("--device cuda was asked for, but torch.cuda.is_available() is False on this machine")
+    refusal = _cuda_refusal(devices or [])
+    if refusal:
+        parser.error(refusal)
     if args.image_size < 32:
         parser.error(f"--image-size should be at least 32 (ResNets downsample by 32), got {args.image_size}")
     console = _console()
@@ -187,7 +201,7 @@ def _add_bench(sub) -> None:
     p.add_argument("--json", metavar="PATH", help="write the results as JSON to PATH")
     p.add_argument("--plot", metavar="PATH", help="draw images/s per provider into a PNG at PATH")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=_cmd_bench)
+    p.set_defaults(func=_cmd_bench, subparser=p)
 
 
 def _cmd_bench(args, parser) -> int:
@@ -196,20 +210,24 @@ def _cmd_bench(args, parser) -> int:
     from .bench import check_provider, default_providers, run_model_bench
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda was asked for, but torch.cuda.is_available() is False on this machine")
+    refusal = _cuda_refusal([str(device)])
+    if refusal:
+        parser.error(refusal)
+    if args.rounds > args.runs:
+        parser.error(f"--rounds ({args.rounds}) should be at most --runs ({args.runs}): each round times "
+                     "at least one run of every provider")
     if args.image_size < 32:
         parser.error(f"--image-size should be at least 32 (ResNets downsample by 32), got {args.image_size}")
     dtype = args.dtype or (torch.float16 if device.type == "cuda" else torch.float32)
     batch_sizes = args.batch_size or ([1, 256] if device.type == "cuda" else [8])
     providers = args.providers or default_providers(device, args.cuda_graphs)
-    for name in providers:
-        try:
-            check_provider(name)
-        except ValueError as exc:
-            parser.error(str(exc))
     if args.cuda_graphs and device.type != "cuda":
         parser.error("--cuda-graphs needs --device cuda")
+    for name in providers:
+        try:
+            check_provider(name, device)
+        except ValueError as exc:
+            parser.error(str(exc))
     if args.cuda_graphs and args.providers:
         providers += [f"{p}+graphs" for p in args.providers if p.startswith("fused_") and "+graphs" not in p]
     # torch.compile's max-autotune takes minutes: run it last so a time limit costs only it
@@ -283,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    return args.func(args, parser)
+    return args.func(args, args.subparser)  # errors print the subcommand's usage
 
 
 if __name__ == "__main__":

@@ -62,13 +62,29 @@ def test_validate_bfloat16_on_cpu_reports_torchs_own_error(capsys):
         (["bench", "--arch", "vgg16"], "invalid choice: 'vgg16'"),
         (["bench", "--image-size", "8"], "--image-size should be at least 32"),
         (["bench", "--batch-size", "-1"], "expected a positive integer"),
+        (["bench", "--device", "cpu", "--providers", "fused_torch+graphs"],
+         "fused_torch+graphs replays a CUDA graph: it needs a cuda device, got cpu"),
+        (["bench", "--device", "cpu", "--runs", "2", "--rounds", "3"], "--rounds (3) should be at most --runs (2)"),
     ],
 )
 def test_bad_options_get_clear_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(argv)
     assert exc.value.code == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err
+    assert f"usage: resnet-fused {argv[0]}" in err  # the subcommand's usage, not the top level's
+
+
+def test_bench_refuses_a_fused_provider_whose_backend_cannot_run_there(monkeypatch, capsys):
+    """Its calls would all fall back to the torch backend and be timed under its name."""
+    from resnet_fused import backends
+
+    monkeypatch.setattr(backends, "available_backends", lambda device=None: ["torch"])
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--device", "cpu", "--providers", "fused_native"])
+    err = capsys.readouterr().err
+    assert "fused_native cannot run on cpu" in err and "(fused providers that can: fused_torch)" in err
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a GPU")
