@@ -38,14 +38,14 @@ def main(batch: int = 256, out_path: str | None = None, device: str = "cuda", ar
         row = {"layer": layer.name, "count": count, "batch": batch, "flops": layer.flops}
         if "native" in fused:
             x, w, _, r = sets[0]
-            row["native_path"] = ops.explain(x, w, r, layer.stride, layer.padding, layer.dilation, layer.groups,
+            row["native_path"] = ops.explain(x, w, None, r, layer.stride, layer.padding, layer.dilation, layer.groups,
                                              backend="native")
         with torch.inference_mode():
             for name, call in calls.items():
                 row[name] = time_fn(call, device, warmup=3, runs=20, cuda_graph=True).median_ms
         if "triton" in fused:  # which Triton algorithm the timing above ran (chosen on its first call)
             x, w, _, r = sets[0]
-            row["triton_path"] = ops.explain(x, w, r, layer.stride, layer.padding, layer.dilation, layer.groups,
+            row["triton_path"] = ops.explain(x, w, None, r, layer.stride, layer.padding, layer.dilation, layer.groups,
                                              backend="triton")
         rows.append(row)
         c, e = row["cudnn_conv"], row["eager_conv_bn_add_relu"]

@@ -29,13 +29,22 @@ IntOrPair = Union[int, Sequence[int]]
 available_backends = backends.available_backends
 
 
+def _shown(value) -> str:
+    """A value for an error message: a tensor by its shape and dtype, not its contents."""
+    if isinstance(value, Tensor):
+        return f"a Tensor of shape {tuple(value.shape)} ({value.dtype})"
+    if isinstance(value, (tuple, list)) and any(isinstance(v, Tensor) for v in value):
+        return f"a {type(value).__name__} holding " + ", ".join(_shown(v) for v in value)
+    return f"{type(value).__name__} {value!r}"
+
+
 def _pair(value: IntOrPair, name: str) -> list[int]:
     if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt, tuple, list)):
-        raise TypeError(f"{name} should be an int or a pair of ints, got {type(value).__name__} {value!r}")
+        raise TypeError(f"{name} should be an int or a pair of ints, got {_shown(value)}")
     if isinstance(value, (int, torch.SymInt)):
         return [value, value]
     if len(value) != 2 or not all(isinstance(v, (int, torch.SymInt)) and not isinstance(v, bool) for v in value):
-        raise TypeError(f"{name} should be an int or a pair of ints, got {value!r}")
+        raise TypeError(f"{name} should be an int or a pair of ints, got {_shown(value)}")
     return list(value)
 
 
@@ -233,20 +242,26 @@ def _eager_fast_path(*tensors: Optional[Tensor]) -> bool:
 def explain(
     x: Tensor,
     weight: Tensor,
+    bias: Optional[Tensor] = None,
     residual: Optional[Tensor] = None,
     stride: IntOrPair = 1,
     padding: IntOrPair = 0,
     dilation: IntOrPair = 1,
     groups: int = 1,
+    relu: bool = True,
     backend: Optional[str] = None,
 ) -> str:
     """Say which backend a :func:`conv_bias_act` call with these arguments runs on, and why.
 
-    Example: ``explain(x, w, backend="triton")`` on a machine without a GPU ->
+    Takes exactly :func:`conv_bias_act`'s arguments, so ``explain(*args, **kwargs)``
+    describes ``conv_bias_act(*args, **kwargs)``. Example: ``explain(x, w, backend="triton")``
+    on a machine without a GPU ->
     ``"runs on 'torch'; skipped 'triton': no CUDA device and TRITON_INTERPRET is not set"``.
     """
     stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
-    check_conv_bias_act_args(x, weight, None, residual, stride, padding, dilation, groups)
+    if not isinstance(relu, bool):
+        raise TypeError(f"relu should be a bool, got {type(relu).__name__}")
+    check_conv_bias_act_args(x, weight, bias, residual, stride, padding, dilation, groups)
     impl, skipped = backends.select(
         backends.resolve(backend, x.device), x, weight, residual, stride, padding, dilation, groups
     )

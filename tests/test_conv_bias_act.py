@@ -133,7 +133,7 @@ def test_strided_and_expanded_views_on_every_backend(gen, backend, case):
     for b in (bias, expanded):
         out = ops.conv_bias_act(x, weight, b, res, stride=s, padding=p, relu=True, backend=backend)
         ref = reference_conv_bias_act(x, weight, b, res, s, p)
-        assert relative_error(out, ref) <= TOLERANCES[dtype], ops.explain(x, weight, res, s, p, backend=backend)
+        assert relative_error(out, ref) <= TOLERANCES[dtype], ops.explain(x, weight, None, res, s, p, backend=backend)
 
 
 def test_backend_auto_and_available_backends():
@@ -185,16 +185,27 @@ BAD_INPUTS = [
     ("empty output", lambda x, w: (x[:, :, :2, :2], w, {}), ValueError, r"output would be empty"),
     ("not a tensor", lambda x, w: (x.tolist(), w, {}), TypeError, r"x should be a Tensor, got list"),
     ("relu not bool", lambda x, w: (x, w, {"relu": 1}), TypeError, r"relu should be a bool"),
+    ("tensor as stride", lambda x, w: (x, w, {"stride": torch.zeros(2, 6, 6, 6)}), TypeError,
+     r"stride should be an int or a pair of ints, got a Tensor of shape \(2, 6, 6, 6\) \(torch.float32\)$"),
 ]
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
-def test_bad_input_is_named_in_the_error(gen, case):
+@pytest.mark.parametrize("fn", ["conv_bias_act", "explain"])
+def test_bad_input_is_named_in_the_error(gen, case, fn):
     _, make, exc, pattern = case
     x, w = _bad(gen)
     x, w, kwargs = make(x, w)
     with pytest.raises(exc, match=pattern):
-        ops.conv_bias_act(x, w, **kwargs)
+        getattr(ops, fn)(x, w, **kwargs)
+
+
+def test_explain_takes_the_ops_own_arguments(gen):
+    """explain(*args, **kwargs) describes conv_bias_act(*args, **kwargs), positionally too."""
+    x, weight, bias, res = make_case(gen, 2, 8, 7, 7, 8, 3, 2, 1, 1, 2, torch.float32, True)
+    args = (x, weight, bias, res, 2, 1, 1, 2, True, "torch")
+    assert ops.explain(*args) == "runs on 'torch'"
+    assert relative_error(ops.conv_bias_act(*args), reference_conv_bias_act(x, weight, bias, res, 2, 1, 1, 2)) <= 1e-5
 
 
 @pytest.mark.slow

@@ -90,7 +90,7 @@ def test_library_holds_machine_code_for_each_arch():
 
 
 def run_native(x, weight, bias, res, s, p, d, g, relu):
-    assert ops.explain(x, weight, res, s, p, d, g, backend="native").startswith("runs on 'native'")
+    assert ops.explain(x, weight, None, res, s, p, d, g, backend="native").startswith("runs on 'native'")
     return ops.conv_bias_act(x, weight, bias, res, stride=s, padding=p, dilation=d, groups=g, relu=relu,
                              backend="native")
 
@@ -144,7 +144,7 @@ def test_cpu_random_shapes_match_reference(n, c_per_group, k_per_group, groups, 
 def test_cpu_paths_are_explained(gen):
     x, weight, _, res = make_case(gen, 2, 8, 6, 6, 8, 3, 1, 1, 1, 1, torch.float32, True)
     assert "oneDNN conv with the bias as a post-op (weight pre-packed), then the residual add and ReLU in place" \
-        in ops.explain(x, weight, res, padding=1)
+        in ops.explain(x, weight, None, res, padding=1)
     x64, w64 = x.double(), weight.double()
     assert "conv then one epilogue pass: oneDNN has no Double convolution" in ops.explain(x64, w64, padding=1)
     text = ops.explain(x.bfloat16(), weight.bfloat16(), padding=1, backend="native")
@@ -163,7 +163,7 @@ def test_cpu_packed_weight_follows_in_place_edits_and_new_tensors(gen, channels_
     p = r // 2
     x, weight, bias, res = make_case(gen, 2, 8, 7, 7, 16, r, 1, p, 1, 1, torch.float32, True, channels_last)
     if WINOGRAD_CPU:
-        assert packing in ops.explain(x, weight, res, padding=p, backend="native")
+        assert packing in ops.explain(x, weight, None, res, padding=p, backend="native")
     for _ in range(2):  # the second call is served from the packed-weight cache
         out = ops.conv_bias_act(x, weight, bias, res, padding=p, backend="native")
         assert relative_error(out, reference_conv_bias_act(x, weight, bias, res, 1, p)) <= 1e-5
@@ -275,7 +275,7 @@ def _winograd_case(gen, n, c, k, h, w, padding, residual=True, bias=True):
 @pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
 def test_cpu_winograd_matches_reference(gen, n, c, k, h, w, padding, residual, relu, bias):
     x, weight, b, res = _winograd_case(gen, n, c, k, h, w, padding, residual, bias)
-    assert WINOGRAD in ops.explain(x, weight, res, padding=padding, backend="native")
+    assert WINOGRAD in ops.explain(x, weight, None, res, padding=padding, backend="native")
     out = run_native(x, weight, b, res, 1, padding, 1, 1, relu)
     ref = reference_conv_bias_act(x, weight, b, res, 1, padding, 1, 1, relu)
     assert out.shape == ref.shape and out.is_contiguous(memory_format=torch.channels_last)
@@ -312,7 +312,7 @@ def test_cpu_winograd_refusals_are_explained_and_still_correct(gen, monkeypatch,
         monkeypatch.setenv("RESNET_FUSED_CPU_WINOGRAD", a["knob"])
     x, weight, b, res = make_case(gen, 2, a["c"], a["h"], a["h"], a["k"], 3, a["stride"], a["padding"], a["dilation"],
                                   a["groups"], torch.float32, True, a["channels_last"])
-    text = ops.explain(x, weight, res, a["stride"], a["padding"], a["dilation"], a["groups"], backend="native")
+    text = ops.explain(x, weight, None, res, a["stride"], a["padding"], a["dilation"], a["groups"], backend="native")
     assert "oneDNN conv" in text and f"(not Winograd: {why}" in text, text
     out = run_native(x, weight, b, res, a["stride"], a["padding"], a["dilation"], a["groups"], True)
     ref = reference_conv_bias_act(x, weight, b, res, a["stride"], a["padding"], a["dilation"], a["groups"], True)
@@ -327,7 +327,7 @@ def test_cpu_winograd_knob_rejects_unknown_values(gen, monkeypatch):
     with pytest.raises(RuntimeError, match=r"RESNET_FUSED_CPU_WINOGRAD should be 0 \(off\) or 1 .* got 'yes'"):
         ops.conv_bias_act(x, weight, b, res, padding=1, backend="native")
     monkeypatch.setenv("RESNET_FUSED_CPU_WINOGRAD", "1")
-    assert WINOGRAD in ops.explain(x, weight, res, padding=1, backend="native")
+    assert WINOGRAD in ops.explain(x, weight, None, res, padding=1, backend="native")
 
 
 @needs_extension
@@ -344,7 +344,7 @@ def test_cpu_winograd_hands_non_finite_calls_to_a_direct_conv(gen, monkeypatch, 
     target = x if what == "input" else weight
     target[(0, 3, 4, 4) if what == "input" else (3, 2, 1, 1)] = {"nan": float("nan"), "inf": float("inf"),
                                                              "huge": 1e38}[where]
-    assert WINOGRAD in ops.explain(x, weight, res, padding=1, backend="native")
+    assert WINOGRAD in ops.explain(x, weight, None, res, padding=1, backend="native")
     out = ops.conv_bias_act(x, weight, b, res, padding=1, backend="native")
     monkeypatch.setenv("RESNET_FUSED_CPU_WINOGRAD", "0")
     direct = ops.conv_bias_act(x, weight, b, res, padding=1, backend="native")
@@ -377,7 +377,7 @@ def test_cpu_winograd_keeps_nan_from_the_epilogue_inputs_in_place(gen, poison):
 @needs_avx2
 def test_cpu_winograd_opcheck(gen):
     x, weight, b, res = _winograd_case(gen, 2, 8, 16, 7, 7, 1)
-    assert WINOGRAD in ops.explain(x, weight, res, padding=1, backend="native")
+    assert WINOGRAD in ops.explain(x, weight, None, res, padding=1, backend="native")
     torch.library.opcheck(torch.ops.resnet_fused.native_conv_bias_act.default,
                           (x, weight, b, res, [1, 1], [1, 1], [1, 1], 1, True))
 
@@ -404,7 +404,7 @@ def _conv1x1_case(gen, n, c, k, h, w, residual=True, bias=True):
 @pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
 def test_cpu_conv1x1_matches_reference(gen, n, c, k, h, w, residual, relu, bias):
     x, weight, b, res = _conv1x1_case(gen, n, c, k, h, w, residual, bias)
-    assert CONV1X1 in ops.explain(x, weight, res, backend="native")
+    assert CONV1X1 in ops.explain(x, weight, None, res, backend="native")
     out = run_native(x, weight, b, res, 1, 0, 1, 1, relu)
     ref = reference_conv_bias_act(x, weight, b, res, 1, 0, 1, 1, relu)
     assert out.shape == ref.shape and out.is_contiguous(memory_format=torch.channels_last)
@@ -429,7 +429,7 @@ def test_cpu_conv1x1_refusals_are_explained_and_still_correct(gen, monkeypatch, 
         monkeypatch.setenv("RESNET_FUSED_CPU_CONV1X1", a["knob"])
     x, weight, b, res = make_case(gen, 2, a["c"], 9, 9, a["k"], 1, a["stride"], a["padding"], 1, a["groups"],
                                   torch.float32, True, a["channels_last"])
-    text = ops.explain(x, weight, res, a["stride"], a["padding"], 1, a["groups"], backend="native")
+    text = ops.explain(x, weight, None, res, a["stride"], a["padding"], 1, a["groups"], backend="native")
     assert "oneDNN conv" in text and f"(not the 1x1 GEMM: {why}" in text, text
     out = run_native(x, weight, b, res, a["stride"], a["padding"], 1, a["groups"], True)
     ref = reference_conv_bias_act(x, weight, b, res, a["stride"], a["padding"], 1, a["groups"], True)
@@ -455,7 +455,7 @@ def test_cpu_conv1x1_keeps_non_finite_values_where_a_direct_conv_puts_them(gen, 
     target = {"input": x, "weight": weight, "residual": res, "bias": b}[where]
     index = {"input": (1, 3, 2, 4), "weight": (5, 7, 0, 0), "residual": (0, 9, 1, 1), "bias": (11,)}[where]
     target[index] = float(what)
-    assert CONV1X1 in ops.explain(x, weight, res, backend="native")
+    assert CONV1X1 in ops.explain(x, weight, None, res, backend="native")
     out = ops.conv_bias_act(x, weight, b, res, backend="native")
     ref = reference_conv_bias_act(x, weight, b, res, 1, 0)
     assert torch.equal(out.isnan(), ref.isnan()) and torch.equal(out.isinf(), ref.isinf())
@@ -470,7 +470,7 @@ def test_cpu_conv1x1_keeps_non_finite_values_where_a_direct_conv_puts_them(gen, 
 @needs_avx2
 def test_cpu_conv1x1_opcheck(gen):
     x, weight, b, res = _conv1x1_case(gen, 2, 8, 24, 5, 3)
-    assert CONV1X1 in ops.explain(x, weight, res, backend="native")
+    assert CONV1X1 in ops.explain(x, weight, None, res, backend="native")
     torch.library.opcheck(torch.ops.resnet_fused.native_conv_bias_act.default,
                           (x, weight, b, res, [1, 1], [0, 0], [1, 1], 1, True))
 
@@ -623,7 +623,7 @@ def test_gpu_resnet_layers(case, dtype, residual):
     elif not residual:
         res = None
     s, p, d, g = layer.stride, layer.padding, layer.dilation, layer.groups
-    path = ops.explain(x, weight, res, s, p, d, g, backend="native")
+    path = ops.explain(x, weight, None, res, s, p, d, g, backend="native")
     out = run_native(x, weight, bias, res, s, p, d, g, layer.relu)
     ref = reference_conv_bias_act(x, weight, bias, res, s, p, d, g, layer.relu, device="cuda")
     assert relative_error(out, ref) <= TOLERANCES[dtype], path
@@ -655,7 +655,7 @@ def test_gpu_every_cutlass_kernel_is_correct(monkeypatch, gen, kernel, dtype, sh
         x, weight, bias, res = make_case(gen, n, c, h, w, k, r, s, p, d, 1, dtype, residual, channels_last=True)
         x, weight, bias = x.cuda(), weight.cuda().contiguous(memory_format=torch.channels_last), bias.cuda()
         res = None if res is None else res.cuda()
-        path = ops.explain(x, weight, res, s, p, d, 1, backend="native")
+        path = ops.explain(x, weight, None, res, s, p, d, 1, backend="native")
         assert f"CUTLASS implicit GEMM {kernel}," in path, path
         out = run_native(x, weight, bias, res, s, p, d, 1, relu)
         ref = reference_conv_bias_act(x, weight, bias, res, s, p, d, 1, relu, device="cuda")
@@ -678,7 +678,7 @@ def test_gpu_unknown_kernel_is_a_clear_error(monkeypatch, gen):
 def test_gpu_stem_and_float32_fall_back_to_cudnn(gen, dtype):
     x, weight, bias, _ = make_case(gen, 2, 3, 32, 32, 64, 7, 2, 3, 1, 1, dtype, False, channels_last=True)
     x, weight, bias = x.cuda(), weight.cuda(), bias.cuda()
-    path = ops.explain(x, weight, None, 2, 3, 1, 1, backend="native")
+    path = ops.explain(x, weight, None, None, 2, 3, 1, 1, backend="native")
     assert "cuDNN" in path and "refused" in path, path
     out = run_native(x, weight, bias, None, 2, 3, 1, 1, True)
     tol = 5e-4 if dtype == torch.float32 else TOLERANCES[dtype]

@@ -53,7 +53,7 @@ def tol(dtype):
 def run_and_check(x, weight, bias, res, s, p, d, g, relu, ref_device="cpu"):
     dev = torch.device(DEVICE)
     args = [t if t is None else t.to(dev) for t in (x, weight, bias, res)]
-    assert ops.explain(args[0], args[1], args[3], s, p, d, g, backend="triton").startswith("runs on 'triton'")
+    assert ops.explain(args[0], args[1], None, args[3], s, p, d, g, backend="triton").startswith("runs on 'triton'")
     out = ops.conv_bias_act(*args, stride=s, padding=p, dilation=d, groups=g, relu=relu, backend="triton")
     ref = reference_conv_bias_act(x, weight, bias, res, s, p, d, g, relu, device=ref_device)
     err = relative_error(out, ref)
@@ -120,7 +120,7 @@ def test_cudnn_conv_with_triton_epilogue(monkeypatch, gen, kind, dtype, channels
     _, n, c, h, w, k, r, s, p, d, g = kind
     x, weight, bias, res = make_case(gen, n, c, h, w, k, r, s, p, d, g, dtype, residual, channels_last)
     assert "cudnn_epilogue, as RESNET_FUSED_TRITON_ALGO says" in ops.explain(
-        x.to(DEVICE), weight.to(DEVICE), None if res is None else res.to(DEVICE), s, p, d, g, backend="triton")
+        x.to(DEVICE), weight.to(DEVICE), None, None if res is None else res.to(DEVICE), s, p, d, g, backend="triton")
     out = run_and_check(x, weight, bias, res, s, p, d, g, relu)
     assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
@@ -144,7 +144,7 @@ def test_gemm_tma_matches_reference(monkeypatch, gen, shape, dtype, residual, re
     x, weight, bias, res = make_case(gen, n, c, h, w, k, 1, 1, 0, 1, 1, dtype, residual, channels_last=True)
     dev = torch.device(DEVICE)
     assert "(gemm_tma, as RESNET_FUSED_TRITON_ALGO says)" in ops.explain(
-        x.to(dev), weight.to(dev), None if res is None else res.to(dev), backend="triton")
+        x.to(dev), weight.to(dev), None, None if res is None else res.to(dev), backend="triton")
     out = run_and_check(x, weight, bias, res, 1, 0, 1, 1, relu)
     assert out.is_contiguous(memory_format=torch.channels_last)
 
@@ -169,7 +169,7 @@ def test_conv_tma_matches_reference(monkeypatch, gen, shape, dtype, residual, re
     n, c, h, w, k, r, p, d = shape
     x, weight, bias, res = make_case(gen, n, c, h, w, k, r, 1, p, d, 1, dtype, residual, channels_last=True)
     assert "(conv_tma, as RESNET_FUSED_TRITON_ALGO says)" in ops.explain(
-        *on_device(x, weight, res), 1, p, d, backend="triton")
+        *on_device(x, weight, None, res), 1, p, d, backend="triton")
     out = run_and_check(x, weight, bias, res, 1, p, d, 1, relu)
     assert out.is_contiguous(memory_format=torch.channels_last)
 
@@ -209,7 +209,7 @@ def test_every_algorithm_reads_strided_bias_and_residual(monkeypatch, gen, algor
     for bias in (torch.randn(2 * k, generator=gen).to(torch.float16)[1::2],
                  torch.randn(1, generator=gen).to(torch.float16).expand(k)):
         assert f"({algorithm}, as RESNET_FUSED_TRITON_ALGO says)" in ops.explain(
-            *on_device(x, weight, res), 1, r // 2, backend="triton")
+            *on_device(x, weight, None, res), 1, r // 2, backend="triton")
         run_and_check(x, weight, bias, res, 1, r // 2, 1, 1, True)
 
 
@@ -242,7 +242,7 @@ def test_conv_tma_strided_1x1_matches_reference(monkeypatch, gen, shape, residua
     n, c, h, w, k, stride = shape
     x, weight, bias, res = make_case(gen, n, c, h, w, k, 1, stride, 0, 1, 1, torch.float16, residual,
                                      channels_last=True)
-    assert "(conv_tma, as RESNET_FUSED_TRITON_ALGO says)" in ops.explain(*on_device(x, weight, res), stride,
+    assert "(conv_tma, as RESNET_FUSED_TRITON_ALGO says)" in ops.explain(*on_device(x, weight, None, res), stride,
                                                                         backend="triton")
     run_and_check(x, weight, bias, res, stride, 0, 1, 1, True)
 
@@ -278,7 +278,7 @@ def test_gemm_tma_refuses_what_it_cannot_take(monkeypatch, gen, change, reason):
         x = shifted
     args = (x, weight, None, res, [opt["stride"]] * 2, [opt["padding"]] * 2, [1, 1], 1, True)
     assert reason in tb.algorithm_refusal("gemm_tma", args)
-    assert reason in ops.explain(args[0], args[1], args[3], args[4], args[5], backend="triton")
+    assert reason in ops.explain(args[0], args[1], None, args[3], args[4], args[5], backend="triton")
     run_and_check(x, weight, bias, res, opt["stride"], opt["padding"], 1, 1, True)
 
 
@@ -405,7 +405,7 @@ def test_skipped_algorithms_are_not_candidates(monkeypatch, gen):
     assert {n for n in tb.ALGORITHMS if tb.algorithm_refusal(n, args) is None} == {"implicit_gemm", "cudnn_epilogue"}
     monkeypatch.setenv("RESNET_FUSED_TRITON_ALGO", "conv_tma")  # forcing a skipped one: implicit_gemm, said why
     assert "asks for conv_tma, which does not take this call (skipped by RESNET_FUSED_TRITON_SKIP)" in \
-        ops.explain(x, weight, None, 1, 1, backend="triton")
+        ops.explain(x, weight, None, None, 1, 1, backend="triton")
     monkeypatch.setenv("RESNET_FUSED_TRITON_SKIP", "implicit_gemm")
     with pytest.raises(ValueError, match="implicit_gemm is the algorithm every call falls back to"):
         tb.algorithm_refusal("implicit_gemm", args)
@@ -426,7 +426,7 @@ def test_1x1_convs_time_all_three_algorithms(monkeypatch, gen, fresh_choices):
     args = (x, weight, bias, res, [1, 1], [0, 0], [1, 1], 1, True)
     assert tb.choose_algorithm(args, timing=True) == "gemm_tma"
     assert "(gemm_tma: measured fastest of implicit_gemm, cudnn_epilogue, gemm_tma for this shape)" in \
-        ops.explain(x, weight, res, backend="triton")
+        ops.explain(x, weight, None, res, backend="triton")
     ref = reference_conv_bias_act(x, weight, bias, res, 1, 0, device=DEVICE)
     assert len(ran) == 3 and all(relative_error(out, ref) <= tol(torch.float16) for out in ran)
 
