@@ -102,13 +102,13 @@ def conv_layers(arch: str, batch_size: int, image_size: int = 224, **kwargs) -> 
     seen: dict[ConvLayer, int] = {}
     original = modules.conv_bias_act
 
-    def record(x, weight, bias, residual, stride, padding, dilation, groups, relu, backend):
+    def record(x, weight, bias, residual, stride, padding, dilation, groups, relu, backend, *, out=None):
         layer = ConvLayer(
             x.shape[0], x.shape[1], x.shape[2], x.shape[3], weight.shape[0], weight.shape[2], weight.shape[3],
             stride[0], padding[0], dilation[0], groups, residual is not None, relu,
         )
         seen[layer] = seen.get(layer, 0) + 1
-        return original(x, weight, bias, residual, stride, padding, dilation, groups, relu, backend)
+        return original(x, weight, bias, residual, stride, padding, dilation, groups, relu, backend, out=out)
 
     modules.conv_bias_act = record
     try:

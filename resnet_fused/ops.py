@@ -140,6 +140,59 @@ def _conv_bias_act(
     return impl.run(x, weight, bias, residual, stride, padding, dilation, groups, relu)
 
 
+@torch.library.custom_op("resnet_fused::conv_bias_act_out", mutates_args=("out",))
+def _conv_bias_act_out(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    residual: Optional[Tensor],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+    relu: bool,
+    backend: str,
+    out: Tensor,
+) -> None:
+    """conv_bias_act written into ``out`` (the op behind ``conv_bias_act(..., out=)``)."""
+    impl, _ = backends.select(backend, x, weight, residual, stride, padding, dilation, groups)
+    impl.run_out(x, weight, bias, residual, stride, padding, dilation, groups, relu, out)
+
+
+@_conv_bias_act_out.register_fake
+def _conv_bias_act_out_fake(x, weight, bias, residual, stride, padding, dilation, groups, relu, backend, out):
+    check_conv_bias_act_args(x, weight, bias, residual, stride, padding, dilation, groups)
+
+
+def check_out(out: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor],
+              shape: tuple[int, int, int, int]) -> None:
+    """Validate ``out=``: the output's shape, x's dtype and device, dense in the output's
+    layout (x's), no memory shared with x, weight or bias; the residual itself is allowed
+    (its buffer then takes the output), a partial overlap with it is not."""
+    if not isinstance(out, Tensor):
+        raise TypeError(f"out should be a Tensor or None, got {type(out).__name__}")
+    if tuple(out.shape) != tuple(shape):
+        raise ValueError(f"out should have the output's shape {tuple(shape)}, got {tuple(out.shape)}")
+    if out.dtype != x.dtype or out.device != x.device:
+        raise ValueError(f"out should be {x.dtype} on {x.device}, got {out.dtype} on {out.device}")
+    fmt = output_memory_format(x)
+    if not out.is_contiguous(memory_format=fmt):
+        layout = "channels_last" if fmt == torch.channels_last else "contiguous"
+        raise ValueError(f"out should be dense in the output's memory format ({layout}, that of x), "
+                         f"got strides {out.stride()}")
+    if torch.compiler.is_compiling() or any(type(t) is not Tensor for t in (x, out)):
+        return  # fake tensors have no storage to compare; the kernels' own check runs eagerly
+
+    def shares(t: Optional[Tensor]) -> bool:
+        return t is not None and t.device.type != "meta" and \
+            t.untyped_storage().data_ptr() == out.untyped_storage().data_ptr()
+
+    if shares(x) or shares(weight) or shares(bias):
+        raise ValueError("out should not share memory with x, weight or bias")
+    if shares(residual) and (residual.data_ptr() != out.data_ptr() or residual.stride() != out.stride()):
+        raise ValueError("out may be the residual itself but should not partly overlap it")
+
+
 def register_fake_and_autograd(opdef) -> None:
     """Give a conv_bias_act-shaped op (x, weight, bias, residual, stride, padding,
     dilation, groups, relu, *options) its fake kernel and its autograd formula.
@@ -191,6 +244,8 @@ def conv_bias_act(
     groups: int = 1,
     relu: bool = True,
     backend: Optional[str] = None,
+    *,
+    out: Optional[Tensor] = None,
 ) -> Tensor:
     """``relu?(conv2d(x, weight, stride, padding, dilation, groups) + bias + residual?)``.
 
@@ -206,12 +261,30 @@ def conv_bias_act(
         backend: "auto" (None) picks the fastest implementation available for x's
             device and dtype; "torch", "triton" or "native" name one. A backend that
             cannot take the call falls back to the next; :func:`explain` says why.
+        out: write the output here and return it (the output's shape, dtype and
+            layout; sharing no memory with x, weight or bias). It may be ``residual``
+            itself: a residual block's output can take its identity's buffer, which is
+            dead after the add, and the native CPU kernels then write it in place
+            (no new 25 MB output to fault in at ResNet-50's layer1, batch 8). Like
+            torch's ``out=`` functions, not differentiable.
     """
     stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
     if not isinstance(relu, bool):
         raise TypeError(f"relu should be a bool, got {type(relu).__name__}")
-    check_conv_bias_act_args(x, weight, bias, residual, stride, padding, dilation, groups)
+    shape = check_conv_bias_act_args(x, weight, bias, residual, stride, padding, dilation, groups)
     name = backends.resolve(backend, x.device)
+    if out is not None:
+        check_out(out, x, weight, bias, residual, shape)
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, residual, out)):
+            raise RuntimeError("conv_bias_act(..., out=...) does not support autograd (like torch's out= functions); "
+                               "call it without out=, or under torch.no_grad() / torch.inference_mode()")
+        if _eager_fast_path(x, weight, bias, residual, out):
+            impl, _ = backends.select(name, x, weight, residual, stride, padding, dilation, groups)
+            impl.run_out(x, weight, bias, residual, stride, padding, dilation, groups, relu, out)
+        else:
+            torch.ops.resnet_fused.conv_bias_act_out(
+                x, weight, bias, residual, stride, padding, dilation, groups, relu, name, out)
+        return out
     if _eager_fast_path(x, weight, bias, residual):
         impl, _ = backends.select(name, x, weight, residual, stride, padding, dilation, groups)
         return impl.run(x, weight, bias, residual, stride, padding, dilation, groups, relu)
@@ -250,6 +323,8 @@ def explain(
     groups: int = 1,
     relu: bool = True,
     backend: Optional[str] = None,
+    *,
+    out: Optional[Tensor] = None,
 ) -> str:
     """Say which backend a :func:`conv_bias_act` call with these arguments runs on, and why.
 
@@ -261,7 +336,9 @@ def explain(
     stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
     if not isinstance(relu, bool):
         raise TypeError(f"relu should be a bool, got {type(relu).__name__}")
-    check_conv_bias_act_args(x, weight, bias, residual, stride, padding, dilation, groups)
+    shape = check_conv_bias_act_args(x, weight, bias, residual, stride, padding, dilation, groups)
+    if out is not None:
+        check_out(out, x, weight, bias, residual, shape)
     impl, skipped = backends.select(
         backends.resolve(backend, x.device), x, weight, residual, stride, padding, dilation, groups
     )
@@ -269,6 +346,11 @@ def explain(
     how = impl.describe(x, weight, residual, stride, padding, dilation, groups)
     if how:
         text += f" ({how})"
+    if out is not None:
+        in_place = impl.writes_out_in_place(x, weight, residual, stride, padding, dilation, groups)
+        how_out = "in place" if in_place else "computed, then copied"
+        target = "the residual's buffer" if residual is not None and out.data_ptr() == residual.data_ptr() else "out"
+        text += f", written into {target} ({how_out})"
     if skipped:
         text += "; " + "; ".join(f"skipped {name!r}: {reason}" for name, reason in skipped)
     return text

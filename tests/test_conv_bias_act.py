@@ -136,6 +136,89 @@ def test_strided_and_expanded_views_on_every_backend(gen, backend, case):
         assert relative_error(out, ref) <= TOLERANCES[dtype], ops.explain(x, weight, None, res, s, p, backend=backend)
 
 
+@pytest.mark.parametrize("backend", ["torch", "native", "triton"])
+@pytest.mark.parametrize("case", VIEW_CASES + [("3x3 float64", 8, 16, 3, 1, 1, torch.float64)],
+                         ids=[c[0] for c in VIEW_CASES] + ["3x3 float64"])
+@pytest.mark.parametrize("into", ["residual", "new"])
+def test_out_takes_the_output_even_when_it_is_the_residual(gen, backend, case, into):
+    if backend not in resnet_fused.available_backends("cpu"):
+        pytest.skip(f"{backend} does not run on this machine's CPU: {backends.unavailable_reason(backend)}")
+    _, c, k, r, s, p, dtype = case
+    x, weight, bias, res = make_case(gen, 2, c, 9, 7, k, r, s, p, 1, 1, dtype, True, channels_last=True)
+    ref = reference_conv_bias_act(x, weight, bias, res, s, p)
+    out = res if into == "residual" else torch.empty_like(res)
+    text = ops.explain(x, weight, bias, res, s, p, backend=backend, out=out)
+    assert ("written into the residual's buffer" if into == "residual" else "written into out") in text
+    with torch.no_grad():
+        y = ops.conv_bias_act(x, weight, bias, res, s, p, backend=backend, out=out)
+    assert y is out
+    assert relative_error(out, ref) <= TOLERANCES[dtype], text
+
+
+def test_out_for_the_1x1_gemm_and_onednn_is_written_in_place(gen):
+    """What the fused blocks rely on: the native CPU kernels store into the residual's
+    buffer (no new output), except Winograd, which computes and copies (explained)."""
+    if "native" not in resnet_fused.available_backends("cpu"):
+        pytest.skip("the native backend is not built here")
+    for r, s, p, in_place in ((1, 1, 0, True), (3, 2, 1, True), (3, 1, 1, False)):
+        x, weight, bias, res = make_case(gen, 2, 16, 9, 9, 32, r, s, p, 1, 1, torch.float32, True, True)
+        text = ops.explain(x, weight, bias, res, s, p, backend="native", out=res)
+        assert text.endswith("(in place)" if in_place else "(computed, then copied)"), text
+
+
+OUT_ERRORS = [
+    ("shape", lambda x, res: torch.empty(2, 6, 6, 5), ValueError, r"out should have the output's shape \(2, 6, 6, 6\)"),
+    ("dtype", lambda x, res: torch.empty(2, 6, 6, 6, dtype=torch.float64), ValueError, r"out should be torch.float32"),
+    ("layout", lambda x, res: torch.empty(2, 6, 6, 6).to(memory_format=torch.channels_last), ValueError,
+     r"out should be dense in the output's memory format \(contiguous, that of x\)"),
+    ("not a tensor", lambda x, res: [0.0], TypeError, r"out should be a Tensor or None, got list"),
+    ("overlaps x", lambda x, res: x.view(-1)[: 2 * 6 * 6 * 6].view(2, 6, 6, 6), ValueError,
+     r"out should not share memory with x, weight or bias"),
+    ("partly the residual", lambda x, res: torch.cat([res.view(-1), res.view(-1)])[1:432 + 1].view(2, 6, 6, 6),
+     None, None),
+]
+
+
+@pytest.mark.parametrize("case", OUT_ERRORS, ids=[c[0] for c in OUT_ERRORS])
+def test_bad_out_is_named_in_the_error(gen, case):
+    _, make, exc, pattern = case
+    x = torch.randn(2, 4, 8, 8, generator=gen)
+    w = torch.randn(6, 4, 3, 3, generator=gen)
+    res = torch.randn(2, 6, 6, 6, generator=gen)
+    if exc is None:  # a buffer holding the residual shifted by one element
+        buf = torch.randn(2 * 432, generator=gen)
+        res, out = buf[:432].view(2, 6, 6, 6), buf[1:433].view(2, 6, 6, 6)
+        exc, pattern = ValueError, r"out may be the residual itself but should not partly overlap it"
+    else:
+        out = make(x, res)
+    for fn in (ops.conv_bias_act, ops.explain):
+        with pytest.raises(exc, match=pattern):
+            fn(x, w, None, res, out=out)
+
+
+def test_out_refuses_autograd(gen):
+    x, weight, bias, res = make_case(gen, 1, 4, 5, 5, 4, 3, 1, 1, 1, 1, torch.float32, True)
+    weight.requires_grad_(True)
+    with pytest.raises(RuntimeError, match=r"out=\.\.\.\) does not support autograd"):
+        ops.conv_bias_act(x, weight, bias, res, padding=1, out=res)
+    expected = reference_conv_bias_act(x, weight, bias, res, 1, 1)
+    with torch.no_grad():  # the op behind out=, through the dispatcher: writes into the residual
+        ret = torch.ops.resnet_fused.conv_bias_act_out(x, weight, bias, res, [1, 1], [1, 1], [1, 1], 1, True,
+                                                       "torch", res)
+    assert ret is None and relative_error(res, expected) <= TOLERANCES[torch.float32]
+
+
+@pytest.mark.parametrize("backend", ["torch", "native"])
+def test_opcheck_out(gen, backend):
+    if backend not in resnet_fused.available_backends("cpu"):
+        pytest.skip(f"{backend} does not run on the CPU here")
+    x, weight, bias, res = make_case(gen, 2, 8, 7, 7, 8, 1, 1, 0, 1, 1, torch.float32, True, True)
+    torch.library.opcheck(
+        torch.ops.resnet_fused.conv_bias_act_out.default,
+        (x, weight, bias, res, [1, 1], [0, 0], [1, 1], 1, True, backend, torch.empty_like(res)),
+    )
+
+
 def test_backend_auto_and_available_backends():
     names = resnet_fused.available_backends()
     assert "torch" in names

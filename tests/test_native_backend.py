@@ -467,6 +467,81 @@ def test_cpu_conv1x1_keeps_non_finite_values_where_a_direct_conv_puts_them(gen, 
 
 
 @needs_extension
+def test_cpu_blocks_write_into_dead_identities_only(gen, monkeypatch):
+    """In a fused ResNet-50 forward without autograd, each block's last conv writes into
+    its identity's buffer (16 blocks); never into a tensor the caller or a hook holds."""
+    from resnet_fused.backends import native_backend
+
+    writes = []
+    run_out = native_backend.NativeBackend.run_out
+    monkeypatch.setattr(native_backend.NativeBackend, "run_out",
+                        lambda self, *a: writes.append(a[-1].data_ptr()) or run_out(self, *a))
+    tv_model = seeded_torchvision_model("resnet50", seed=8, calibration_size=8)
+    fused = resnet_fused.fuse(tv_model, backend="native")
+    images = torch.randn(2, 3, 32, 32, generator=gen).contiguous(memory_format=torch.channels_last)
+    kept = images.clone()
+    with torch.inference_mode():
+        ref = tv_model(images)
+        assert relative_error(fused(images), ref) <= 1e-5 and torch.equal(images, kept)
+        assert len(writes) == 16
+        # a block called on its own: its input is the caller's, only the downsample's output is taken
+        block_input = torch.randn(2, 256, 8, 8, generator=gen).contiguous(memory_format=torch.channels_last)
+        kept_input = block_input.clone()
+        for name, expect in (("layer1.1", 0), ("layer2.0", 1)):
+            writes.clear()
+            out = fused.get_submodule(name)(block_input)
+            assert torch.equal(block_input, kept_input) and len(writes) == expect
+            assert relative_error(out, tv_model.get_submodule(name)(block_input)) <= 1e-5
+    # autograd on: new outputs only
+    writes.clear()
+    with torch.no_grad():
+        fused(images)
+    assert len(writes) == 16
+    writes.clear()
+    with torch.enable_grad():
+        fused(images)
+    assert writes == []
+    # a hook that keeps a block's output: nothing it holds is overwritten later
+    saved = []
+    handle = fused.layer3[2].register_forward_hook(lambda m, i, o: saved.append((o, o.clone())))
+    writes.clear()
+    with torch.inference_mode():
+        assert relative_error(fused(images), ref) <= 1e-5
+    handle.remove()
+    held, copy_then = saved[0]
+    assert torch.equal(held, copy_then)  # (addresses repeat as the allocator reuses freed blocks)
+    assert len(writes) == 4  # the four downsample blocks: their residual is made inside the block
+
+
+@needs_extension
+@pytest.mark.parametrize("r, s", [(1, 1), (3, 2)], ids=["conv1x1", "onednn_sum"])
+@pytest.mark.parametrize("poison", ["nan_input", "inf_weight", "nan_residual", "inf_residual", "nan_bias"])
+def test_cpu_out_into_the_residual_keeps_non_finite_values(gen, r, s, poison):
+    """Written into the residual's own buffer (the 1x1 GEMM's tiles, oneDNN's sum
+    post-op), NaN and Inf land where the functional op puts them."""
+    p = r // 2
+    x, weight, bias, res = make_case(gen, 2, 16, 9, 9, 24, r, s, p, 1, 1, torch.float32, True, True)
+    what, where = poison.split("_")
+    target = {"input": x, "weight": weight, "residual": res, "bias": bias}[where]
+    index = {"input": (1, 3, 2, 4), "weight": (5, 7, 0, 0), "residual": (0, 9, 1, 1), "bias": (11,)}[where]
+    target[index] = float(what)
+    functional = ops.conv_bias_act(x, weight, bias, res, s, p, backend="native")
+    assert ops.explain(x, weight, bias, res, s, p, backend="native", out=res).endswith("(in place)")
+    out = ops.conv_bias_act(x, weight, bias, res, s, p, backend="native", out=res)
+    assert out is res and (~out.isfinite()).any() and out.isfinite().any()
+    assert torch.equal(out.isnan(), functional.isnan()) and torch.equal(out.isinf(), functional.isinf())
+    assert relative_error(out.nan_to_num(0.0, 0.0, 0.0), functional.nan_to_num(0.0, 0.0, 0.0)) <= 1e-6
+
+
+@needs_extension
+@pytest.mark.parametrize("r, s", [(1, 1), (3, 2), (3, 1)], ids=["conv1x1", "onednn_sum", "winograd"])
+def test_cpu_out_opcheck(gen, r, s):
+    x, weight, b, res = make_case(gen, 2, 8, 7, 7, 16, r, s, r // 2, 1, 1, torch.float32, True, True)
+    torch.library.opcheck(torch.ops.resnet_fused.native_conv_bias_act.out,
+                          (x, weight, b, res, [s, s], [r // 2] * 2, [1, 1], 1, True), {"out": torch.empty_like(res)})
+
+
+@needs_extension
 @needs_avx2
 def test_cpu_conv1x1_opcheck(gen):
     x, weight, b, res = _conv1x1_case(gen, 2, 8, 24, 5, 3)

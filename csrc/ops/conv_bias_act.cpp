@@ -52,6 +52,12 @@ TORCH_LIBRARY_FRAGMENT(resnet_fused, m) {
   m.def(
       "native_conv_bias_act(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, int[2] stride, "
       "int[2] padding, int[2] dilation, int groups, bool relu) -> Tensor");
+  // The same, written into ``out`` (which may be the residual itself: a residual block's
+  // output then takes its identity's buffer, which is dead after the add). It returns
+  // nothing, as torch.compile's functionalization wants of a custom op that mutates.
+  m.def(
+      "native_conv_bias_act.out(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, int[2] stride, "
+      "int[2] padding, int[2] dilation, int groups, bool relu, *, Tensor(a!) out) -> ()");
   // Which algorithm native_conv_bias_act takes for such a call, and why (for explain()).
   m.def(
       "native_conv_bias_act_path(Tensor x, Tensor weight, Tensor? residual, int[2] stride, int[2] padding, "

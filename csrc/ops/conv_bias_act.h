@@ -91,5 +91,32 @@ inline at::MemoryFormat output_memory_format(const at::Tensor& x) {
                                                                                : at::MemoryFormat::Contiguous;
 }
 
+// Validates the out= tensor of native_conv_bias_act.out: the output's shape, x's dtype and
+// device, dense in the output's memory format, and sharing no memory with x, weight or
+// bias. It may be the residual itself (its buffer then takes the output: the kernels
+// read each residual element before writing that element), but not a partial overlap.
+// Returns true when out is the residual.
+inline bool check_out(const at::Tensor& out, const at::Tensor& x, const at::Tensor& weight,
+                      const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
+                      const std::array<int64_t, 4>& out_sizes) {
+  TORCH_CHECK(out.sizes() == at::IntArrayRef(out_sizes), "out should have the output's shape ", shape_str(out_sizes),
+              ", got ", shape_str(out.sizes()));
+  TORCH_CHECK(out.scalar_type() == x.scalar_type() && out.device() == x.device(), "out should be ", x.scalar_type(),
+              " on ", x.device(), ", got ", out.scalar_type(), " on ", out.device());
+  const at::MemoryFormat fmt = output_memory_format(x);
+  TORCH_CHECK(out.is_contiguous(fmt), "out should be dense in the output's memory format (",
+              fmt == at::MemoryFormat::ChannelsLast ? "channels_last" : "contiguous", ", that of x), got strides ",
+              out.strides());
+  const auto shares = [&out](const at::Tensor& t) { return t.is_alias_of(out); };
+  TORCH_CHECK(!shares(x) && !shares(weight) && !(bias.has_value() && shares(*bias)),
+              "out should not share memory with x, weight or bias");
+  if (!residual.has_value() || !shares(*residual)) {
+    return false;
+  }
+  TORCH_CHECK(residual->data_ptr() == out.data_ptr() && residual->strides() == out.strides(),
+              "out may be the residual itself but should not partly overlap it");
+  return true;
+}
+
 }  // namespace ops
 }  // namespace resnet_fused

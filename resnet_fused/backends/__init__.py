@@ -94,6 +94,38 @@ class Backend(abc.ABC):
     ) -> Tensor:
         """``relu?(conv2d(x, weight) + bias + residual?)``; arguments already checked."""
 
+    def writes_out_in_place(
+        self,
+        x: Tensor,
+        weight: Tensor,
+        residual: Optional[Tensor],
+        stride: Sequence[int],
+        padding: Sequence[int],
+        dilation: Sequence[int],
+        groups: int,
+    ) -> bool:
+        """Whether :meth:`run_out` writes such a call into ``out`` (the residual's buffer
+        included) without computing a new output first: where a residual block gains by
+        handing its dead identity over as the output (see resnet_fused.modules)."""
+        return False
+
+    def run_out(
+        self,
+        x: Tensor,
+        weight: Tensor,
+        bias: Optional[Tensor],
+        residual: Optional[Tensor],
+        stride: Sequence[int],
+        padding: Sequence[int],
+        dilation: Sequence[int],
+        groups: int,
+        relu: bool,
+        out: Tensor,
+    ) -> None:
+        """:meth:`run` written into ``out`` (checked: the output's shape, dtype, device and
+        layout; it may be the residual itself). This default computes, then copies."""
+        out.copy_(self.run(x, weight, bias, residual, stride, padding, dilation, groups, relu))
+
 
 _REGISTRY: dict[str, Backend] = {}
 

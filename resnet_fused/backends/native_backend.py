@@ -36,6 +36,10 @@ def _register_fake() -> None:
         shape = check_conv_bias_act_args(x, weight, bias, residual, stride, padding, dilation, groups)
         return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=output_memory_format(x))
 
+    @torch.library.register_fake("resnet_fused::native_conv_bias_act.out")
+    def _fake_out(x, weight, bias, residual, stride, padding, dilation, groups, relu, *, out):
+        check_conv_bias_act_args(x, weight, bias, residual, stride, padding, dilation, groups)
+
 
 class NativeBackend(Backend):
     name = "native"
@@ -58,6 +62,19 @@ class NativeBackend(Backend):
     def run(self, x, weight, bias, residual, stride, padding, dilation, groups, relu) -> Tensor:
         return torch.ops.resnet_fused.native_conv_bias_act(
             x, weight, bias, residual, list(stride), list(padding), list(dilation), groups, relu
+        )
+
+    def writes_out_in_place(self, x, weight, residual, stride, padding, dilation, groups) -> bool:
+        # On the CPU the 1x1 GEMM stores its tiles into out, and oneDNN accumulates into
+        # the residual (its sum post-op); Winograd, which may have to recompute a call
+        # from the residual, computes and copies, as does everything on CUDA.
+        if x.device.type != "cpu":
+            return False
+        return not self.describe(x, weight, residual, stride, padding, dilation, groups).startswith("Winograd")
+
+    def run_out(self, x, weight, bias, residual, stride, padding, dilation, groups, relu, out) -> None:
+        torch.ops.resnet_fused.native_conv_bias_act.out(
+            x, weight, bias, residual, list(stride), list(padding), list(dilation), groups, relu, out=out
         )
 
 

@@ -920,6 +920,9 @@ def _apply_shipped_table(path: Optional[str] = None) -> int:
         return 0
     entry = table["devices"].get(device)
     if entry is None or entry.get("triton") != triton.__version__:
+        log.info("the Triton tuning table has no entry for %s with Triton %s (has: %s): each shape is tuned on "
+                 "its first call", device, triton.__version__,
+                 ", ".join(f"{d} with Triton {e.get('triton')}" for d, e in table["devices"].items()) or "none")
         return 0
     taken = 0
     for key, name in entry.get("algorithms", {}).items():

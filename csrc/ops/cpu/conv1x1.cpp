@@ -130,13 +130,17 @@ at::Tensor pack_weight(const at::Tensor& weight) {
 }
 
 at::Tensor conv_bias_act(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
-                         const std::optional<at::Tensor>& residual, bool relu) {
+                         const std::optional<at::Tensor>& residual, bool relu, const at::Tensor* out) {
 #if RESNET_FUSED_AVX2
   const at::Tensor xc = x.contiguous(at::MemoryFormat::ChannelsLast);
   const int64_t c = w.size(0), k = w.size(1);
   const int64_t pixels = x.size(0) * x.size(2) * x.size(3);
-  at::Tensor y = at::empty({x.size(0), k, x.size(2), x.size(3)},
-                           x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  // ``out`` may be the residual: store_tile reads each residual element before it
+  // writes that element of y, and no tile touches another's elements.
+  at::Tensor y = out != nullptr ? *out
+                                : at::empty({x.size(0), k, x.size(2), x.size(3)},
+                                            x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  TORCH_CHECK(y.is_contiguous(at::MemoryFormat::ChannelsLast), "resnet_fused: the 1x1 GEMM writes dense NHWC");
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
   const at::Tensor r = residual.has_value() ? residual->contiguous(at::MemoryFormat::ChannelsLast) : at::Tensor();
   const float* x_ptr = xc.const_data_ptr<float>();

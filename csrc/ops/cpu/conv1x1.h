@@ -20,9 +20,10 @@ std::string refusal(const at::Tensor& x, const at::Tensor& weight, const ConvGeo
 // The weight (K, C, 1, 1) as the GEMM's right-hand side: (C, K), float32, contiguous.
 at::Tensor pack_weight(const at::Tensor& weight);
 
-// relu?(x @ w + bias + residual) for x NHWC float32 and ``w`` from pack_weight.
+// relu?(x @ w + bias + residual) for x NHWC float32 and ``w`` from pack_weight, into
+// ``out`` when given (dense NHWC float32; it may be the residual itself), else a new tensor.
 at::Tensor conv_bias_act(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
-                         const std::optional<at::Tensor>& residual, bool relu);
+                         const std::optional<at::Tensor>& residual, bool relu, const at::Tensor* out = nullptr);
 
 }  // namespace conv1x1
 }  // namespace ops

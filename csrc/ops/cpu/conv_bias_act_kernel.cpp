@@ -47,7 +47,9 @@ enum class CpuPath { kWinograd, kConv1x1, kOneDnn, kOneDnnFloat32, kConvThenEpil
 // ---- ATen's oneDNN fused conv ops, looked up once ----------------------------------
 
 struct OneDnnOps {
-  std::optional<c10::OperatorHandle> unary, bf16_supported, fp16_supported;
+  // unary: conv with a post-op into a new tensor; binary_inplace: conv + bias accumulated
+  // into an existing tensor (oneDNN's "sum" post-op), the out=residual case.
+  std::optional<c10::OperatorHandle> unary, binary_inplace, bf16_supported, fp16_supported;
 };
 
 const OneDnnOps& onednn_ops() {
@@ -58,6 +60,7 @@ const OneDnnOps& onednn_ops() {
     }
     auto& dispatcher = c10::Dispatcher::singleton();
     o.unary = dispatcher.findSchema({"mkldnn::_convolution_pointwise", ""});
+    o.binary_inplace = dispatcher.findSchema({"mkldnn::_convolution_pointwise_", "binary"});
     o.bf16_supported = dispatcher.findSchema({"mkldnn::_is_mkldnn_bf16_supported", ""});
     o.fp16_supported = dispatcher.findSchema({"mkldnn::_is_mkldnn_fp16_supported", ""});
     return o;
@@ -259,9 +262,12 @@ void bias_residual_relu_(scalar_t* y, const scalar_t* bias, const scalar_t* resi
   });
 }
 
+// ``into_residual``: the caller's out= is the residual itself; where the residual is
+// already in the compute dtype and layout, oneDNN accumulates the conv and bias into it
+// (its "sum" post-op: no new output, no add pass), then ReLU runs in place on it.
 at::Tensor onednn_conv_bias_act(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                                 const std::optional<at::Tensor>& residual, const ConvGeometry& g, bool relu,
-                                at::ScalarType compute, at::MemoryFormat fmt) {
+                                at::ScalarType compute, at::MemoryFormat fmt, bool into_residual = false) {
   const at::Tensor xc = x.to(compute).contiguous(fmt);
   const at::Tensor packed = packed_weights().get(weight, Packing::kOneDnn, compute, g, xc.sizes());
   const std::vector<int64_t> padding(g.padding.begin(), g.padding.end());
@@ -270,12 +276,21 @@ at::Tensor onednn_conv_bias_act(const at::Tensor& x, const at::Tensor& weight, c
   // oneDNN reads the bias as a dense vector: a strided or expanded view is copied.
   c10::IValue b = bias.has_value() ? c10::IValue(bias->to(compute).contiguous()) : c10::IValue();
   const c10::List<std::optional<at::Scalar>> no_scalars;
-  torch::jit::Stack stack = {xc, packed, b, padding, stride, dilation, g.groups, std::string("none"), no_scalars,
-                             c10::IValue()};
-  onednn_ops().unary->callBoxed(&stack);
-  at::Tensor y = stack.at(0).toTensor();
-  if (residual.has_value()) {
-    y.add_(residual->to(compute));
+  at::Tensor y;
+  if (into_residual && onednn_ops().binary_inplace && residual->scalar_type() == compute &&
+      residual->is_contiguous(fmt)) {
+    torch::jit::Stack stack = {*residual, xc, packed, b, padding, stride, dilation, g.groups, std::string("add"),
+                               c10::IValue(at::Scalar(1.0)), c10::IValue(), no_scalars, c10::IValue()};
+    onednn_ops().binary_inplace->callBoxed(&stack);
+    y = *residual;
+  } else {
+    torch::jit::Stack stack = {xc, packed, b, padding, stride, dilation, g.groups, std::string("none"), no_scalars,
+                               c10::IValue()};
+    onednn_ops().unary->callBoxed(&stack);
+    y = stack.at(0).toTensor();
+    if (residual.has_value()) {
+      y.add_(residual->to(compute));
+    }
   }
   if (relu) {
     y.relu_();  // not aten::_add_relu_, which maps NaN to 0 (measured)
@@ -335,6 +350,35 @@ at::Tensor native_conv_bias_act_cpu(const at::Tensor& x, const at::Tensor& weigh
   return conv_then_epilogue(x, weight, bias, residual, g, relu, fmt);
 }
 
+// out=: written into ``out`` directly by the 1x1 GEMM, into the residual by oneDNN's
+// sum post-op when out is the residual; every other case computes as above and copies
+// (Winograd too: a call that meets a NaN/Inf is recomputed from the residual, which
+// must still hold its values then).
+void native_conv_bias_act_out_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                         const std::optional<at::Tensor>& bias,
+                                         const std::optional<at::Tensor>& residual, at::IntArrayRef stride,
+                                         at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool relu,
+                                         at::Tensor& out) {
+  const auto [g, shape] = check_conv_bias_act_args(x, weight, bias, residual, stride, padding, dilation, groups);
+  const bool into_residual = check_out(out, x, weight, bias, residual, shape);
+  const at::MemoryFormat fmt = output_memory_format(x);
+  at::Tensor y;
+  switch (choose_path(x, weight, g).first) {
+    case CpuPath::kConv1x1:
+      conv1x1::conv_bias_act(x, packed_weights().get(weight, Packing::kConv1x1, at::kFloat, g, {}), bias, residual,
+                             relu, &out);
+      return;
+    case CpuPath::kOneDnn:
+      y = onednn_conv_bias_act(x, weight, bias, residual, g, relu, x.scalar_type(), fmt, into_residual);
+      break;
+    default:
+      y = native_conv_bias_act_cpu(x, weight, bias, residual, stride, padding, dilation, groups, relu);
+  }
+  if (!y.is_same(out)) {
+    out.copy_(y);
+  }
+}
+
 std::string native_conv_bias_act_path_cpu(const at::Tensor& x, const at::Tensor& weight,
                                           const std::optional<at::Tensor>& residual, at::IntArrayRef stride,
                                           at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
@@ -352,6 +396,7 @@ TORCH_LIBRARY_FRAGMENT(resnet_fused, m) {
 
 TORCH_LIBRARY_IMPL(resnet_fused, CPU, m) {
   m.impl("native_conv_bias_act", &native_conv_bias_act_cpu);
+  m.impl("native_conv_bias_act.out", &native_conv_bias_act_out_cpu);
   m.impl("native_conv_bias_act_path", &native_conv_bias_act_path_cpu);
 }
 

@@ -241,6 +241,19 @@ at::Tensor native_conv_bias_act_cuda(const at::Tensor& x, const at::Tensor& weig
   return generic_conv_bias_act(x, weight, bias, residual, g, relu, output_memory_format(x));
 }
 
+// out=: the output is computed as above, then copied (the CUDA caching allocator
+// makes a fresh output cheap, so nothing here writes into the residual in place).
+void native_conv_bias_act_out_cuda(const at::Tensor& x, const at::Tensor& weight,
+                                          const std::optional<at::Tensor>& bias,
+                                          const std::optional<at::Tensor>& residual, at::IntArrayRef stride,
+                                          at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool relu,
+                                          at::Tensor& out) {
+  const auto shape = check_conv_bias_act_args(x, weight, bias, residual, stride, padding, dilation, groups).second;
+  check_out(out, x, weight, bias, residual, shape);
+  c10::cuda::CUDAGuard guard(x.device());
+  out.copy_(native_conv_bias_act_cuda(x, weight, bias, residual, stride, padding, dilation, groups, relu));
+}
+
 std::string native_conv_bias_act_path_cuda(const at::Tensor& x, const at::Tensor& weight,
                                            const std::optional<at::Tensor>& residual, at::IntArrayRef stride,
                                            at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
@@ -264,6 +277,7 @@ std::string native_conv_bias_act_path_cuda(const at::Tensor& x, const at::Tensor
 
 TORCH_LIBRARY_IMPL(resnet_fused, CUDA, m) {
   m.impl("native_conv_bias_act", &native_conv_bias_act_cuda);
+  m.impl("native_conv_bias_act.out", &native_conv_bias_act_out_cuda);
   m.impl("native_conv_bias_act_path", &native_conv_bias_act_path_cuda);
 }
 
