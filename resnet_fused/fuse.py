@@ -39,7 +39,8 @@ def fuse(module: nn.Module, backend: str = "auto", inplace: bool = False) -> nn.
         module: any nn.Module (a torchvision ResNet, a detection model, your own).
         backend: the fused op's backend for every fused module ("auto", "torch",
             "triton", "native"); ValueError for any other name.
-        inplace: modify ``module`` itself instead of a deep copy of it.
+        inplace: modify ``module`` itself instead of a deep copy of it (``module`` is
+            then returned, turned into its fused twin if it is a ResNet or a block).
 
     Outputs match the unfused module in eval mode (within floating-point rounding)
     and exactly in train mode.
@@ -48,8 +49,8 @@ def fuse(module: nn.Module, backend: str = "auto", inplace: bool = False) -> nn.
         raise TypeError(f"fuse expects an nn.Module, got {type(module).__name__}")
     backend = backends.check_name(backend)
     if not inplace:
-        module = copy.deepcopy(module)
-    return _fuse(module, backend)
+        return _fuse(copy.deepcopy(module), backend)
+    return _in_place(module, _fuse(module, backend))
 
 
 def _fuse(module: nn.Module, backend: str) -> nn.Module:
@@ -116,8 +117,18 @@ def unfuse(module: nn.Module, inplace: bool = False) -> nn.Module:
     if not isinstance(module, nn.Module):
         raise TypeError(f"unfuse expects an nn.Module, got {type(module).__name__}")
     if not inplace:
-        module = copy.deepcopy(module)
-    return _unfuse(module)
+        return _unfuse(copy.deepcopy(module))
+    return _in_place(module, _unfuse(module))
+
+
+def _in_place(module: nn.Module, result: nn.Module) -> nn.Module:
+    """``module`` turned into ``result`` where the top-level module itself was replaced
+    (a ResNet or a block): the same object, so ``inplace=True`` needs no return value."""
+    if result is not module:
+        module.__dict__.clear()
+        module.__dict__.update(result.__dict__)
+        module.__class__ = result.__class__
+    return module
 
 
 def _unfuse(module: nn.Module) -> nn.Module:

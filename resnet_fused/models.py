@@ -44,8 +44,8 @@ class ResNet(nn.Module):
     Made from a torchvision ``ResNet`` by :meth:`from_torchvision` (which the
     builders and :func:`resnet_fused.fuse` call); it has the same attributes
     (``conv1``, ``bn1``, ``relu``, ``maxpool``, ``layer1``..``layer4``, ``avgpool``,
-    ``fc``). The activations run channels_last from the stem to the pooling (on the
-    CPU in eval mode): the GPU kernels and oneDNN on the CPU are fastest in NHWC.
+    ``fc``). In eval mode the activations run channels_last from the stem to the
+    pooling: the GPU kernels and oneDNN on the CPU are fastest in NHWC.
     """
 
     @classmethod
@@ -69,9 +69,9 @@ class ResNet(nn.Module):
         return model
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dim() == 4 and (x.is_cuda or not self.training):
-            # (train mode on the CPU keeps the caller's layout: it is torchvision's
-            # forward, and a layout change would change its rounding)
+        if x.dim() == 4 and not self.training:
+            # (train mode keeps the caller's layout: it is torchvision's forward, and a
+            # layout change would change cuDNN's or oneDNN's algorithm and its rounding)
             x = x.contiguous(memory_format=torch.channels_last)
         if self._stem_fold is not None and type(self.relu) is nn.ReLU and not watched(self.conv1, self.bn1, self.relu):
             x = conv_bn_act(self.conv1, self.bn1, self._stem_fold, x, relu=True, backend=self.backend)

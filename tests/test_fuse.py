@@ -46,13 +46,21 @@ def test_fuse_then_unfuse_is_bit_exact(arch, gen):
         assert torch.equal(back(x), tv_model(x))
 
 
-def test_fuse_inplace_keeps_the_tensors():
+def test_fuse_inplace_keeps_the_tensors_and_the_object(gen):
     tv_model = seeded_torchvision_model("resnet18", seed=3, calibration_size=32)
+    ref_model = copy.deepcopy(tv_model)
     weight = tv_model.layer1[0].conv1.weight
     fused = resnet_fused.fuse(tv_model, inplace=True)
+    assert fused is tv_model and type(tv_model) is resnet_fused.ResNet  # no half-fused original left behind
     assert fused.layer1[0].conv1.weight is weight
+    x = torch.randn(2, 3, 32, 32, generator=gen)
+    with torch.no_grad():
+        assert relative_error(tv_model(x), ref_model.double()(x.double())) <= FP32
     back = resnet_fused.unfuse(fused, inplace=True)
+    assert back is tv_model and type(back) is tv_resnet.ResNet
     assert back.layer1[0].conv1.weight is weight
+    block = copy.deepcopy(ref_model.layer2[0]).float()
+    assert resnet_fused.fuse(block, inplace=True) is block and type(block) is FusedBasicBlock
 
 
 def test_fuse_rejects_unknown_backend_and_non_modules():
