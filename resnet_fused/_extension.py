@@ -19,6 +19,8 @@ from typing import Any, Optional
 import torch
 from torch.utils._python_dispatch import _disable_current_modes
 
+from . import _env
+
 __all__ = ["extension_info", "has_cuda_kernels", "load", "ExtensionWarning"]
 
 REBUILD = ("rebuild it with `pip install --no-build-isolation -e .` "
@@ -42,7 +44,7 @@ def _library_path() -> Optional[str]:
 @torch.compiler.assume_constant_result  # fixed per process: run, not traced, by torch.compile
 def load() -> Optional[str]:
     """Load the library once; None on success, else why it is not usable (and warn once)."""
-    if os.environ.get("RESNET_FUSED_DISABLE_EXTENSION", "0") not in ("", "0"):
+    if _env.flag("RESNET_FUSED_DISABLE_EXTENSION", False):
         return "disabled by RESNET_FUSED_DISABLE_EXTENSION"
     path = _library_path()
     if path is None:

@@ -322,3 +322,19 @@ def test_first_use_inside_torch_compile_and_export():
         assert done.returncode == 0, done.stderr[-3000:]
         assert expected in done.stdout
     assert "native_build_info" not in done.stdout and "conv_bias_act" in done.stdout
+
+
+@pytest.mark.parametrize("value, expect", [(None, True), ("", True), ("0", False), ("1", True), (" 1 ", True),
+                                           ("false", ValueError), ("off", ValueError), ("yes", ValueError)])
+def test_switches_take_0_or_1_and_name_the_variable_otherwise(monkeypatch, value, expect):
+    from resnet_fused import _env
+
+    if value is None:
+        monkeypatch.delenv("RESNET_FUSED_SOME_SWITCH", raising=False)
+    else:
+        monkeypatch.setenv("RESNET_FUSED_SOME_SWITCH", value)
+    if expect is ValueError:
+        with pytest.raises(ValueError, match=rf"RESNET_FUSED_SOME_SWITCH should be 0 \(off\) or 1 \(on\), got '{value}'"):
+            _env.flag("RESNET_FUSED_SOME_SWITCH", True)
+    else:
+        assert _env.flag("RESNET_FUSED_SOME_SWITCH", True) is expect

@@ -393,6 +393,15 @@ def test_which_algorithms_each_conv_kind_is_timed_among(gen, kind, candidates):
     assert {name for name in tb.ALGORITHMS if tb.algorithm_refusal(name, args) is None} == candidates
 
 
+def test_a_misspelt_skip_is_an_error(monkeypatch, gen):
+    from resnet_fused.backends import triton_backend as tb
+
+    x, weight, bias, res = make_case(gen, 1, 8, 5, 5, 8, 1, 1, 0, 1, 1, torch.float16, False, channels_last=True)
+    monkeypatch.setenv("RESNET_FUSED_TRITON_SKIP", "gemm_tma, conv_tmaa")
+    with pytest.raises(ValueError, match=r"names no algorithm 'conv_tmaa'; the algorithms are implicit_gemm"):
+        tb.algorithm_refusal("gemm_tma", (x, weight, None, None, [1, 1], [0, 0], [1, 1], 1, True))
+
+
 def test_skipped_algorithms_are_not_candidates(monkeypatch, gen):
     from resnet_fused.backends import triton_backend as tb
 

@@ -70,6 +70,7 @@ from torch._subclasses.fake_tensor import is_fake
 from torch.utils._python_dispatch import _disable_current_modes
 
 from . import Backend, log, register, select
+from .. import _env
 from .._layout import output_memory_format
 
 import triton
@@ -231,7 +232,7 @@ CONFIGS = [
 INTERPRETER_CONFIG = _config(64, 64, 32, 4, 1, group_m=4)
 #: RESNET_FUSED_TRITON_AUTOTUNE=0 launches one heuristic config per shape instead of
 #: autotuning (fast start, e.g. for test sessions that compile hundreds of shapes)
-AUTOTUNE = os.environ.get("RESNET_FUSED_TRITON_AUTOTUNE", "1") not in ("", "0")
+AUTOTUNE = _env.flag("RESNET_FUSED_TRITON_AUTOTUNE", True)
 #: few channels per group: reduce over (s, c) flattened per filter row (the stem, ResNeXt groups)
 FLAT_SC_MAX_CHANNELS = 16
 
@@ -1064,7 +1065,12 @@ def _skipped() -> str:
 def algorithm_refusal(name: str, args: tuple) -> Optional[str]:
     """None when algorithm ``name`` takes the call ``args``, else why not."""
     skipped = _skipped()
-    if skipped and name in skipped.replace(",", " ").split():
+    names = skipped.replace(",", " ").split()
+    unknown = [n for n in names if n not in ALGORITHMS]
+    if unknown:
+        raise ValueError(f"{_SKIP_ENV}={skipped!r} names no algorithm {', '.join(map(repr, unknown))}; "
+                         f"the algorithms are {', '.join(ALGORITHMS)}")
+    if name in names:
         if name == "implicit_gemm":
             raise ValueError(f"{_SKIP_ENV}={skipped!r}: implicit_gemm is the algorithm every call falls back "
                              "to and cannot be skipped")
