@@ -38,15 +38,29 @@ __all__ = [
 ]
 
 
-class ResNet(nn.Module):
+class ResNet(tv_resnet.ResNet):
     """torchvision's ResNet with a fused stem and fused blocks.
 
-    Made from a torchvision ``ResNet`` by :meth:`from_torchvision` (which the
-    builders and :func:`resnet_fused.fuse` call); it has the same attributes
+    A subclass of torchvision's ``ResNet``: ``ResNet(block, layers, ...)`` takes its
+    arguments (``block`` torchvision's BasicBlock/Bottleneck or our fused twins) plus
+    ``backend``, and builds torchvision's model, then fuses it. Also made from a
+    torchvision ``ResNet`` by :meth:`from_torchvision` (which the builders and
+    :func:`resnet_fused.fuse` call); it has the same attributes
     (``conv1``, ``bn1``, ``relu``, ``maxpool``, ``layer1``..``layer4``, ``avgpool``,
     ``fc``). In eval mode the activations run channels_last from the stem to the
     pooling: the GPU kernels and oneDNN on the CPU are fastest in NHWC.
     """
+
+    def __init__(self, block: type, layers: list[int], *args: Any, backend: str = "auto", **kwargs: Any):
+        from .fuse import _fuse
+
+        backend = backends.check_name(backend)
+        tv_block = {FusedBasicBlock: tv_resnet.BasicBlock, FusedBottleneck: tv_resnet.Bottleneck}.get(block, block)
+        super().__init__(tv_block, layers, *args, **kwargs)
+        self.backend = backend
+        self._stem_fold = FoldCache() if foldable_batchnorm(self.conv1, self.bn1) is None else None
+        for name in ("layer1", "layer2", "layer3", "layer4"):
+            self._modules[name] = _fuse(self._modules[name], backend)
 
     @classmethod
     def from_torchvision(cls, model: tv_resnet.ResNet, backend: str = "auto") -> "ResNet":

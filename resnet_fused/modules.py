@@ -133,6 +133,10 @@ class _FusedBlock(nn.Module):
         """None if ``block`` (a torchvision block) can be fused, else why not."""
         if type(block) is not cls.tv_class:
             return f"{type(block).__name__} is not torchvision's {cls.tv_class.__name__}"
+        return cls._fusable_parts(block)
+
+    @classmethod
+    def _fusable_parts(cls, block: nn.Module) -> Optional[str]:
         if type(getattr(block, "relu", None)) is not nn.ReLU:
             return "its activation is not nn.ReLU"
         for conv_name, bn_name in cls._pairs:
@@ -152,6 +156,12 @@ class _FusedBlock(nn.Module):
         fused.__dict__["_modules"] = dict(block._modules)
         fused._init_fused(backend)
         return fused
+
+    def _init_checked(self, backend: str) -> None:
+        reason = self._fusable_parts(self)
+        if reason is not None:
+            raise ValueError(f"cannot build a fused {type(self).__name__}: {reason}")
+        self._init_fused(backend)
 
     def _init_fused(self, backend: str) -> None:
         self.backend = backends.check_name(backend)
@@ -227,12 +237,19 @@ def _is_conv_bn(module: Optional[nn.Module]) -> bool:
     )
 
 
-class FusedBasicBlock(_FusedBlock):
-    """torchvision's BasicBlock with each conv+BN pair as one fused op (eval mode)."""
+class FusedBasicBlock(_FusedBlock, tv_resnet.BasicBlock):
+    """torchvision's BasicBlock with each conv+BN pair as one fused op (eval mode).
+
+    A subclass of torchvision's, built with its arguments (plus ``backend``), or from
+    one by :meth:`from_torchvision`."""
 
     tv_class = tv_resnet.BasicBlock
     expansion = 1
     _pairs = (("conv1", "bn1"), ("conv2", "bn2"))
+
+    def __init__(self, *args, backend: str = "auto", **kwargs):
+        tv_resnet.BasicBlock.__init__(self, *args, **kwargs)
+        self._init_checked(backend)
 
     def forward(self, x: Tensor, *, _input_is_dead: bool = False) -> Tensor:
         if self.training or watched(self.conv1, self.bn1, self.conv2, self.bn2, self.relu):
@@ -245,12 +262,19 @@ class FusedBasicBlock(_FusedBlock):
         return tv_resnet.BasicBlock.forward(self, x)
 
 
-class FusedBottleneck(_FusedBlock):
-    """torchvision's Bottleneck with each conv+BN pair as one fused op (eval mode)."""
+class FusedBottleneck(_FusedBlock, tv_resnet.Bottleneck):
+    """torchvision's Bottleneck with each conv+BN pair as one fused op (eval mode).
+
+    A subclass of torchvision's, built with its arguments (plus ``backend``), or from
+    one by :meth:`from_torchvision`."""
 
     tv_class = tv_resnet.Bottleneck
     expansion = 4
     _pairs = (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"))
+
+    def __init__(self, *args, backend: str = "auto", **kwargs):
+        tv_resnet.Bottleneck.__init__(self, *args, **kwargs)
+        self._init_checked(backend)
 
     def forward(self, x: Tensor, *, _input_is_dead: bool = False) -> Tensor:
         if self.training or watched(self.conv1, self.bn1, self.conv2, self.bn2, self.conv3, self.bn3, self.relu):

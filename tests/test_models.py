@@ -8,7 +8,7 @@ from torchvision.models import resnet as tv_resnet
 
 import resnet_fused
 from resnet_fused import FusedBasicBlock, FusedBottleneck
-from resnet_fused.testing import TOLERANCES, relative_error, seeded_torchvision_model
+from resnet_fused.testing import TOLERANCES, randomize_batchnorm_, relative_error, seeded_torchvision_model
 
 ARCHS = resnet_fused.ARCHS
 FP32 = TOLERANCES[torch.float32]
@@ -268,3 +268,26 @@ def test_a_fused_model_pickles_and_folds_again(tmp_path, gen):
     torch.save(fused, tmp_path / "m.pt")
     loaded = torch.load(tmp_path / "m.pt", weights_only=False)
     assert _check(loaded, tv_model, gen) <= FP32
+
+
+@pytest.mark.parametrize("block, fused_block, layers", [
+    (tv_resnet.BasicBlock, FusedBasicBlock, [1, 2, 1, 1]),
+    (FusedBottleneck, FusedBottleneck, [1, 1, 2, 1]),
+])
+def test_resnet_is_built_like_torchvisions_and_is_one(gen, block, fused_block, layers):
+    """ResNet(block, layers, ...) takes torchvision's arguments; the fused classes are
+    subclasses of torchvision's, so isinstance checks in user code keep working."""
+    width = 64 if block is tv_resnet.BasicBlock else 32  # (torchvision's BasicBlock takes 64 only)
+    fused = resnet_fused.ResNet(block, layers, num_classes=7, width_per_group=width, backend="torch").eval()
+    tv_block = {FusedBottleneck: tv_resnet.Bottleneck}.get(block, block)
+    tv_model = tv_resnet.ResNet(tv_block, layers, num_classes=7, width_per_group=width).eval()
+    assert isinstance(fused, torchvision.models.ResNet) and fused.backend == "torch"
+    assert all(isinstance(m, tv_block) and type(m) is fused_block for m in fused.layer3)
+    assert list(fused.state_dict()) == list(tv_model.state_dict())
+    randomize_batchnorm_(fused.train(), seed=5).eval()  # realistic statistics, not the init's
+    tv_model.load_state_dict(fused.state_dict())
+    x = torch.randn(2, 3, 32, 32, generator=gen)
+    with torch.no_grad():
+        assert relative_error(fused(x), copy.deepcopy(tv_model).double()(x.double())) <= FP32
+    with pytest.raises(ValueError, match="cannot build a fused FusedBasicBlock: conv1/bn1: GroupNorm"):
+        FusedBasicBlock(8, 8, norm_layer=lambda c: torch.nn.GroupNorm(2, c))
