@@ -207,7 +207,7 @@ class _FusedBlock(nn.Module):
         if reuse:
             name = backends.resolve(self.backend, x.device)
             impl, _ = backends.select(name, x, conv.weight, identity, conv.stride, conv.padding, conv.dilation,
-                                      conv.groups)
+                                      conv.groups, running=False)
             reuse = impl.writes_out_in_place(x, conv.weight, identity, conv.stride, conv.padding, conv.dilation,
                                              conv.groups)
         return self._pair(conv_name, bn_name, x, relu=True, residual=identity, out=identity if reuse else None)

@@ -340,7 +340,7 @@ def explain(
     if out is not None:
         check_out(out, x, weight, bias, residual, shape)
     impl, skipped = backends.select(
-        backends.resolve(backend, x.device), x, weight, residual, stride, padding, dilation, groups
+        backends.resolve(backend, x.device), x, weight, residual, stride, padding, dilation, groups, running=False
     )
     text = f"runs on {impl.name!r}"
     how = impl.describe(x, weight, residual, stride, padding, dilation, groups)

@@ -143,8 +143,13 @@ def _validate_arch(arch, configs, batch_size, image_size, seed, on_result) -> li
                 fused.load_state_dict(state, strict=True)
                 fused_by_backend[name] = fused.eval()
             model = copy.deepcopy(fused_by_backend[name]).to(device, dtype)
-            out = model(x.to(device))
+            with backends.tally_runs() as ran:
+                out = model(x.to(device))
             err = relative_error(out, refs[dtype])
+            others = {n: c for n, c in ran.items() if n != name}
+            if others:  # the backend handed these convs down the fallback chain (explain says why)
+                row["note"] = f"{sum(others.values())} of {sum(ran.values())} convs ran on " + \
+                    ", ".join(f"{n!r} ({c})" for n, c in sorted(others.items()))
             if dtype in (torch.float16, torch.bfloat16):
                 row["tolerance"] = tol = max(tol, 2 * torch_errs[device, dtype])
             result = Result(

@@ -169,3 +169,18 @@ def test_bench_reports_a_failing_provider_and_exits_nonzero(monkeypatch, capsys)
     assert code == 1
     assert "error: RuntimeError: no compiler here" in capsys.readouterr().out
 
+
+
+@pytest.mark.skipif(__import__("resnet_fused").backends.unavailable_reason("triton") is not None,
+                    reason="needs the Triton backend (its CPU interpreter here)")
+def test_validate_says_how_many_convs_fell_back():
+    """A PASS row of a backend that handed convs down the fallback chain says so (Triton
+    takes no float64: every conv of that row runs on the torch backend)."""
+    import torch
+
+    from resnet_fused.validate import run_validation
+
+    (row,) = run_validation(["resnet18"], ["triton"], ["cpu"], [torch.float64], image_size=32)
+    assert row.status == "PASS" and row.note == "20 of 20 convs ran on 'torch' (20)"
+    (row,) = run_validation(["resnet18"], ["torch"], ["cpu"], [torch.float32], image_size=32)
+    assert row.status == "PASS" and row.note == ""

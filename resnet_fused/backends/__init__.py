@@ -11,6 +11,8 @@ every call on every device.
 from __future__ import annotations
 
 import abc
+import collections
+import contextlib
 import logging
 from typing import Optional, Sequence
 
@@ -237,6 +239,21 @@ def resolve(name: Optional[str], device: torch.device) -> str:
     return "torch"
 
 
+_tally: Optional[collections.Counter] = None
+
+
+@contextlib.contextmanager
+def tally_runs():
+    """Count, by backend name, the calls :func:`select` hands to a backend to run while
+    inside (``resnet-fused validate`` reports the calls that fell back with it)."""
+    global _tally
+    previous, _tally = _tally, collections.Counter()
+    try:
+        yield _tally
+    finally:
+        _tally = previous
+
+
 def select(
     name: str,
     x: Tensor,
@@ -246,8 +263,10 @@ def select(
     padding: Sequence[int],
     dilation: Sequence[int],
     groups: int,
+    running: bool = True,
 ) -> tuple[Backend, list[tuple[str, str]]]:
-    """The backend that will run this call and, for each one passed over, why."""
+    """The backend that will run this call and, for each one passed over, why.
+    ``running=False``: only asking (explain), not counted by :func:`tally_runs`."""
     chain = _fallback_chain(resolve(name, x.device), x.device.type)
     skipped: list[tuple[str, str]] = []
     for candidate in chain:
@@ -263,6 +282,8 @@ def select(
                     tuple(x.shape), x.dtype, tuple(weight.shape),
                     "; ".join(f"{n} skipped: {r}" for n, r in skipped), candidate,
                 )
+            if running and _tally is not None:
+                _tally[candidate] += 1
             return _REGISTRY[candidate], skipped
         skipped.append((candidate, reason))
     raise AssertionError("the torch backend takes every call")  # pragma: no cover
