@@ -191,9 +191,10 @@ class _FusedBlock(nn.Module):
 
         Safe: the identity is dead after the add, i.e. it is the fused downsample's
         output or a block input that the caller said nothing else reads (the fused
-        ResNet says so of its own intermediate tensors), and no gradient is recorded. Worth it: the backend stores into it directly (the
-        native CPU kernels; ResNet-50 at batch 8 on 2 cores: 0.93x the forward's time,
-        the page faults of fresh outputs saved). Elsewhere, a new output.
+        ResNet says so of its own intermediate tensors), and no gradient is recorded.
+        Worth it: the backend stores into it directly (the native CPU kernels;
+        ResNet-50 at batch 8 on 2 cores: 0.94x the forward's time, the page faults of
+        fresh outputs saved). Elsewhere, a new output.
         """
         conv = getattr(self, conv_name)
         reuse = (
