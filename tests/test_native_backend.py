@@ -782,6 +782,22 @@ def test_gpu_nan_reaches_the_output_on_every_path(gen, c, k, r, s, p, groups, dt
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["native", "triton", "torch"])
+def test_gpu_out_into_the_residual(gen, backend):
+    """out= on CUDA (computed, then copied into the residual's buffer), and a fused model
+    on CUDA never writes into an identity (the in-place writes are the CPU's)."""
+    if backend not in resnet_fused.available_backends("cuda"):
+        pytest.skip(f"{backend} does not run on CUDA here")
+    x, weight, bias, res = make_case(gen, 2, 64, 12, 12, 256, 1, 1, 0, 1, 1, torch.float16, True, channels_last=True)
+    x, weight, bias, res = x.cuda(), weight.cuda(), bias.cuda(), res.cuda()
+    ref = reference_conv_bias_act(x, weight, bias, res, 1, 0, device="cuda")
+    assert ops.explain(x, weight, bias, res, backend=backend, out=res).endswith("(computed, then copied)")
+    with torch.no_grad():
+        assert ops.conv_bias_act(x, weight, bias, res, backend=backend, out=res) is res
+    assert relative_error(res, ref) <= TOLERANCES[torch.float16]
+
+
+@pytest.mark.gpu
 @pytest.mark.skipif(ON_GPU and not GPU_NATIVE, reason=f"no CUDA kernels in this build: {INFO}")
 @pytest.mark.parametrize("arch", resnet_fused.ARCHS)
 def test_gpu_whole_model_parity(arch, gen):
