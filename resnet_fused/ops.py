@@ -347,9 +347,11 @@ def explain(
     if how:
         text += f" ({how})"
     if out is not None:
-        in_place = impl.writes_out_in_place(x, weight, residual, stride, padding, dilation, groups)
+        into_residual = residual is not None and out.data_ptr() == residual.data_ptr()
+        in_place = impl.writes_out_in_place(x, weight, residual if into_residual else None, stride, padding,
+                                            dilation, groups)
         how_out = "in place" if in_place else "computed, then copied"
-        target = "the residual's buffer" if residual is not None and out.data_ptr() == residual.data_ptr() else "out"
+        target = "the residual's buffer" if into_residual else "out"
         text += f", written into {target} ({how_out})"
     if skipped:
         text += "; " + "; ".join(f"skipped {name!r}: {reason}" for name, reason in skipped)

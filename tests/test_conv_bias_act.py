@@ -160,10 +160,14 @@ def test_out_for_the_1x1_gemm_and_onednn_is_written_in_place(gen):
     buffer (no new output), except Winograd, which computes and copies (explained)."""
     if "native" not in resnet_fused.available_backends("cpu"):
         pytest.skip("the native backend is not built here")
-    for r, s, p, in_place in ((1, 1, 0, True), (3, 2, 1, True), (3, 1, 1, False)):
-        x, weight, bias, res = make_case(gen, 2, 16, 9, 9, 32, r, s, p, 1, 1, torch.float32, True, True)
+    for r, s, p, dtype, in_place in ((1, 1, 0, torch.float32, True), (3, 2, 1, torch.float32, True),
+                                     (3, 1, 1, torch.float32, False), (3, 2, 1, torch.float64, False)):
+        x, weight, bias, res = make_case(gen, 2, 16, 9, 9, 32, r, s, p, 1, 1, dtype, True, True)
         text = ops.explain(x, weight, bias, res, s, p, backend="native", out=res)
         assert text.endswith("(in place)" if in_place else "(computed, then copied)"), text
+        fresh = torch.empty_like(res)  # out another tensor: only the 1x1 GEMM stores there directly
+        text = ops.explain(x, weight, bias, res, s, p, backend="native", out=fresh)
+        assert text.endswith("written into out (in place)" if r == 1 else "written into out (computed, then copied)")
 
 
 OUT_ERRORS = [

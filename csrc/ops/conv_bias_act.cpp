@@ -58,6 +58,11 @@ TORCH_LIBRARY_FRAGMENT(resnet_fused, m) {
   m.def(
       "native_conv_bias_act.out(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, int[2] stride, "
       "int[2] padding, int[2] dilation, int groups, bool relu, *, Tensor(a!) out) -> ()");
+  // Whether native_conv_bias_act.out with out = residual writes into it directly (no new
+  // output computed first); the fused blocks ask before handing over a dead identity.
+  m.def(
+      "native_conv_bias_act_in_place(Tensor x, Tensor weight, Tensor? residual, int[2] stride, int[2] padding, "
+      "int[2] dilation, int groups) -> bool");
   // Which algorithm native_conv_bias_act takes for such a call, and why (for explain()).
   m.def(
       "native_conv_bias_act_path(Tensor x, Tensor weight, Tensor? residual, int[2] stride, int[2] padding, "

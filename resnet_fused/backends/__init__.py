@@ -106,9 +106,10 @@ class Backend(abc.ABC):
         dilation: Sequence[int],
         groups: int,
     ) -> bool:
-        """Whether :meth:`run_out` writes such a call into ``out`` (the residual's buffer
-        included) without computing a new output first: where a residual block gains by
-        handing its dead identity over as the output (see resnet_fused.modules)."""
+        """Whether :meth:`run_out` writes such a call into ``out`` without computing a new
+        output first, ``out`` being ``residual`` itself (or, asked with ``residual=None``,
+        a tensor of its own): where a residual block gains by handing its dead identity
+        over as the output (see resnet_fused.modules)."""
         return False
 
     def run_out(

@@ -66,11 +66,13 @@ class NativeBackend(Backend):
 
     def writes_out_in_place(self, x, weight, residual, stride, padding, dilation, groups) -> bool:
         # On the CPU the 1x1 GEMM stores its tiles into out, and oneDNN accumulates into
-        # the residual (its sum post-op); Winograd, which may have to recompute a call
-        # from the residual, computes and copies, as does everything on CUDA.
-        if x.device.type != "cpu":
+        # the residual (its sum post-op) where it runs in x's dtype; Winograd, which may
+        # have to recompute a call from the residual, computes and copies, as do the
+        # float32-for-bfloat16 and float64 paths and everything on CUDA.
+        if x.device.type not in ("cpu", "cuda"):
             return False
-        return not self.describe(x, weight, residual, stride, padding, dilation, groups).startswith("Winograd")
+        return torch.ops.resnet_fused.native_conv_bias_act_in_place(
+            x, weight, residual, list(stride), list(padding), list(dilation), groups)
 
     def run_out(self, x, weight, bias, residual, stride, padding, dilation, groups, relu, out) -> None:
         torch.ops.resnet_fused.native_conv_bias_act.out(

@@ -379,6 +379,22 @@ void native_conv_bias_act_out_cpu(const at::Tensor& x, const at::Tensor& weight,
   }
 }
 
+bool native_conv_bias_act_in_place_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                       const std::optional<at::Tensor>& residual, at::IntArrayRef stride,
+                                       at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  const ConvGeometry g =
+      check_conv_bias_act_args(x, weight, std::nullopt, residual, stride, padding, dilation, groups).first;
+  switch (choose_path(x, weight, g).first) {
+    case CpuPath::kConv1x1:
+      return true;
+    case CpuPath::kOneDnn:  // the conditions under which onednn_conv_bias_act accumulates into the residual
+      return residual.has_value() && onednn_ops().binary_inplace.has_value() &&
+             residual->scalar_type() == x.scalar_type() && residual->is_contiguous(output_memory_format(x));
+    default:
+      return false;
+  }
+}
+
 std::string native_conv_bias_act_path_cpu(const at::Tensor& x, const at::Tensor& weight,
                                           const std::optional<at::Tensor>& residual, at::IntArrayRef stride,
                                           at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
@@ -398,6 +414,7 @@ TORCH_LIBRARY_IMPL(resnet_fused, CPU, m) {
   m.impl("native_conv_bias_act", &native_conv_bias_act_cpu);
   m.impl("native_conv_bias_act.out", &native_conv_bias_act_out_cpu);
   m.impl("native_conv_bias_act_path", &native_conv_bias_act_path_cpu);
+  m.impl("native_conv_bias_act_in_place", &native_conv_bias_act_in_place_cpu);
 }
 
 }  // namespace ops

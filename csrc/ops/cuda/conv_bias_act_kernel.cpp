@@ -254,6 +254,11 @@ void native_conv_bias_act_out_cuda(const at::Tensor& x, const at::Tensor& weight
   out.copy_(native_conv_bias_act_cuda(x, weight, bias, residual, stride, padding, dilation, groups, relu));
 }
 
+bool native_conv_bias_act_in_place_cuda(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                                        at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, int64_t) {
+  return false;  // out= computes, then copies (see native_conv_bias_act_out_cuda)
+}
+
 std::string native_conv_bias_act_path_cuda(const at::Tensor& x, const at::Tensor& weight,
                                            const std::optional<at::Tensor>& residual, at::IntArrayRef stride,
                                            at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
@@ -279,6 +284,7 @@ TORCH_LIBRARY_IMPL(resnet_fused, CUDA, m) {
   m.impl("native_conv_bias_act", &native_conv_bias_act_cuda);
   m.impl("native_conv_bias_act.out", &native_conv_bias_act_out_cuda);
   m.impl("native_conv_bias_act_path", &native_conv_bias_act_path_cuda);
+  m.impl("native_conv_bias_act_in_place", &native_conv_bias_act_in_place_cuda);
 }
 
 }  // namespace ops
