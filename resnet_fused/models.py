@@ -83,6 +83,10 @@ class ResNet(tv_resnet.ResNet):
         return model
 
     def forward(self, x: Tensor) -> Tensor:
+        return self._forward_impl(x)
+
+    def _forward_impl(self, x: Tensor) -> Tensor:
+        # (torchvision's forward calls _forward_impl too: a subclass overriding it is obeyed)
         if x.dim() == 4 and not self.training:
             # (train mode keeps the caller's layout: it is torchvision's forward, and a
             # layout change would change cuDNN's or oneDNN's algorithm and its rounding)
@@ -115,6 +119,7 @@ class ResNet(tv_resnet.ResNet):
             and not self.training
             and not torch.is_grad_enabled()
             and not torch.compiler.is_compiling()
+            and not torch.jit.is_tracing()
             and not watched(self)
         )
 

@@ -201,6 +201,8 @@ class _FusedBlock(nn.Module):
             identity_is_dead
             and not torch.is_grad_enabled()
             and not torch.compiler.is_compiling()
+            and not torch.jit.is_tracing()  # (the tracer takes no bool from the in-place query)
+            and not uses_batch_statistics(getattr(self, bn_name))  # (then the modules run, unfused)
             and type(identity) is Tensor
             and identity.dtype == x.dtype
             and identity.is_contiguous(memory_format=output_memory_format(x))

@@ -291,3 +291,16 @@ def test_resnet_is_built_like_torchvisions_and_is_one(gen, block, fused_block, l
         assert relative_error(fused(x), copy.deepcopy(tv_model).double()(x.double())) <= FP32
     with pytest.raises(ValueError, match="cannot build a fused FusedBasicBlock: conv1/bn1: GroupNorm"):
         FusedBasicBlock(8, 8, norm_layer=lambda c: torch.nn.GroupNorm(2, c))
+
+
+def test_a_subclass_overriding_forward_impl_is_obeyed(gen):
+    """torchvision's ResNet.forward calls _forward_impl, which subclasses override (feature
+    extractors); the fused ResNet keeps that contract."""
+
+    class Features(resnet_fused.ResNet):
+        def _forward_impl(self, x):
+            return self.layer1(self.maxpool(self.relu(self.bn1(self.conv1(x)))))
+
+    model = Features(tv_resnet.BasicBlock, [1, 1, 1, 1], backend="torch").eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 32, 32, generator=gen)).shape == (1, 64, 8, 8)

@@ -514,6 +514,41 @@ def test_cpu_blocks_write_into_dead_identities_only(gen, monkeypatch):
 
 
 @needs_extension
+def test_cpu_in_place_writes_keep_torch_semantics(gen):
+    """Found by review of the in-place writes: a BatchNorm put back in train mode inside an
+    eval model, torch.jit.trace under no_grad, autograd's check of a saved tensor written
+    in place, and an empty batch."""
+    tv_model = seeded_torchvision_model("resnet50", seed=9, calibration_size=8).eval()
+    fused = resnet_fused.fuse(tv_model, backend="native")
+    x = torch.randn(2, 3, 32, 32, generator=gen)
+    # test-time BN adaptation: one BN in train mode, the rest eval, under no_grad
+    fused.layer2[0].bn3.train()
+    tv_model.layer2[0].bn3.train()
+    with torch.no_grad():
+        assert relative_error(fused(x), tv_model(x).double()) <= 1e-5  # (both update that BN's statistics)
+    fused.layer2[0].bn3.eval()
+    tv_model.layer2[0].bn3.eval()
+    with torch.no_grad():
+        traced = torch.jit.trace(fused, x, check_trace=False)
+        assert relative_error(traced(x), tv_model(x).double()) <= 1e-5
+    # out written in place by the kernels bumps its version, so autograd sees the write
+    a = torch.randn(2, 24, 9, 9, generator=gen, requires_grad=True)
+    saved = a.contiguous(memory_format=torch.channels_last).sigmoid()  # sigmoid saves its output
+    xw = torch.randn(2, 16, 9, 9, generator=gen).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(24, 16, 1, 1, generator=gen)
+    assert ops.explain(xw, w, None, saved, backend="native", out=saved).endswith("(in place)")
+    before = saved._version
+    with torch.no_grad():
+        ops.conv_bias_act(xw, w, None, saved, backend="native", out=saved)
+    assert saved._version > before
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        saved.sum().backward()
+    # an empty batch: out= is no error
+    empty_x, empty_res = xw[:0], saved.detach()[:0]
+    ops.conv_bias_act(empty_x, w, None, empty_res, backend="native", out=empty_res)
+
+
+@needs_extension
 @pytest.mark.parametrize("r, s", [(1, 1), (3, 2)], ids=["conv1x1", "onednn_sum"])
 @pytest.mark.parametrize("poison", ["nan_input", "inf_weight", "nan_residual", "inf_residual", "nan_bias"])
 def test_cpu_out_into_the_residual_keeps_non_finite_values(gen, r, s, poison):

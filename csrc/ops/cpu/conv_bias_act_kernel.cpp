@@ -367,6 +367,9 @@ void native_conv_bias_act_out_cpu(const at::Tensor& x, const at::Tensor& weight,
     case CpuPath::kConv1x1:
       conv1x1::conv_bias_act(x, packed_weights().get(weight, Packing::kConv1x1, at::kFloat, g, {}), bias, residual,
                              relu, &out);
+      // Written through raw pointers: tell autograd, as an in-place aten op would (a
+      // graph that saved ``out`` then raises instead of reading the new values).
+      out.unsafeGetTensorImpl()->bump_version();
       return;
     case CpuPath::kOneDnn:
       y = onednn_conv_bias_act(x, weight, bias, residual, g, relu, x.scalar_type(), fmt, into_residual);
@@ -376,6 +379,8 @@ void native_conv_bias_act_out_cpu(const at::Tensor& x, const at::Tensor& weight,
   }
   if (!y.is_same(out)) {
     out.copy_(y);
+  } else {
+    out.unsafeGetTensorImpl()->bump_version();  // written by oneDNN through its own pointers
   }
 }
 
