@@ -515,7 +515,7 @@ def test_cpu_blocks_write_into_dead_identities_only(gen, monkeypatch):
 
 @needs_extension
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # the argument checks read traced shapes
-@pytest.mark.filterwarnings("ignore:`torch.jit.trace` is deprecated:FutureWarning")
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace.*` is deprecated:FutureWarning")
 def test_cpu_in_place_writes_keep_torch_semantics(gen):
     """Found by review of the in-place writes: a BatchNorm put back in train mode inside an
     eval model, torch.jit.trace under no_grad, autograd's check of a saved tensor written
