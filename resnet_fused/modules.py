@@ -30,17 +30,19 @@ __all__ = ["FusedConvBNAct", "FusedBasicBlock", "FusedBottleneck", "conv_bn_act"
 
 
 def watched(*modules: Optional[nn.Module]) -> bool:
-    """True when a forward hook (or pre-hook) would see any of ``modules`` run: one of
-    their own or of their submodules, or a global one. A fused forward calls none of
-    them, so it must then run the modules themselves (checked per call: a hook may be
-    added after fusing)."""
-    if _module_state._global_forward_hooks or _module_state._global_forward_pre_hooks:
+    """True when a hook would see any of ``modules`` run: a forward hook or pre-hook, or
+    a backward one (which fires only through the module's own call), of theirs or of
+    their submodules, or a global one. A fused forward calls none of them, so it must
+    then run the modules themselves (checked per call: a hook may be added after fusing)."""
+    g = _module_state
+    if g._global_forward_hooks or g._global_forward_pre_hooks or g._global_backward_hooks or \
+            g._global_backward_pre_hooks:
         return True
     for module in modules:
         if module is None:
             continue
         for m in module.modules():
-            if m._forward_hooks or m._forward_pre_hooks:
+            if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
                 return True
     return False
 

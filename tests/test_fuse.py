@@ -221,6 +221,18 @@ def test_hooks_on_modules_inside_fused_ones_still_fire(gen, when):
     assert seen_global.count("Conv2d") == sum(isinstance(m, nn.Conv2d) for m in tv_model.modules())
 
 
+def test_backward_hooks_inside_fused_modules_still_fire(gen):
+    tv_model = seeded_torchvision_model("resnet18", seed=8, calibration_size=32).eval()
+    fused = resnet_fused.fuse(tv_model)
+    seen = {"tv": 0, "fused": 0}
+    for key, model in (("tv", tv_model), ("fused", fused)):
+        model.layer2[1].conv1.register_full_backward_hook(lambda m, gi, go, key=key: seen.__setitem__(key, seen[key] + 1))
+    x = torch.randn(2, 3, 32, 32, generator=gen)
+    tv_model(x).sum().backward()
+    fused(x).sum().backward()
+    assert seen == {"tv": 1, "fused": 1}
+
+
 def test_blocks_with_non_relu_activation_are_left_alone():
     model = torchvision.models.resnet18()
     model.layer1[0].relu = nn.SiLU()
