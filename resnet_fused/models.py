@@ -111,11 +111,12 @@ class ResNet(tv_resnet.ResNet):
         """Whether the blocks may write their output into their input, which is this
         forward's own intermediate tensor (see FusedBottleneck._last_pair): in eval mode
         without autograd or a trace, and with no hook anywhere in the model that could
-        keep a reference to an intermediate. Only CPU kernels write in place (a CUDA
-        output comes from the caching allocator, free), so only CPU tensors ask; the
-        walk over the modules costs ~0.1 ms, next to a forward of tens of ms there."""
+        keep a reference to an intermediate. Only where the backend can write in place
+        at all (the native CPU kernels: a CUDA output comes from the caching allocator,
+        free), so the walk over the modules (~0.1 ms) is paid only next to a CPU forward
+        of tens of ms."""
         return (
-            x.device.type == "cpu"
+            x.device.type in backends.get(backends.resolve(self.backend, x.device)).out_in_place_devices
             and not self.training
             and not torch.is_grad_enabled()
             and not torch.compiler.is_compiling()

@@ -211,6 +211,8 @@ class _FusedBlock(nn.Module):
         )
         if reuse:
             name = backends.resolve(self.backend, x.device)
+            reuse = x.device.type in backends.get(name).out_in_place_devices  # (no per-call question elsewhere)
+        if reuse:
             impl, _ = backends.select(name, x, conv.weight, identity, conv.stride, conv.padding, conv.dilation,
                                       conv.groups, running=False)
             reuse = impl.writes_out_in_place(x, conv.weight, identity, conv.stride, conv.padding, conv.dilation,

@@ -96,6 +96,10 @@ class Backend(abc.ABC):
     ) -> Tensor:
         """``relu?(conv2d(x, weight) + bias + residual?)``; arguments already checked."""
 
+    #: Device types on which :meth:`writes_out_in_place` can answer True at all: the
+    #: callers skip the per-call question (and the choice of backend) everywhere else.
+    out_in_place_devices: tuple[str, ...] = ()
+
     def writes_out_in_place(
         self,
         x: Tensor,
