@@ -62,7 +62,10 @@ inline std::pair<ConvGeometry, std::array<int64_t, 4>> check_conv_bias_act_args(
               shape_str(x.sizes()));
   std::array<int64_t, 2> out_hw{};
   for (int i = 0; i < 2; ++i) {
-    out_hw[i] = (x.size(2 + i) + 2 * padding[i] - dilation[i] * (weight.size(2 + i) - 1) - 1) / stride[i] + 1;
+    // the input's reach past the first window; C++'s / rounds a negative one toward zero,
+    // where torch's size rule (Python's //) rounds it down: no window fits either way
+    const int64_t span = x.size(2 + i) + 2 * padding[i] - dilation[i] * (weight.size(2 + i) - 1) - 1;
+    out_hw[i] = span < 0 ? 0 : span / stride[i] + 1;
   }
   TORCH_CHECK(out_hw[0] >= 1 && out_hw[1] >= 1, "the convolution output would be empty (", out_hw[0], "x", out_hw[1],
               "): input ", shape_str(x.sizes().slice(2)), ", kernel ", shape_str(weight.sizes().slice(2)),

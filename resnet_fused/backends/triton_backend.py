@@ -85,6 +85,13 @@ def _traced(t: Tensor) -> bool:
     return is_fake(t)
 
 
+def _on_gpu(t: Tensor) -> bool:
+    """Whether the kernels run on the GPU for ``t`` (else the interpreter, on the CPU).
+    The one place this module asks; tests/offline_compile.py answers True for CPU
+    tensors, so the GPU host code runs without a GPU and Triton compiles for one."""
+    return t.is_cuda
+
+
 def _launchable(kernel, x: Tensor):
     """``kernel`` as called on ``x``: wrapped for tracing (torch.compile sees the launch
     as a call of this very kernel) when x is a tracing tensor, else launched as is."""
@@ -244,6 +251,12 @@ def _device_limits(index: int) -> tuple[int, int]:
     return props.multi_processor_count, smem
 
 
+def _operand_bytes(bm: int, bn: int, bk: int, stages: int, elem: int) -> int:
+    """Shared memory of the operand tiles in flight: ``stages`` A and B tiles (what Triton
+    takes for float32; for 16-bit types it keeps one stage fewer, so this is an upper bound)."""
+    return stages * (bm * bk + bk * bn) * elem
+
+
 def _prune(configs, named_args, **kwargs):
     """Drop configs that cannot run or cannot fill the GPU; never return none."""
     named_args = {**named_args, **kwargs}
@@ -258,7 +271,7 @@ def _prune(configs, named_args, **kwargs):
         bm, bn, bk = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
         if (r * s > 1 or named_args["FLAT_SC"]) and cfg.num_warps > 4:
             continue  # triton#1254: the flat tap loop miscompiles at 8 warps
-        if cfg.num_stages * (bm * bk + bk * bn) * elem > smem:
+        if _operand_bytes(bm, bn, bk, cfg.num_stages, elem) > smem:
             continue
         if bn > 2 * triton.next_power_of_2(k):
             continue  # mostly empty columns
@@ -321,7 +334,7 @@ def implicit_gemm(
     # writes, so a traced launch has no argument aliasing its output
     res = residual if residual is not None else x
     if x.dtype == torch.float32:
-        allow_tf32 = torch.backends.cudnn.allow_tf32 and x.is_cuda
+        allow_tf32 = torch.backends.cudnn.allow_tf32 and _on_gpu(x)
         precision = "tf32" if allow_tf32 else "ieee"
     else:
         precision = "ieee"
@@ -335,7 +348,7 @@ def implicit_gemm(
         *x.stride(), *weight.stride(), *res.stride(), *y.stride(),
     )
     m = n * p * q
-    if INTERPRET and not x.is_cuda:
+    if INTERPRET and not _on_gpu(x):
         cfg = INTERPRETER_CONFIG.kwargs
         grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(k, cfg["BLOCK_N"]), groups)
         _conv_bias_act_kernel[grid](*args, **common, UPCAST=True, GROUPS=groups, **cfg, num_warps=4, num_stages=1)
@@ -352,7 +365,8 @@ def implicit_gemm(
             if AUTOTUNE and tune:  # torch.compile: the tile the autotuner picks for these shapes, one kernel traced
                 cfg = _autotuned_config_for(implicit_gemm, _tuned, x, weight, bias, residual, stride, padding,
                                             dilation, groups, relu)
-            cfg = cfg or heuristic_config(m, k, c, r * s, groups)
+            cfg = cfg or heuristic_config(m, k, c, r * s, groups, x.element_size(),
+                                          _device_limits(x.device.index or 0)[1])
             _launchable(_conv_bias_act_kernel, x)[grid(cfg.kwargs)](
                 *args, **common, UPCAST=False, GROUPS=groups, **cfg.kwargs, num_warps=cfg.num_warps,
                 num_stages=cfg.num_stages,
@@ -415,7 +429,7 @@ def bias_residual_relu_(y: Tensor, bias: Optional[Tensor], residual: Optional[Te
     block = 1024
     grid = (triton.cdiv(numel, block),)
     # Triton launches on the current device's stream: make that y's device.
-    with torch.cuda.device(y.device) if y.is_cuda else contextlib.nullcontext():
+    with torch.cuda.device(y.device) if _on_gpu(y) else contextlib.nullcontext():
         _launchable(_bias_residual_relu_kernel, y)[grid](
             y, *_stand_ins(y, bias, residual),
             numel, y.shape[1], y.shape[2] * y.shape[3],
@@ -587,7 +601,7 @@ def _tma_tile(name: str, x: Tensor, problem: tuple, config, tune: bool, interpre
     autotune now; or (``tune=False``, RESNET_FUSED_TRITON_AUTOTUNE=0) ``heuristic()``."""
     if config is not None:
         return config, None
-    if INTERPRET and not x.is_cuda:
+    if INTERPRET and not _on_gpu(x):
         return interpreter_config, None
     key = _tile_key(name, x, *problem)
     _load_choices()
@@ -600,7 +614,7 @@ def _tma_tile(name: str, x: Tensor, problem: tuple, config, tune: bool, interpre
 def _tma_launch(kernel, tuner, x: Tensor, grid, args: tuple, flags: dict, cfg, key: Optional[str]) -> None:
     """One launch of a TMA algorithm: with ``cfg``, or (None) autotuned, the winner kept
     under ``key`` in memory and on disk."""
-    if INTERPRET and not x.is_cuda:
+    if INTERPRET and not _on_gpu(x):
         kernel[grid(cfg.kwargs)](*args, **flags, UPCAST=True, **cfg.kwargs, num_warps=4, num_stages=1)
         return
     with torch.cuda.device(x.device):
@@ -750,9 +764,9 @@ def _tma_refusal(x, weight, residual) -> Optional[str]:
         return f"dtype {x.dtype} (takes float16, bfloat16)"
     if _traced(x):
         return "not offered to torch.compile (descriptor arguments)"
-    if x.is_cuda and _capability(x.device.index or 0) < (9, 0):
+    if _on_gpu(x) and _capability(x.device.index or 0) < (9, 0):
         return "TMA needs compute capability 9.0+"
-    if not x.is_cuda and not INTERPRET:
+    if not _on_gpu(x) and not INTERPRET:
         return "no GPU and no interpreter"
     c, k = x.shape[1], weight.shape[0]
     if c % 8 or k % 8:
@@ -1203,14 +1217,25 @@ def conv_bias_act_triton(x, weight, bias, residual, stride, padding, dilation, g
     return out
 
 
-def heuristic_config(m: int, k: int, c: int, taps: int, groups: int) -> triton.Config:
-    """One reasonable config without measuring: large tiles for large GEMMs, small for small."""
+def heuristic_config(m: int, k: int, c: int, taps: int, groups: int, elem: int = 2,
+                     smem: Optional[int] = None) -> triton.Config:
+    """One reasonable config without measuring: large tiles for large GEMMs, small for
+    small; with fewer stages, then a shallower K tile, where the operand tiles of
+    ``elem``-byte elements would not fit ``smem`` bytes of shared memory (float32's
+    128x128x64 tile in 4 stages needs 256 KiB: more than any GPU has)."""
     bk = 64 if c * (taps if c < FLAT_SC_MAX_CHANNELS else 1) >= 64 else 32
     if m * k * groups >= 2**22:
-        return _config(128, 128, bk, 8 if taps == 1 else 4, 3 if taps == 1 else 4)
-    if m * k * groups >= 2**18:
-        return _config(64, 128 if k >= 128 else 64, bk, 4, 4)
-    return _config(32, 64 if k >= 64 else 32, bk, 4, 3)
+        bm, bn, warps, stages = 128, 128, 8 if taps == 1 else 4, 3 if taps == 1 else 4
+    elif m * k * groups >= 2**18:
+        bm, bn, warps, stages = 64, 128 if k >= 128 else 64, 4, 4
+    else:
+        bm, bn, warps, stages = 32, 64 if k >= 64 else 32, 4, 3
+    while smem is not None and _operand_bytes(bm, bn, bk, stages, elem) > smem and (stages > 2 or bk > 16):
+        if stages > 2:
+            stages -= 1
+        else:
+            bk //= 2
+    return _config(bm, bn, bk, warps, stages)
 
 
 @functools.lru_cache(maxsize=None)

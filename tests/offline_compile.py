@@ -1,0 +1,298 @@
+"""Compile the Triton backend's GPU kernels for a GPU that is not here.
+
+Triton compiles to a cubin on a machine without a GPU once it is given a target; only
+loading and launching need one. This script swaps Triton's active driver for
+:class:`OfflineDriver`, which names a target (sm_90: an H100; sm_80: an A100), answers
+the device queries with that GPU's limits, reads each cubin's register and local-memory
+use with the cuobjdump Triton ships, and turns launches into records. Then it runs the
+backend's *GPU host code*, not a copy of it (the algorithms, the heuristic tiles, the
+autotuner with every config the pruners admit, the TMA descriptors, the epilogue kernel),
+on CPU tensors shaped like ResNet-50's convs. What this finds before a GPU session:
+kernels that do not compile with the installed Triton (the device image has 3.6, CI has
+3.8); tiles that need more shared memory, registers or threads than the GPU has, which
+the autotuner silently skips but a heuristic or shipped tile would launch and fail;
+grids past CUDA's limits; host code that only runs on a GPU and is broken.
+What it cannot find: wrong results and speed (nothing runs).
+
+    python tests/offline_compile.py --arch 90 --batch 256 --dtypes float16 bfloat16 float32
+
+prints one line per kernel compiled and a summary, and exits 1 on any problem.
+``--json PATH`` writes the records. Run it without TRITON_INTERPRET (it refuses).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from types import SimpleNamespace
+
+#: per target: (name, SMs, shared memory per block with opt-in, registers per SM)
+GPUS = {
+    90: ("NVIDIA H100 80GB HBM3 (offline)", 132, 232448, 65536),
+    80: ("NVIDIA A100-SXM4-80GB (offline)", 108, 166912, 65536),
+}
+#: CUDA's grid limits (x, y, z)
+GRID_LIMITS = (2**31 - 1, 65535, 65535)
+
+
+class OfflineDriver:
+    """Enough of Triton's CUDA driver to compile and 'launch' without a GPU."""
+
+    def __init__(self, arch: int):
+        from triton.backends.compiler import GPUTarget
+
+        self.arch = arch
+        self.name, self.sms, self.smem, self.regs = GPUS[arch]
+        self.target = GPUTarget("cuda", arch, 32)
+        self.launches: list[dict] = []
+        self.failures: list[dict] = []
+        self._usage: dict[bytes, dict] = {}
+        self._loaded: dict = {}
+        self.utils = SimpleNamespace(
+            get_device_properties=self._properties, load_binary=self._load_binary, unload_module=lambda module: None,
+        )
+        self.launcher_cls = self._launcher
+
+    # the queries Triton's JIT, compiler and autotuner make
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return self.target
+
+    def is_active(self):
+        return True
+
+    def get_benchmarker(self):
+        return self._bench
+
+    def _properties(self, device):
+        return {"max_shared_mem": self.smem, "multiprocessor_count": self.sms, "max_num_regs": self.regs,
+                "warpSize": 32, "sm_clock_rate": 0, "mem_clock_rate": 0, "mem_bus_width": 0}
+
+    def _load_binary(self, name, cubin, shared, device):
+        usage = self._resources(cubin)
+        self._loaded = usage  # Triton makes the launcher, then loads the binary, then launches
+        per_warp = -(-usage["regs"] * 32 // 256) * 256  # registers are allocated per warp, 256 at a time
+        max_threads = min(1024, (self.regs // per_warp) * 32) if per_warp else 1024
+        return None, name, usage["regs"], usage["spills"], max_threads
+
+    def _resources(self, cubin: bytes) -> dict:
+        """Registers, spilled words, and which instructions the SASS uses: the MMA kind
+        (HGMMA: Hopper's wgmma; HMMA: mma.sync) and how operands reach shared memory
+        (UTMALDG: TMA; LDGSTS: cp.async; neither: loads through registers)."""
+        if cubin not in self._usage:
+            import triton
+
+            tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+            with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+                f.write(cubin)
+                f.flush()
+                usage = subprocess.run([os.path.join(tools, "cuobjdump"), "-res-usage", f.name], capture_output=True,
+                                       text=True, check=True).stdout
+                sass = subprocess.run([os.path.join(tools, "cuobjdump"), "-sass", f.name], capture_output=True,
+                                      text=True, check=True).stdout
+            regs = re.search(r"REG:(\d+)", usage)
+            local = re.search(r"LOCAL:(\d+)", usage)
+            mma = "wgmma" if "HGMMA" in sass else "mma.sync" if "HMMA" in sass else "fma" if "FFMA" in sass else "none"
+            loads = "TMA" if "UTMALDG" in sass else "cp.async" if "LDGSTS" in sass else "registers"
+            self._usage[cubin] = {"regs": int(regs.group(1)) if regs else 0,
+                                  "spills": int(local.group(1)) // 4 if local else 0, "mma": mma, "loads": loads}
+        return self._usage[cubin]
+
+    def _launcher(self, src, metadata):
+        name = getattr(src, "name", None) or getattr(getattr(src, "fn", None), "__name__", "?")
+        owner = self
+
+        def launch(grid_x, grid_y, grid_z, stream, function, packed, launch_metadata, enter, exit_, *args):
+            grid = (grid_x, grid_y, grid_z)
+            record = {"kernel": name, "grid": grid, "shared": metadata.shared, "warps": metadata.num_warps,
+                      "stages": getattr(metadata, "num_stages", None), **launch.usage,
+                      "constants": _constants(src)}
+            owner.launches.append(record)
+            for axis, (size, limit) in enumerate(zip(grid, GRID_LIMITS)):
+                if not 0 < size <= limit:
+                    owner.failures.append({**record, "why": f"grid axis {axis} is {size} (CUDA allows 1..{limit})"})
+
+        class Launcher:  # Triton makes this, loads the binary (_load_binary), then calls this
+            usage = None
+
+            def __call__(self, *args):
+                if launch.usage is None:
+                    launch.usage = owner._loaded
+                return launch(*args)
+
+        launch.usage = None
+        return Launcher()
+
+    def _bench(self, kernel_call, quantiles=None, **kwargs):
+        """The autotuner's timer: compile and 'launch' each config; a config that cannot
+        run raises as on a GPU (the autotuner then skips it) and is recorded."""
+        try:
+            kernel_call()
+        except Exception as e:  # noqa: BLE001 - recorded, then re-raised for the autotuner
+            self.failures.append({"kernel": "autotune config", "why": f"{type(e).__name__}: {e}", "tuning": True})
+            raise
+        return [1.0, 1.0, 1.0] if quantiles else 1.0
+
+
+def _constants(src) -> dict:
+    constants = getattr(src, "constants", None) or {}
+    out = {}
+    for key, value in constants.items():
+        name = key if isinstance(key, str) else src.fn.arg_names[key[0]] if hasattr(src, "fn") else str(key)
+        if isinstance(value, (bool, int, float, str)):
+            out[name] = value
+    return out
+
+
+@contextlib.contextmanager
+def offline_gpu(arch: int):
+    """Inside: Triton compiles for ``arch`` and launches nothing; the Triton backend's host
+    code believes in a GPU of that kind (its limits, its capability) on CPU tensors."""
+    import torch
+    from triton.runtime import driver
+
+    from resnet_fused.backends import triton_backend as tb
+
+    fake = OfflineDriver(arch)
+    saved = {name: getattr(tb, name) for name in ("_device_limits", "_capability", "_device_name", "_on_gpu")}
+    saved_cuda = (torch.cuda.device, torch.cuda.current_device)
+    saved_driver = getattr(driver, "_active", None)  # reset_active() would look for a GPU
+    driver.set_active(fake)
+    tb._device_limits = lambda index: (fake.sms, fake.smem)
+    tb._capability = lambda index: (arch // 10, arch % 10)
+    tb._device_name = lambda index: fake.name
+    tb._on_gpu = lambda t: True
+    torch.cuda.device = lambda device: contextlib.nullcontext()
+    torch.cuda.current_device = lambda: 0
+    try:
+        yield fake
+    finally:
+        driver._active = saved_driver
+        for name, value in saved.items():
+            setattr(tb, name, value)
+        torch.cuda.device, torch.cuda.current_device = saved_cuda
+
+
+def _layers(archs: list[str], batch: int):
+    from resnet_fused.bench import conv_layers
+
+    seen = []
+    for arch in archs:
+        for layer, _ in conv_layers(arch, batch):
+            if layer not in seen:
+                seen.append(layer)
+    return seen
+
+
+def _tensors(layer, dtype):
+    """Uninitialised CPU tensors of the layer's shapes (nothing reads them)."""
+    import torch
+
+    cl = torch.channels_last
+    p, q = layer.out_hw
+    x = torch.empty(layer.n, layer.c, layer.h, layer.w, dtype=dtype).contiguous(memory_format=cl)
+    w = torch.empty(layer.k, layer.c // layer.groups, layer.r, layer.s, dtype=dtype).contiguous(memory_format=cl)
+    bias = torch.empty(layer.k, dtype=dtype)
+    residual = torch.empty(layer.n, layer.k, p, q, dtype=dtype).contiguous(memory_format=cl) if layer.residual else None
+    return x, w, bias, residual
+
+
+def check(arch: int, batch: int, dtypes: list[str], archs: list[str], autotune: bool, log=print) -> dict:
+    """Run every algorithm the backend has on every layer it takes; return the records."""
+    import torch
+
+    from resnet_fused.backends import triton_backend as tb
+
+    results = {"arch": arch, "batch": batch, "triton": __import__("triton").__version__, "calls": [],
+               "failures": []}
+    with offline_gpu(arch) as fake:
+        tb.AUTOTUNE = autotune
+        for dtype_name in dtypes:
+            dtype = getattr(torch, dtype_name)
+            for layer in _layers(archs, batch):
+                x, w, bias, residual = _tensors(layer, dtype)
+                problem = (x, w, bias, residual, (layer.stride,) * 2, (layer.padding,) * 2, (layer.dilation,) * 2,
+                           layer.groups, layer.relu)
+                for algorithm, run in tb.ALGORITHMS.items():
+                    refusal = tb.algorithm_refusal(algorithm, problem) if algorithm in tb._REFUSALS else None
+                    if refusal is not None or (algorithm == "cudnn_epilogue"):
+                        continue  # cuDNN's conv cannot be compiled here; its epilogue kernel is below
+                    before, failed = len(fake.launches), len(fake.failures)
+                    start = time.perf_counter()
+                    try:
+                        run(*problem)
+                    except Exception as e:  # noqa: BLE001 - a failure to report, with its call
+                        fake.failures.append({"kernel": algorithm, "why": f"{type(e).__name__}: {e}"})
+                    new = fake.launches[before:]
+                    for failure in fake.failures[failed:]:
+                        failure.update(layer=layer.name, dtype=dtype_name, algorithm=algorithm)
+                    call = {"layer": layer.name, "dtype": dtype_name, "algorithm": algorithm,
+                            "seconds": round(time.perf_counter() - start, 2),
+                            "launched": [{k: v for k, v in rec.items() if k != "constants"} | _tile(rec)
+                                         for rec in new]}
+                    results["calls"].append(call)
+                    kinds = sorted({f"{r['mma']}+{r['loads']}" for r in new})
+                    log(f"sm_{arch} {dtype_name:8s} {layer.name:34s} {algorithm:13s} "
+                        f"{len(new):2d} launch(es), shared <= {max((r['shared'] for r in new), default=0):6d} B, "
+                        f"regs <= {max((r['regs'] for r in new), default=0):3d}, "
+                        f"spills {sum(r['spills'] for r in new)}, {' '.join(kinds)}, "
+                        f"{call['seconds']:5.1f} s" + ("  FAILED" if len(fake.failures) > failed else ""))
+                # the cuDNN fallback's epilogue: one Triton pass over the conv's output
+                y = torch.empty(layer.n, layer.k, *layer.out_hw, dtype=dtype).contiguous(memory_format=torch.channels_last)
+                before = len(fake.failures)
+                try:
+                    tb.bias_residual_relu_(y, bias, residual, layer.relu)
+                except Exception as e:  # noqa: BLE001
+                    fake.failures.append({"kernel": "bias_residual_relu", "why": f"{type(e).__name__}: {e}",
+                                          "layer": layer.name, "dtype": dtype_name})
+        results["failures"] = fake.failures
+        results["kernels_compiled"] = len(fake._usage)
+    return results
+
+
+def _tile(record: dict) -> dict:
+    c = record["constants"]
+    keys = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_H", "BLOCK_W", "GROUP_M")
+    return {"tile": {k: c[k] for k in keys if k in c}}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", type=int, choices=sorted(GPUS), default=90)
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--dtypes", nargs="+", default=["float16"], choices=["float16", "bfloat16", "float32"])
+    parser.add_argument("--models", nargs="+", default=["resnet50"])
+    parser.add_argument("--no-autotune", action="store_true",
+                        help="compile only the heuristic tiles (RESNET_FUSED_TRITON_AUTOTUNE=0), not every config")
+    parser.add_argument("--json", help="write the records here")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        parser.error("unset TRITON_INTERPRET: this compiles for a GPU, the interpreter compiles nothing")
+    with tempfile.TemporaryDirectory() as cache:
+        # a private cache: every kernel really compiles, and no tile reaches the user's cache
+        os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(cache, "triton"))
+        os.environ["RESNET_FUSED_CACHE_DIR"] = os.path.join(cache, "resnet_fused")
+        results = check(args.arch, args.batch, args.dtypes, args.models, not args.no_autotune)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1, default=str)
+    print(f"triton {results['triton']}, sm_{args.arch}: {len(results['calls'])} calls, "
+          f"{results['kernels_compiled']} kernels compiled, {len(results['failures'])} problems")
+    for failure in results["failures"]:
+        print("PROBLEM:", {k: v for k, v in failure.items() if k != "constants"})
+    return 1 if results["failures"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

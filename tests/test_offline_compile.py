@@ -1,0 +1,82 @@
+"""The Triton kernels compiled for GPUs this machine does not have (tests/offline_compile.py).
+
+Triton builds a cubin without a GPU once it is told the target; only loading and
+launching need one. These tests run the backend's GPU host code on CPU tensors with
+Triton's driver swapped for one that compiles for sm_90 (H100) or sm_80 (A100) and
+launches nothing, so a kernel that does not compile with the installed Triton, a tile
+that needs more shared memory or registers than the GPU has, or host code that only
+runs on a GPU and is broken, fails here instead of in a scarce GPU session.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU runs the kernels themselves (gpu tests)")
+
+
+def run_offline(tmp_path, *args: str, code: str | None = None) -> subprocess.CompletedProcess:
+    """tests/offline_compile.py (or ``code`` importing it) in a fresh process: Triton must be
+    imported without the interpreter, which this process has switched on."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton")
+    env["PYTHONPATH"] = HERE + os.pathsep + env.get("PYTHONPATH", "")
+    cmd = [sys.executable, "-c", code] if code else [sys.executable, os.path.join(HERE, "offline_compile.py"), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch, dtypes", [(90, ["float16", "bfloat16", "float32"]), (80, ["float16", "float32"])],
+                         ids=["sm90", "sm80"])
+def test_every_resnet50_conv_compiles_with_its_heuristic_tile(tmp_path, arch, dtypes):
+    """What a GPU session with RESNET_FUSED_TRITON_AUTOTUNE=0 launches: each algorithm
+    the backend would offer for each ResNet-50 conv, at batch 256, fits the GPU."""
+    out = tmp_path / "records.json"
+    done = run_offline(tmp_path, "--arch", str(arch), "--batch", "256", "--no-autotune", "--dtypes", *dtypes,
+                       "--json", str(out))
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    records = json.loads(out.read_text())
+    algorithms = {call["algorithm"] for call in records["calls"]}
+    # the TMA algorithms are offered on Hopper only
+    assert algorithms == ({"implicit_gemm", "gemm_tma", "conv_tma"} if arch == 90 else {"implicit_gemm"})
+    launches = [rec for call in records["calls"] for rec in call["launched"]]
+    assert launches and all(0 < rec["shared"] for rec in launches)
+
+
+@pytest.mark.slow
+def test_every_config_the_autotuner_may_try_compiles(tmp_path):
+    """Autotuning: every config the pruners admit for ResNet-18's convs compiles and fits
+    an H100 (the autotuner would skip one that does not, silently)."""
+    done = run_offline(tmp_path, "--arch", "90", "--batch", "32", "--models", "resnet18", "--dtypes", "float16")
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    assert "0 problems" in done.stdout
+
+
+def test_a_tile_too_large_for_the_gpu_is_reported(tmp_path):
+    """The check can fail: a heuristic tile needing 256 KiB of shared memory is caught."""
+    code = """
+import offline_compile
+from resnet_fused.backends import triton_backend as tb
+big = tb._config(256, 256, 64, 4, 4)
+tb.heuristic_config = lambda *args, **kwargs: big
+res = offline_compile.check(90, 2, ["float16"], ["resnet18"], autotune=False, log=lambda *a: None)
+whys = [f["why"] for f in res["failures"] if f.get("algorithm") == "implicit_gemm"]
+print(len(whys), whys[0] if whys else "")
+"""
+    done = run_offline(tmp_path, code=code)
+    assert done.returncode == 0, done.stderr[-4000:]
+    count, why = done.stdout.strip().split(" ", 1)
+    assert int(count) > 0 and "OutOfResources" in why and "shared memory" in why, done.stdout
+
+
+def test_refuses_to_run_under_the_interpreter(tmp_path):
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    done = subprocess.run([sys.executable, os.path.join(HERE, "offline_compile.py")], capture_output=True, text=True,
+                          env=env)
+    assert done.returncode == 2 and "unset TRITON_INTERPRET" in done.stderr
