@@ -893,3 +893,24 @@ def test_gpu_gemm_tma_tile_is_tuned_once_and_remembered(monkeypatch, tmp_path):
     ref = reference_conv_bias_act(x, w, b, r, 1, 0, device="cuda")
     assert relative_error(first, ref) <= TOLERANCES[torch.bfloat16]
     assert relative_error(second, ref) <= TOLERANCES[torch.bfloat16]
+
+
+@pytest.mark.parametrize("elem, smem", [(2, 232448), (4, 232448), (4, 166912), (4, 101376), (2, 101376)],
+                         ids=["fp16_h100", "fp32_h100", "fp32_a100", "fp32_sm86", "fp16_sm86"])
+def test_heuristic_tiles_fit_the_gpus_shared_memory(elem, smem):
+    """The tile launched without autotuning must fit: float32's 128x128x64 tile in 4
+    stages needs 256 KiB, more than any GPU has (tests/offline_compile.py found it)."""
+    from resnet_fused.backends.triton_backend import _operand_bytes, heuristic_config
+
+    for layer, _ in conv_layers("resnet50", 256) + conv_layers("resnext50_32x4d", 1):
+        p, q = layer.out_hw
+        m, k, c = layer.n * p * q, layer.k // layer.groups, layer.c // layer.groups
+        cfg = heuristic_config(m, k, c, layer.r * layer.s, layer.groups, elem, smem)
+        b = cfg.kwargs
+        assert _operand_bytes(b["BLOCK_M"], b["BLOCK_N"], b["BLOCK_K"], cfg.num_stages, elem) <= smem, (layer, cfg)
+        assert cfg.num_stages >= 2 and b["BLOCK_K"] >= 16
+        # where it fits anyway, the tile is the one chosen before sizes were checked
+        big = heuristic_config(m, k, c, layer.r * layer.s, layer.groups)
+        if _operand_bytes(big.kwargs["BLOCK_M"], big.kwargs["BLOCK_N"], big.kwargs["BLOCK_K"], big.num_stages,
+                          elem) <= smem:
+            assert (cfg.kwargs, cfg.num_stages, cfg.num_warps) == (big.kwargs, big.num_stages, big.num_warps)

@@ -252,8 +252,9 @@ def _device_limits(index: int) -> tuple[int, int]:
 
 
 def _operand_bytes(bm: int, bn: int, bk: int, stages: int, elem: int) -> int:
-    """Shared memory of the operand tiles in flight: ``stages`` A and B tiles (what Triton
-    takes for float32; for 16-bit types it keeps one stage fewer, so this is an upper bound)."""
+    """Shared memory of the operand tiles in flight: ``stages`` A and B tiles. Compiled
+    for sm_90 (tests/offline_compile.py) this is exactly what Triton takes for float32
+    and an upper bound for 16-bit types, where it keeps fewer buffers."""
     return stages * (bm * bk + bk * bn) * elem
 
 
