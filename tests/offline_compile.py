@@ -14,7 +14,7 @@ the autotuner silently skips but a heuristic or shipped tile would launch and fa
 grids past CUDA's limits; host code that only runs on a GPU and is broken.
 What it cannot find: wrong results and speed (nothing runs).
 
-    python tests/offline_compile.py --arch 90 --batch 256 --dtypes float16 bfloat16 float32
+    python tests/offline_compile.py --arch 90 --batch 256 --dtypes float16 bfloat16 float32 float32-ieee
 
 prints one line per kernel compiled and a summary, and exits 1 on any problem.
 ``--json PATH`` writes the records. Run it without TRITON_INTERPRET (it refuses).
@@ -217,10 +217,16 @@ def check(arch: int, batch: int, dtypes: list[str], archs: list[str], autotune: 
 
     results = {"arch": arch, "batch": batch, "triton": __import__("triton").__version__, "calls": [],
                "failures": []}
-    with offline_gpu(arch) as fake:
+    tf32 = torch.backends.cudnn.allow_tf32
+    with offline_gpu(arch) as fake, contextlib.ExitStack() as undo:
+        undo.callback(setattr, torch.backends.cudnn, "allow_tf32", tf32)
+        undo.callback(setattr, tb, "AUTOTUNE", tb.AUTOTUNE)
         tb.AUTOTUNE = autotune
         for dtype_name in dtypes:
-            dtype = getattr(torch, dtype_name)
+            dtype = getattr(torch, dtype_name.split("-")[0])
+            # float32 convs run as TF32 on tensor cores when torch allows it (its default),
+            # else as IEEE float32 on the FMA units ("float32-ieee")
+            torch.backends.cudnn.allow_tf32 = dtype_name != "float32-ieee"
             for layer in _layers(archs, batch):
                 x, w, bias, residual = _tensors(layer, dtype)
                 problem = (x, w, bias, residual, (layer.stride,) * 2, (layer.padding,) * 2, (layer.dilation,) * 2,
@@ -247,7 +253,7 @@ def check(arch: int, batch: int, dtypes: list[str], archs: list[str], autotune: 
                                          for rec in new]}
                     results["calls"].append(call)
                     kinds = sorted({f"{r['mma']}+{r['loads']}" for r in new})
-                    log(f"sm_{arch} {dtype_name:8s} {layer.name:34s} {algorithm:14s} "
+                    log(f"sm_{arch} {dtype_name:12s} {layer.name:34s} {algorithm:14s} "
                         f"{len(new):2d} launch(es), shared <= {max((r['shared'] for r in new), default=0):6d} B, "
                         f"regs <= {max((r['regs'] for r in new), default=0):3d}, "
                         f"spills {sum(r['spills'] for r in new)}, {' '.join(kinds)}, "
@@ -272,7 +278,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, choices=sorted(GPUS), default=90)
     parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--dtypes", nargs="+", default=["float16"], choices=["float16", "bfloat16", "float32"])
+    parser.add_argument("--dtypes", nargs="+", default=["float16"], choices=["float16", "bfloat16", "float32", "float32-ieee"],
+                        help="float32: TF32 tensor cores (torch's default for convs); float32-ieee: FMA")
     parser.add_argument("--models", nargs="+", default=["resnet50"])
     parser.add_argument("--no-autotune", action="store_true",
                         help="compile only the heuristic tiles (RESNET_FUSED_TRITON_AUTOTUNE=0), not every config")

@@ -697,10 +697,10 @@ def _gpu_layers(arch, batch):
     return [layer for layer, _ in conv_layers(arch, batch, 224)]
 
 
-GPU_CASES = [
+GPU_CASES = [  # small batches of both nets first, so a session short of time has seen every layer
     (arch, batch, layer)
-    for arch in ("resnet50", "resnext50_32x4d")
     for batch in (1, 32, 256)
+    for arch in ("resnet50", "resnext50_32x4d")
     for layer in _gpu_layers(arch, batch)
 ]
 
