@@ -54,7 +54,6 @@ class OfflineDriver:
         self.launches: list[dict] = []
         self.failures: list[dict] = []
         self._usage: dict[bytes, dict] = {}
-        self._loaded: dict = {}
         self.utils = SimpleNamespace(
             get_device_properties=self._properties, load_binary=self._load_binary, unload_module=lambda module: None,
         )
@@ -82,10 +81,10 @@ class OfflineDriver:
 
     def _load_binary(self, name, cubin, shared, device):
         usage = self._resources(cubin)
-        self._loaded = usage  # Triton makes the launcher, then loads the binary, then launches
         per_warp = -(-usage["regs"] * 32 // 256) * 256  # registers are allocated per warp, 256 at a time
         max_threads = min(1024, (self.regs // per_warp) * 32) if per_warp else 1024
-        return None, name, usage["regs"], usage["spills"], max_threads
+        # the "function" handle Triton passes to every launch of this kernel: its usage
+        return None, usage, usage["regs"], usage["spills"], max_threads
 
     def _resources(self, cubin: bytes) -> dict:
         """Registers, spilled words, and which instructions the SASS uses: the MMA kind
@@ -112,28 +111,21 @@ class OfflineDriver:
 
     def _launcher(self, src, metadata):
         name = getattr(src, "name", None) or getattr(getattr(src, "fn", None), "__name__", "?")
-        owner = self
 
-        def launch(grid_x, grid_y, grid_z, stream, function, packed, launch_metadata, enter, exit_, *args):
+        def launch(grid_x, grid_y, grid_z, stream, usage, packed, launch_metadata, enter, exit_, *args):
             grid = (grid_x, grid_y, grid_z)
             record = {"kernel": name, "grid": grid, "shared": metadata.shared, "warps": metadata.num_warps,
-                      "stages": getattr(metadata, "num_stages", None), **launch.usage,
-                      "constants": _constants(src)}
-            owner.launches.append(record)
+                      "stages": getattr(metadata, "num_stages", None), **usage, "constants": _constants(src)}
+            self.launches.append(record)
             for axis, (size, limit) in enumerate(zip(grid, GRID_LIMITS)):
                 if not 0 < size <= limit:
-                    owner.failures.append({**record, "why": f"grid axis {axis} is {size} (CUDA allows 1..{limit})"})
+                    self.failures.append({**record, "why": f"grid axis {axis} is {size} (CUDA allows 1..{limit})"})
+            scratch = max(getattr(metadata, "global_scratch_size", 0) or 0,
+                          getattr(metadata, "profile_scratch_size", 0) or 0)
+            if scratch:  # the launcher would ask triton.set_allocator's allocator, which the backend never sets
+                self.failures.append({**record, "why": f"needs {scratch} B of global scratch memory"})
 
-        class Launcher:  # Triton makes this, loads the binary (_load_binary), then calls this
-            usage = None
-
-            def __call__(self, *args):
-                if launch.usage is None:
-                    launch.usage = owner._loaded
-                return launch(*args)
-
-        launch.usage = None
-        return Launcher()
+        return launch
 
     def _bench(self, kernel_call, quantiles=None, **kwargs):
         """The autotuner's timer: compile and 'launch' each config; a config that cannot
@@ -156,6 +148,9 @@ def _constants(src) -> dict:
     return out
 
 
+_used = False
+
+
 @contextlib.contextmanager
 def offline_gpu(arch: int):
     """Inside: Triton compiles for ``arch`` and launches nothing; the Triton backend's host
@@ -165,6 +160,10 @@ def offline_gpu(arch: int):
 
     from resnet_fused.backends import triton_backend as tb
 
+    global _used
+    if _used:  # Triton's JIT keeps compiled kernels (and their launchers) per device, not per target
+        raise RuntimeError("offline_gpu() runs once per process: start a new one for another check")
+    _used = True
     fake = OfflineDriver(arch)
     saved = {name: getattr(tb, name) for name in ("_device_limits", "_capability", "_device_name", "_on_gpu")}
     saved_cuda = (torch.cuda.device, torch.cuda.current_device)
@@ -287,9 +286,14 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         parser.error("unset TRITON_INTERPRET: this compiles for a GPU, the interpreter compiles nothing")
+    import torch
+
+    if torch.cuda.is_available():
+        parser.error("a GPU is here: its own tests run the kernels (pytest -m gpu)")
     with tempfile.TemporaryDirectory() as cache:
-        # a private cache: every kernel really compiles, and no tile reaches the user's cache
-        os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(cache, "triton"))
+        # private caches: every kernel really compiles, and no tile timed by the fake
+        # benchmarker (every config 1.0) reaches a cache a GPU would read
+        os.environ["TRITON_CACHE_DIR"] = os.path.join(cache, "triton")
         os.environ["RESNET_FUSED_CACHE_DIR"] = os.path.join(cache, "resnet_fused")
         results = check(args.arch, args.batch, args.dtypes, args.models, not args.no_autotune)
     if args.json:

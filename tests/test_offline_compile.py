@@ -32,14 +32,17 @@ def run_offline(tmp_path, *args: str, code: str | None = None) -> subprocess.Com
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch, dtypes", [(90, ["float16", "bfloat16", "float32", "float32-ieee"]),
-                                          (80, ["float16", "float32-ieee"])], ids=["sm90", "sm80"])
-def test_every_resnet50_conv_compiles_with_its_heuristic_tile(tmp_path, arch, dtypes):
+@pytest.mark.parametrize("arch, batch, dtypes", [
+    (90, 256, ["float16", "bfloat16", "float32", "float32-ieee"]),
+    (90, 1, ["float16"]),  # other tiles (the heuristic follows the GEMM's size)
+    (80, 256, ["float16", "float32-ieee"]),
+], ids=["sm90", "sm90_batch1", "sm80"])
+def test_every_resnet50_conv_compiles_with_its_heuristic_tile(tmp_path, arch, batch, dtypes):
     """What a GPU session with RESNET_FUSED_TRITON_AUTOTUNE=0 launches: each algorithm
-    the backend would offer for each ResNet-50 conv, at batch 256, fits the GPU."""
+    the backend would offer for each ResNet-50 and ResNeXt-50 conv fits the GPU."""
     out = tmp_path / "records.json"
-    done = run_offline(tmp_path, "--arch", str(arch), "--batch", "256", "--no-autotune", "--dtypes", *dtypes,
-                       "--json", str(out))
+    done = run_offline(tmp_path, "--arch", str(arch), "--batch", str(batch), "--no-autotune", "--dtypes", *dtypes,
+                       "--models", "resnet50", "resnext50_32x4d", "--json", str(out))
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     records = json.loads(out.read_text())
     algorithms = {call["algorithm"] for call in records["calls"]}

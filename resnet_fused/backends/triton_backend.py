@@ -505,6 +505,12 @@ GEMM_CONFIGS = [
 GEMM_INTERPRETER_CONFIG = _gemm_config(64, 64, 32, 4, 1, group_m=4)
 
 
+def _gemm_bytes(bm: int, bn: int, bk: int, stages: int) -> int:
+    """Shared memory of a TMA tile: operand stages plus the output tile, 2 bytes each
+    (an upper bound: tests/offline_compile.py measures what Triton takes)."""
+    return stages * (bm * bk + bk * bn) * 2 + bm * bn * 2
+
+
 def _prune_gemm(configs, named_args, **kwargs):
     named_args = {**named_args, **kwargs}
     m, k, c = named_args["M"], named_args["K"], named_args["C"]
@@ -512,13 +518,14 @@ def _prune_gemm(configs, named_args, **kwargs):
     fits = []
     for cfg in configs:
         bm, bn, bk = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
-        if cfg.num_stages * (bm * bk + bk * bn) * 2 + bm * bn * 2 > smem:
-            continue  # operand stages plus the output tile, 2 bytes each
+        if _gemm_bytes(bm, bn, bk, cfg.num_stages) > smem:
+            continue
         if bn > 2 * triton.next_power_of_2(k) or bk > 2 * triton.next_power_of_2(c):
             continue
         fits.append((cfg, triton.cdiv(m, bm) * triton.cdiv(k, bn)))
-    if not fits:
-        return [configs[-1]]
+    if not fits:  # the smallest footprint (a GPU with little shared memory, e.g. sm_120's 99 KiB)
+        return [min(configs, key=lambda c: _gemm_bytes(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"],
+                                                       c.num_stages))]
     return _filling(fits, sms)
 
 
@@ -720,14 +727,15 @@ def _prune_conv_tma(configs, named_args, **kwargs):
     fits = []
     for cfg in configs:
         bh, bw, bn, bk = (cfg.kwargs[name] for name in ("BLOCK_H", "BLOCK_W", "BLOCK_N", "BLOCK_K"))
-        if cfg.num_stages * (bh * bw * bk + bn * bk) * 2 + bh * bw * bn * 2 > smem:
+        if _gemm_bytes(bh * bw, bn, bk, cfg.num_stages) > smem:
             continue
         if bn > 2 * triton.next_power_of_2(k) or bh > 2 * triton.next_power_of_2(p) or \
                 bw > 2 * triton.next_power_of_2(q):
             continue  # mostly empty tiles
         fits.append((cfg, n * triton.cdiv(p, bh) * triton.cdiv(q, bw) * triton.cdiv(k, bn)))
-    if not fits:
-        return [configs[1]]
+    if not fits:  # the smallest footprint
+        return [min(configs, key=lambda c: _gemm_bytes(c.kwargs["BLOCK_H"] * c.kwargs["BLOCK_W"], c.kwargs["BLOCK_N"],
+                                                       c.kwargs["BLOCK_K"], c.num_stages))]
     return _filling(fits, sms)
 
 
