@@ -184,7 +184,8 @@ def offline_gpu(arch: int):
         torch.cuda.device, torch.cuda.current_device = saved_cuda
 
 
-def _layers(archs: list[str], batch: int):
+def _layers(archs: list[str], batch: int, limit: int | None = None):
+    """The unique convs of ``archs`` in forward order (the first ``limit`` of them)."""
     from resnet_fused.bench import conv_layers
 
     seen = []
@@ -192,7 +193,7 @@ def _layers(archs: list[str], batch: int):
         for layer, _ in conv_layers(arch, batch):
             if layer not in seen:
                 seen.append(layer)
-    return seen
+    return seen[:limit]
 
 
 def _tensors(layer, dtype):
@@ -208,7 +209,8 @@ def _tensors(layer, dtype):
     return x, w, bias, residual
 
 
-def check(arch: int, batch: int, dtypes: list[str], archs: list[str], autotune: bool, log=print) -> dict:
+def check(arch: int, batch: int, dtypes: list[str], archs: list[str], autotune: bool, log=print,
+          max_layers: int | None = None) -> dict:
     """Run every algorithm the backend has on every layer it takes; return the records."""
     import torch
 
@@ -226,7 +228,7 @@ def check(arch: int, batch: int, dtypes: list[str], archs: list[str], autotune: 
             # float32 convs run as TF32 on tensor cores when torch allows it (its default),
             # else as IEEE float32 on the FMA units ("float32-ieee")
             torch.backends.cudnn.allow_tf32 = dtype_name != "float32-ieee"
-            for layer in _layers(archs, batch):
+            for layer in _layers(archs, batch, max_layers):
                 x, w, bias, residual = _tensors(layer, dtype)
                 problem = (x, w, bias, residual, (layer.stride,) * 2, (layer.padding,) * 2, (layer.dilation,) * 2,
                            layer.groups, layer.relu)
@@ -282,6 +284,7 @@ def main(argv=None) -> int:
     parser.add_argument("--models", nargs="+", default=["resnet50"])
     parser.add_argument("--no-autotune", action="store_true",
                         help="compile only the heuristic tiles (RESNET_FUSED_TRITON_AUTOTUNE=0), not every config")
+    parser.add_argument("--max-layers", type=int, help="only the first N unique convs (in forward order)")
     parser.add_argument("--json", help="write the records here")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
@@ -295,7 +298,8 @@ def main(argv=None) -> int:
         # benchmarker (every config 1.0) reaches a cache a GPU would read
         os.environ["TRITON_CACHE_DIR"] = os.path.join(cache, "triton")
         os.environ["RESNET_FUSED_CACHE_DIR"] = os.path.join(cache, "resnet_fused")
-        results = check(args.arch, args.batch, args.dtypes, args.models, not args.no_autotune)
+        results = check(args.arch, args.batch, args.dtypes, args.models, not args.no_autotune,
+                        max_layers=args.max_layers)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1, default=str)

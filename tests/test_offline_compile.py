@@ -32,22 +32,24 @@ def run_offline(tmp_path, *args: str, code: str | None = None) -> subprocess.Com
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch, batch, dtypes", [
-    (90, 256, ["float16", "bfloat16", "float32", "float32-ieee"]),
-    (90, 1, ["float16"]),  # other tiles (the heuristic follows the GEMM's size)
-    (80, 256, ["float16", "float32-ieee"]),
-], ids=["sm90", "sm90_batch1", "sm80"])
-def test_every_resnet50_conv_compiles_with_its_heuristic_tile(tmp_path, arch, batch, dtypes):
+@pytest.mark.parametrize("arch, models, dtypes", [
+    (90, ["resnet50", "resnext50_32x4d"], ["float16"]),  # every algorithm, grouped convs too
+    (90, ["resnet50"], ["float32", "float32-ieee"]),  # 4-byte tiles: the shared memory they need
+    (80, ["resnet50"], ["float16"]),  # mma.sync, no TMA
+], ids=["sm90_fp16", "sm90_fp32", "sm80_fp16"])
+def test_every_resnet50_conv_compiles_with_its_heuristic_tile(tmp_path, arch, models, dtypes):
     """What a GPU session with RESNET_FUSED_TRITON_AUTOTUNE=0 launches: each algorithm
-    the backend would offer for each ResNet-50 and ResNeXt-50 conv fits the GPU."""
+    the backend would offer each conv at batch 256 fits the GPU. (CI's share; the full
+    sweeps, bf16 and batch 1 among them, are in benchmarks/NOTES.md.)"""
     out = tmp_path / "records.json"
-    done = run_offline(tmp_path, "--arch", str(arch), "--batch", str(batch), "--no-autotune", "--dtypes", *dtypes,
-                       "--models", "resnet50", "resnext50_32x4d", "--json", str(out))
+    done = run_offline(tmp_path, "--arch", str(arch), "--batch", "256", "--no-autotune", "--dtypes", *dtypes,
+                       "--models", *models, "--json", str(out))
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     records = json.loads(out.read_text())
     algorithms = {call["algorithm"] for call in records["calls"]}
-    # the TMA algorithms are offered on Hopper only (cudnn_epilogue: its Triton pass alone)
-    assert algorithms == {"implicit_gemm", "cudnn_epilogue"} | ({"gemm_tma", "conv_tma"} if arch == 90 else set())
+    # the TMA algorithms: on Hopper, for 16-bit types (cudnn_epilogue: its Triton pass alone)
+    tma = arch == 90 and "float16" in dtypes
+    assert algorithms == {"implicit_gemm", "cudnn_epilogue"} | ({"gemm_tma", "conv_tma"} if tma else set())
     launches = [rec for call in records["calls"] for rec in call["launched"]]
     convs = [rec for rec in launches if rec["kernel"] != "_bias_residual_relu_kernel"]
     # every conv kernel on tensor cores (float32 as TF32, torch's default for convs), but IEEE float32
@@ -61,9 +63,11 @@ def test_every_resnet50_conv_compiles_with_its_heuristic_tile(tmp_path, arch, ba
 
 @pytest.mark.slow
 def test_every_config_the_autotuner_may_try_compiles(tmp_path):
-    """Autotuning: every config the pruners admit for ResNet-18's convs compiles and fits
-    an H100 (the autotuner would skip one that does not, silently)."""
-    done = run_offline(tmp_path, "--arch", "90", "--batch", "32", "--models", "resnet18", "--dtypes", "float16")
+    """Autotuning: every config the pruners admit for ResNet-18's first convs (the stem,
+    3x3 with and without residual, a strided 3x3 and 1x1) compiles and fits an H100 (the
+    autotuner would skip one that does not, silently)."""
+    done = run_offline(tmp_path, "--arch", "90", "--batch", "32", "--models", "resnet18", "--dtypes", "float16",
+                       "--max-layers", "5")
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     assert "0 problems" in done.stdout
 
@@ -73,9 +77,9 @@ def test_a_tile_too_large_for_the_gpu_is_reported(tmp_path):
     code = """
 import offline_compile
 from resnet_fused.backends import triton_backend as tb
-big = tb._config(256, 256, 64, 4, 4)
+big = tb._config(128, 128, 64, 4, 8)  # 8 stages of 32 KiB
 tb.heuristic_config = lambda *args, **kwargs: big
-res = offline_compile.check(90, 2, ["float16"], ["resnet18"], autotune=False, log=lambda *a: None)
+res = offline_compile.check(90, 2, ["float16"], ["resnet18"], autotune=False, log=lambda *a: None, max_layers=2)
 whys = [f["why"] for f in res["failures"] if f.get("algorithm") == "implicit_gemm"]
 print(len(whys), whys[0] if whys else "")
 """
