@@ -105,8 +105,12 @@ class OfflineDriver:
             local = re.search(r"LOCAL:(\d+)", usage)
             mma = "wgmma" if "HGMMA" in sass else "mma.sync" if "HMMA" in sass else "fma" if "FFMA" in sass else "none"
             loads = "TMA" if "UTMALDG" in sass else "cp.async" if "LDGSTS" in sass else "registers"
+            # bytes per cp.async: a .64 or .128 part of the LDGSTS opcode, none for 4 bytes
+            widths = {16 if "128" in op.split(".") else 8 if "64" in op.split(".") else 4
+                      for op in re.findall(r"LDGSTS[.\w]*", sass)}
             self._usage[cubin] = {"regs": int(regs.group(1)) if regs else 0,
-                                  "spills": int(local.group(1)) // 4 if local else 0, "mma": mma, "loads": loads}
+                                  "spills": int(local.group(1)) // 4 if local else 0, "mma": mma, "loads": loads,
+                                  "cp_async_bytes": sorted(widths)}
         return self._usage[cubin]
 
     def _launcher(self, src, metadata):
@@ -253,7 +257,8 @@ def check(arch: int, batch: int, dtypes: list[str], archs: list[str], autotune: 
                             "launched": [{k: v for k, v in rec.items() if k != "constants"} | _tile(rec)
                                          for rec in new]}
                     results["calls"].append(call)
-                    kinds = sorted({f"{r['mma']}+{r['loads']}" for r in new})
+                    kinds = sorted({f"{r['mma']}+{r['loads']}" + (f"({'/'.join(map(str, r['cp_async_bytes']))} B)"
+                                                                       if r["cp_async_bytes"] else "") for r in new})
                     log(f"sm_{arch} {dtype_name:12s} {layer.name:34s} {algorithm:14s} "
                         f"{len(new):2d} launch(es), shared <= {max((r['shared'] for r in new), default=0):6d} B, "
                         f"regs <= {max((r['regs'] for r in new), default=0):3d}, "

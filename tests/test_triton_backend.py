@@ -71,6 +71,42 @@ def test_conv_kinds_match_reference(gen, kind, dtype, residual, relu):
     run_and_check(x, weight.contiguous(memory_format=torch.channels_last), bias, res, s, p, d, g, relu)
 
 
+@pytest.mark.parametrize("c, r, stride, padding, dilation, channels_last", [
+    (1, 7, 2, 3, 1, False), (2, 5, 1, 2, 1, True), (3, 7, 2, 3, 1, False), (3, 3, 2, 0, 1, True),
+    (4, 3, 1, 0, 1, True), (6, 3, 1, 2, 2, False), (12, 3, 2, 1, 3, True),
+], ids=["c1_nchw", "c2_5x5", "stem_nchw", "c3_no_padding", "c4_nhwc_dense", "c6_dilation2", "c12_dilation3"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_few_channels_take_the_packed_loop(monkeypatch, gen, c, r, stride, padding, dilation, channels_last, dtype):
+    """One-group convs with fewer than 16 channels (the stem) reduce over packed filter
+    rows: x dense NHWC with its zero padding written around it and the weight (R, S, C, K),
+    both zero-padded to a multiple of 4 channels, so each row is one aligned run."""
+    from resnet_fused.backends import triton_backend as tb
+
+    packed = []
+    pack = tb._pack_few_channels
+    monkeypatch.setattr(tb, "_pack_few_channels", lambda *args: packed.append(pack(*args)) or packed[-1])
+    monkeypatch.setenv("RESNET_FUSED_TRITON_ALGO", "implicit_gemm")
+    x, weight, bias, res = make_case(gen, 2, c, 11, 10, 12, r, stride, padding, dilation, 1, dtype, True,
+                                     channels_last)
+    run_and_check(x, weight, bias, res, stride, padding, dilation, 1, True)
+    (xp, wp), = packed
+    cp, p = -(-c // 4) * 4, padding
+    assert xp.shape == (2, cp, 11 + 2 * p, 10 + 2 * p)
+    sn, sc, sh, sw = xp.stride()
+    assert (sc, sw) == (1, cp) and sh % 16 == 0 and sn % 16 == 0 and sh >= cp * xp.shape[3]
+    assert wp.shape == (12, cp, r, r)
+    if dtype == torch.float32:  # K-major, for TF32's wgmma
+        assert wp.stride()[1:] == (1, r * cp, cp) and wp.stride(0) % 16 == 0 and wp.stride(0) >= r * r * cp
+    else:
+        assert wp.stride() == (1, 12, r * cp * 12, cp * 12)
+    inside = xp[:, :c, p:p + 11, p:p + 10].cpu()
+    assert torch.equal(inside, x) and xp.count_nonzero() == inside.count_nonzero() and not wp[:, c:].any()
+    if cp == c and channels_last and not padding:  # 4 channels of 10-pixel rows: 40-element rows
+        assert pack(x, weight, (0, 0))[0] is not x
+        aligned = x.new_zeros(2, 11, 12, 4)[:, :, :10].permute(0, 3, 1, 2)  # 48-element rows
+        assert pack(aligned, weight, (0, 0))[0] is aligned
+
+
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 def test_any_layout_is_correct_and_output_follows_input(gen, channels_last):
     x, weight, bias, res = make_case(gen, 2, 8, 7, 9, 12, 3, 2, 1, 1, 1, torch.float32, True, channels_last)
@@ -291,13 +327,17 @@ def test_autotune_pruning_by_shared_memory_warps_and_sm_fill(monkeypatch):
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     x = torch.empty(0, dtype=torch.float16)
 
-    def conv(n, pq, k, r, flat=False):
-        return tb._prune(tb.CONFIGS, dict(x_ptr=x, N=n, P=pq, Q=pq, K=k, R=r, S=r, GROUPS=1, FLAT_SC=flat))
+    def conv(n, pq, k, r, flat=False, c=64):
+        return tb._prune(tb.CONFIGS, dict(x_ptr=x, N=n, P=pq, Q=pq, C=c, K=k, R=r, S=r, GROUPS=1, FLAT_SC=flat))
 
     big3x3 = conv(256, 56, 64, 3)
     assert big3x3 and all(cfg.num_warps == 4 for cfg in big3x3)
     assert all(cfg.kwargs["BLOCK_N"] <= 128 for cfg in big3x3)  # K = 64: no 256-wide column tiles
     assert any(cfg.num_warps == 8 for cfg in conv(256, 56, 256, 1))  # 1x1 may use 8 warps
+    stem = conv(256, 112, 64, 7, flat=True, c=4)  # a filter row: 7 taps x 4 channels = 28 deep
+    assert stem and all(cfg.kwargs["BLOCK_K"] == 32 and cfg.num_warps == 4 for cfg in stem)
+    assert all(cfg.kwargs["BLOCK_K"] == 32 for cfg in conv(256, 28, 64, 3, flat=True, c=8))  # 24 deep
+    assert any(cfg.kwargs["BLOCK_K"] == 64 for cfg in conv(256, 28, 64, 3, flat=True, c=12))  # 36 deep
     tiny = conv(1, 7, 512, 3)  # 49 rows: no config fills half of 132 SMs -> the most tiles
     tiles = {id(cfg): -(-49 // cfg.kwargs["BLOCK_M"]) * -(-512 // cfg.kwargs["BLOCK_N"]) for cfg in tb.CONFIGS}
     four_warp = [cfg for cfg in tb.CONFIGS if cfg.num_warps == 4]  # all of them fit an H100's shared memory
@@ -727,27 +767,18 @@ def test_gpu_resnet_layers(case, dtype):
     ConvLayer(8, 64, 28, 28, 64, 3, 3, 1, 1, 1, 1, True, True),
     ConvLayer(8, 256, 14, 14, 512, 1, 1, 2, 0, 1, 1, False, False),
     ConvLayer(4, 128, 15, 15, 128, 3, 3, 2, 1, 1, 32, True, True),
-], ids=["3x3", "1x1_stride2", "grouped_odd"])
+    ConvLayer(8, 3, 57, 57, 64, 7, 7, 2, 3, 1, 1, True, False),
+], ids=["3x3", "1x1_stride2", "grouped_odd", "stem_packed"])
 def test_gpu_every_tile_config_is_correct(layer, config, dtype=torch.float16):
     """Autotuning may pick any config: each one must be right, not just the heuristic's."""
     from resnet_fused.backends import triton_backend as tb
 
     cfg = CONFIGS[config]
+    if layer.r > 1 and cfg.num_warps > 4:  # the autotuner never launches these (triton#1254)
+        cfg = triton.Config(cfg.kwargs, num_warps=4, num_stages=cfg.num_stages)
     x, w, b, r = layer.tensors(dtype, "cuda", torch.Generator(device="cuda").manual_seed(config))
-    y = torch.full((layer.n, layer.k, *layer.out_hw), float("nan"), device="cuda", dtype=dtype)
-    y = y.contiguous(memory_format=torch.channels_last)
-    c, k = layer.c // layer.groups, layer.k // layer.groups
-    m = layer.n * layer.out_hw[0] * layer.out_hw[1]
-    grid = (triton.cdiv(m, cfg.kwargs["BLOCK_M"]) * triton.cdiv(k, cfg.kwargs["BLOCK_N"]), layer.groups)
-    warps = cfg.num_warps if layer.r == 1 else min(cfg.num_warps, 4)
-    tb._conv_bias_act_kernel[grid](
-        x, w, b, r if r is not None else y, y, layer.n, layer.h, layer.w, *layer.out_hw, c, k,
-        *x.stride(), *w.stride(), *(r if r is not None else y).stride(), *y.stride(),
-        R=layer.r, S=layer.s, STRIDE_H=layer.stride, STRIDE_W=layer.stride, PAD_H=layer.padding,
-        PAD_W=layer.padding, DIL_H=1, DIL_W=1, HAS_BIAS=True, HAS_RESIDUAL=r is not None, RELU=layer.relu,
-        FLAT_SC=c < tb.FLAT_SC_MAX_CHANNELS and layer.r > 1, DOT_PRECISION="ieee", UPCAST=False, GROUPS=layer.groups,
-        **cfg.kwargs, num_warps=warps, num_stages=cfg.num_stages,
-    )
+    y = tb.implicit_gemm(x, w, b, r, [layer.stride] * 2, [layer.padding] * 2, [1, 1], layer.groups, layer.relu,
+                         config=cfg)
     ref = reference_conv_bias_act(x, w, b, r, layer.stride, layer.padding, 1, layer.groups, layer.relu, device="cuda")
     assert relative_error(y, ref) <= TOLERANCES[dtype]
 
@@ -905,12 +936,14 @@ def test_heuristic_tiles_fit_the_gpus_shared_memory(elem, smem):
     for layer, _ in conv_layers("resnet50", 256) + conv_layers("resnext50_32x4d", 1):
         p, q = layer.out_hw
         m, k, c = layer.n * p * q, layer.k // layer.groups, layer.c // layer.groups
-        cfg = heuristic_config(m, k, c, layer.r * layer.s, layer.groups, elem, smem)
+        cfg = heuristic_config(m, k, c, layer.r, layer.s, layer.groups, elem, smem)
         b = cfg.kwargs
         assert _operand_bytes(b["BLOCK_M"], b["BLOCK_N"], b["BLOCK_K"], cfg.num_stages, elem) <= smem, (layer, cfg)
         assert cfg.num_stages >= 2 and b["BLOCK_K"] >= 16
+        if c < 16 and layer.r > 1:  # the stem and ResNeXt's groups: K tiles no deeper than a filter row's run
+            assert b["BLOCK_K"] <= max(32, triton.next_power_of_2(layer.s * -(-c // 4) * 4)), (layer, cfg)
         # where it fits anyway, the tile is the one chosen before sizes were checked
-        big = heuristic_config(m, k, c, layer.r * layer.s, layer.groups)
+        big = heuristic_config(m, k, c, layer.r, layer.s, layer.groups)
         if _operand_bytes(big.kwargs["BLOCK_M"], big.kwargs["BLOCK_N"], big.kwargs["BLOCK_K"], big.num_stages,
                           elem) <= smem:
             assert (cfg.kwargs, cfg.num_stages, cfg.num_warps) == (big.kwargs, big.num_stages, big.num_warps)

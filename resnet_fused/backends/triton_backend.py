@@ -126,6 +126,7 @@ def _conv_bias_act_kernel(
     # epilogue and mode switches
     HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
     FLAT_SC: tl.constexpr,  # reduce over flattened (s, c) per filter row: few channels per group
+    PACKED: tl.constexpr,  # FLAT_SC on packed operands (see _pack_few_channels): their channel count, else 0
     DOT_PRECISION: tl.constexpr,  # "ieee" or "tf32" for float32 inputs
     UPCAST: tl.constexpr,  # dot in fp32 (the interpreter's bf16 dot is wrong)
     GROUPS: tl.constexpr,  # the grid's second axis; a constexpr so the autotune key sees it
@@ -155,7 +156,31 @@ def _conv_bias_act_kernel(
     w_col = k_out.to(tl.int64) * swk  # [BLOCK_N]
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if FLAT_SC:
+    if PACKED:
+        # x NHWC with its zero padding in memory (the kernel gets PAD 0, no read falls
+        # outside) and the weight (R, S, C, K) or (K, R, S, C), both with C = PACKED channels (zero
+        # padded): a filter row's taps are one run of S*C elements in each, starting at a
+        # multiple of C elements, and the only mask on it is the run's end, so loads are
+        # C-wide vectors (cp.async on the GPU)
+        SC: tl.constexpr = S * PACKED
+        CHUNKS: tl.constexpr = (SC + BLOCK_K - 1) // BLOCK_K
+        for i in range(0, R * CHUNKS):
+            r = i // CHUNKS
+            j = (i % CHUNKS) * BLOCK_K + offs_k
+            if DIL_W == 1:
+                col = j
+            else:
+                col = (j // PACKED) * (DIL_W * PACKED) + j % PACKED
+            h = h0 + r * DIL_H
+            a_ptrs = x_ptr + (n.to(tl.int64) * sxn + h * sxh + w0 * PACKED)[:, None] + col[None, :]
+            a = tl.load(a_ptrs, mask=mask_m[:, None] & (j < SC)[None, :], other=0.0)
+            b_ptrs = w_ptr + w_col[None, :] + ((r * SC + j) * swc)[:, None]
+            b = tl.load(b_ptrs, mask=(j < SC)[:, None] & mask_n[None, :], other=0.0)
+            if UPCAST:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    elif FLAT_SC:
         # per filter row r, reduce over the flattened (s, c) run: for the NHWC stem that is
         # 21 contiguous elements per output pixel, and index math is per column only
         sc = S * C
@@ -276,6 +301,8 @@ def _prune(configs, named_args, **kwargs):
             continue
         if bn > 2 * triton.next_power_of_2(k):
             continue  # mostly empty columns
+        if named_args["FLAT_SC"] and bk > max(32, triton.next_power_of_2(s * named_args["C"])):
+            continue  # mostly empty K depth: a filter row's run is shorter
         fits.append((cfg, triton.cdiv(m, bm) * triton.cdiv(k, bn) * groups))
     if not fits:
         return [_config(32, 32, 32, 4, 2)]
@@ -293,7 +320,7 @@ def _filling(fits: list, sms: int) -> list:
 
 
 _AUTOTUNE_KEY = ["N", "H", "W", "P", "Q", "C", "K", "R", "S", "STRIDE_H", "STRIDE_W",
-                 "DIL_H", "DIL_W", "HAS_RESIDUAL", "FLAT_SC", "DOT_PRECISION", "GROUPS"]
+                 "DIL_H", "DIL_W", "HAS_RESIDUAL", "FLAT_SC", "PACKED", "DOT_PRECISION", "GROUPS"]
 
 
 def _make_tuned():
@@ -320,9 +347,11 @@ def implicit_gemm(
     dilation: Sequence[int],
     groups: int,
     relu: bool,
+    config: Optional[triton.Config] = None,
     tune: bool = True,
 ) -> Tensor:
     """The whole fused conv as one implicit-GEMM launch (arguments checked by the op).
+    ``config``: this tile (one of CONFIGS) rather than the autotuner's or the heuristic's.
     ``tune=False``: the heuristic tile, never the autotuner (no benchmarking: a CUDA
     graph being captured)."""
     n, c_total, h, w = x.shape
@@ -331,6 +360,13 @@ def implicit_gemm(
     p = (h + 2 * padding[0] - dilation[0] * (r - 1) - 1) // stride[0] + 1
     q = (w + 2 * padding[1] - dilation[1] * (s - 1) - 1) // stride[1] + 1
     y = torch.empty((n, k_total, p, q), dtype=x.dtype, device=x.device, memory_format=output_memory_format(x))
+    original = (x, weight, bias, residual, stride, padding, dilation, groups, relu)
+    flat = c < FLAT_SC_MAX_CHANNELS and r * s > 1
+    packed = 0
+    if flat and groups == 1:
+        x, weight = _pack_few_channels(x, weight, padding)
+        packed = c = x.shape[1]
+        h, w, padding = x.shape[2], x.shape[3], (0, 0)
     # absent operands get x as a stand-in pointer (never read): not y, which the kernel
     # writes, so a traced launch has no argument aliasing its output
     res = residual if residual is not None else x
@@ -342,7 +378,7 @@ def implicit_gemm(
     common = dict(
         R=r, S=s, STRIDE_H=stride[0], STRIDE_W=stride[1], PAD_H=padding[0], PAD_W=padding[1],
         DIL_H=dilation[0], DIL_W=dilation[1], HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
-        RELU=relu, FLAT_SC=c < FLAT_SC_MAX_CHANNELS and r * s > 1, DOT_PRECISION=precision,
+        RELU=relu, FLAT_SC=flat, PACKED=packed, DOT_PRECISION=precision,
     )
     args = (
         x, weight, bias if bias is not None else x, res, y, n, h, w, p, q, c, k,
@@ -350,7 +386,7 @@ def implicit_gemm(
     )
     m = n * p * q
     if INTERPRET and not _on_gpu(x):
-        cfg = INTERPRETER_CONFIG.kwargs
+        cfg = (config or INTERPRETER_CONFIG).kwargs
         grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(k, cfg["BLOCK_N"]), groups)
         _conv_bias_act_kernel[grid](*args, **common, UPCAST=True, GROUPS=groups, **cfg, num_warps=4, num_stages=1)
         return y
@@ -359,20 +395,57 @@ def implicit_gemm(
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_N"]), groups)
 
     with torch.cuda.device(x.device):
-        if AUTOTUNE and tune and not _traced(x):
+        if config is None and AUTOTUNE and tune and not _traced(x):
             _tuned[grid](*args, **common, UPCAST=False, GROUPS=groups)
         else:
-            cfg = None
-            if AUTOTUNE and tune:  # torch.compile: the tile the autotuner picks for these shapes, one kernel traced
-                cfg = _autotuned_config_for(implicit_gemm, _tuned, x, weight, bias, residual, stride, padding,
-                                            dilation, groups, relu)
-            cfg = cfg or heuristic_config(m, k, c, r * s, groups, x.element_size(),
+            cfg = config
+            if cfg is None and AUTOTUNE and tune:  # torch.compile: the autotuner's tile for these shapes, traced
+                cfg = _autotuned_config_for(implicit_gemm, _tuned, *original)
+            cfg = cfg or heuristic_config(m, k, c, r, s, groups, x.element_size(),
                                           _device_limits(x.device.index or 0)[1])
             _launchable(_conv_bias_act_kernel, x)[grid(cfg.kwargs)](
                 *args, **common, UPCAST=False, GROUPS=groups, **cfg.kwargs, num_warps=cfg.num_warps,
                 num_stages=cfg.num_stages,
             )
     return y
+
+
+#: the channels of a one-group conv with few of them (the 3-channel stem) are zero-padded
+#: to a multiple of this for the packed loop: a pixel is then 8 bytes of fp16 or bf16 (16
+#: of fp32) and every filter row's run starts on that boundary, where 3-channel pixels
+#: (6 bytes) left the loads one element wide (tests/offline_compile.py reads the SASS)
+PACK_MULTIPLE = 4
+
+
+def _pack_few_channels(x: Tensor, weight: Tensor, padding: Sequence[int]) -> tuple[Tensor, Tensor]:
+    """``x`` and ``weight`` of a one-group conv with few channels as the packed loop reads
+    them: x NHWC with the conv's zero padding written around it, the weight laid out
+    (R, S, C, K) (its K columns contiguous; float32: (K, R, S, C)), both zero-padded to a multiple of
+    PACK_MULTIPLE channels, which add nothing to the sums. x's rows (and images) are
+    spaced by a multiple of 16 elements, so that Triton, which specializes such strides,
+    knows each filter row's run is aligned. One pass over the input; x is used as it is
+    where it is that already."""
+    n, c, h, w = x.shape
+    k, _, r, s = weight.shape
+    ph, pw = padding
+    cp = -(-c // PACK_MULTIPLE) * PACK_MULTIPLE
+    sn, sc, sh, sw = x.stride()
+    if cp != c or ph or pw or (sc, sw) != (1, cp) or sh % 16 or sn % 16:
+        hp, wp = h + 2 * ph, w + 2 * pw
+        row = wp
+        while row * cp % 16:
+            row += 1
+        xp = x.new_zeros((n, hp, row, cp))
+        xp[:, ph:ph + h, pw:pw + w, :c] = x.permute(0, 2, 3, 1)
+        x = xp[:, :, :wp].permute(0, 3, 1, 2)
+    if weight.dtype == torch.float32:  # TF32 wgmma reads B K-major: (K, R, S, C), rows 16-aligned
+        run = r * s * cp
+        wp = weight.new_zeros((k, -(-run // 16) * 16))[:, :run].unflatten(1, (r, s, cp))
+        wp[..., :c] = weight.permute(0, 2, 3, 1)
+        return x, wp.permute(0, 3, 1, 2)
+    wp = weight.new_zeros((r, s, cp, k))
+    wp[:, :, :c] = weight.permute(2, 3, 1, 0)
+    return x, wp.permute(3, 2, 0, 1)
 
 
 def _autotuned_config_for(algorithm, tuner, *args):
@@ -1226,19 +1299,24 @@ def conv_bias_act_triton(x, weight, bias, residual, stride, padding, dilation, g
     return out
 
 
-def heuristic_config(m: int, k: int, c: int, taps: int, groups: int, elem: int = 2,
+def heuristic_config(m: int, k: int, c: int, r: int, s: int, groups: int, elem: int = 2,
                      smem: Optional[int] = None) -> triton.Config:
     """One reasonable config without measuring: large tiles for large GEMMs, small for
-    small; with fewer stages, then a shallower K tile, where the operand tiles of
-    ``elem``-byte elements would not fit ``smem`` bytes of shared memory (float32's
-    128x128x64 tile in 4 stages needs 256 KiB: more than any GPU has)."""
-    bk = 64 if c * (taps if c < FLAT_SC_MAX_CHANNELS else 1) >= 64 else 32
+    small, no wider than K, a K tile no deeper than the reduction each loop step walks
+    (C, or a filter row's S*C where channels are few); with fewer stages, then a shallower K tile, where
+    the operand tiles of ``elem``-byte elements would not fit ``smem`` bytes of shared
+    memory (float32's 128x128x64 tile in 4 stages needs 256 KiB: more than any GPU has)."""
+    taps = r * s
+    run = s * c if c < FLAT_SC_MAX_CHANNELS and taps > 1 else c
+    bk = 64 if run >= 64 else 32
     if m * k * groups >= 2**22:
         bm, bn, warps, stages = 128, 128, 8 if taps == 1 else 4, 3 if taps == 1 else 4
     elif m * k * groups >= 2**18:
         bm, bn, warps, stages = 64, 128 if k >= 128 else 64, 4, 4
     else:
         bm, bn, warps, stages = 32, 64 if k >= 64 else 32, 4, 3
+    if bn > max(32, triton.next_power_of_2(k)):  # no columns past K (the stem and layer1 have 64)
+        bn, warps = max(32, triton.next_power_of_2(k)), 4
     while smem is not None and _operand_bytes(bm, bn, bk, stages, elem) > smem and (stages > 2 or bk > 16):
         if stages > 2:
             stages -= 1
