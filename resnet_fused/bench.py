@@ -151,7 +151,7 @@ def time_fn(
     """Time ``fn(i)`` (``i`` picks the input buffer) after ``warmup`` calls.
 
     GPU: CUDA events around each call on the current stream. CPU: wall clock.
-    Runs at least ``runs`` times and at least ``min_time_s`` seconds.
+    Runs ``runs`` times, and more while under ``min_time_s`` seconds (up to 1000 runs).
     ``cuda_graph``: capture ``fn(i)`` for each of ``buffers`` inputs after the warm-up
     and time graph replays, so the host's dispatch cost (tens of microseconds, as
     long as a small kernel) stays out of a kernel's time. ``out_times``: a list the
@@ -183,7 +183,7 @@ def time_fn(
             end.record()
             events.append((start, end))
             i += 1
-            if len(events) >= 1000:
+            if i >= runs and len(events) >= 1000:  # (min_time_s extends a run to 1000 at most)
                 break
         torch.cuda.synchronize(device)
         times = [s.elapsed_time(e) for s, e in events]
@@ -193,7 +193,7 @@ def time_fn(
             fn(i)
             times.append((time.perf_counter() - t0) * 1e3)
             i += 1
-            if len(times) >= 1000:
+            if i >= runs and len(times) >= 1000:  # (min_time_s extends a run to 1000 at most)
                 break
     if out_times is not None:
         out_times.extend(times)

@@ -32,6 +32,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
+    return value
+
+
 def _cuda_refusal(devices: Sequence[str]) -> Optional[str]:
     """Why one of ``devices`` cannot be used on this machine, or None."""
     for text in devices:
@@ -147,7 +157,7 @@ def _cmd_validate(args, parser) -> int:
         )
     table = Table(title=f"resnet_fused validate (batch {args.batch_size}, {args.image_size}x{args.image_size}, "
                         "reference: torchvision in float64 on cpu)",
-                  caption="bound: the DESIGN.md tolerance; for float16/bfloat16 models, or 2x torchvision's own error "
+                  caption="bound: the per-op tolerance (resnet_fused.testing.TOLERANCES); for float16/bfloat16 models, or 2x torchvision's own error "
                           "if larger")
     for col in ("arch", "backend", "device", "dtype", "max abs err", "rel err", "torch rel err", "bound", "result"):
         table.add_column(col, justify="right" if "err" in col or col == "bound" else "left")
@@ -194,7 +204,7 @@ def _add_bench(sub) -> None:
     p.add_argument("--image-size", type=_positive_int, default=224, help="image height and width (default 224)")
     p.add_argument("--cuda-graphs", action="store_true", help="also time each fused provider as a CUDA graph")
     p.add_argument("--runs", type=_positive_int, default=30, help="timed runs per provider (default 30)")
-    p.add_argument("--warmup", type=_positive_int, default=5, help="untimed runs first (default 5)")
+    p.add_argument("--warmup", type=_non_negative_int, default=5, help="untimed runs first (default 5)")
     p.add_argument("--rounds", type=_positive_int, default=1,
                    help="split the runs into this many rounds taken in turn across providers, so a machine whose "
                         "speed drifts (a shared CPU) slows them alike (default 1)")
@@ -229,7 +239,11 @@ def _cmd_bench(args, parser) -> int:
         except ValueError as exc:
             parser.error(str(exc))
     if args.cuda_graphs and args.providers:
-        providers += [f"{p}+graphs" for p in args.providers if p.startswith("fused_") and "+graphs" not in p]
+        graphs = [f"{p}+graphs" for p in args.providers if p.startswith("fused_") and "+graphs" not in p]
+        if not graphs:
+            parser.error(f"--cuda-graphs times the fused providers as CUDA graphs, and --providers names none "
+                         f"({' '.join(args.providers)}); add a fused_<backend> provider or drop --cuda-graphs")
+        providers += graphs
     # torch.compile's max-autotune takes minutes: run it last so a time limit costs only it
     providers = sorted(dict.fromkeys(providers), key=lambda p: p == "compile")
     if args.plot:

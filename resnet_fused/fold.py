@@ -12,6 +12,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 __all__ = ["fold_batchnorm", "foldable_batchnorm", "FoldCache", "refold"]
@@ -49,20 +50,22 @@ def foldable_batchnorm(conv: nn.Module, bn: nn.Module) -> Optional[str]:
         return f"conv padding {conv.padding!r} with padding_mode={conv.padding_mode!r} (needs explicit zero padding)"
     if isinstance(bn, FrozenBatchNorm2d):
         channels = bn.weight.shape[0]
-    elif isinstance(bn, nn.BatchNorm2d):
-        if not bn.track_running_stats or bn.running_mean is None:
-            return "BatchNorm2d without running statistics uses batch statistics in eval mode"
+    elif isinstance(bn, (nn.BatchNorm2d, nn.SyncBatchNorm)):
+        if bn.running_mean is None or bn.running_var is None:
+            return f"{type(bn).__name__} without running statistics uses batch statistics in eval mode"
         channels = bn.num_features
     else:
-        return f"{type(bn).__name__} is not BatchNorm2d or FrozenBatchNorm2d"
+        return f"{type(bn).__name__} is not BatchNorm2d, SyncBatchNorm or FrozenBatchNorm2d"
     if channels != conv.out_channels:
         return f"BatchNorm has {channels} channels, conv has {conv.out_channels} outputs"
     return None
 
 
 def uses_batch_statistics(bn: nn.Module) -> bool:
-    """True when ``bn`` normalises with the batch's own statistics right now (train mode)."""
-    return isinstance(bn, nn.BatchNorm2d) and bn.training
+    """True when ``bn`` normalises with the batch's own statistics right now: a BatchNorm
+    (of any kind, SyncBatchNorm included) in train mode, or one without running
+    statistics, as torch's own BatchNorm decides."""
+    return isinstance(bn, _BatchNorm) and (bn.training or (bn.running_mean is None and bn.running_var is None))
 
 
 def _bn_tensors(conv: nn.Conv2d, bn: nn.Module) -> tuple:
@@ -87,13 +90,24 @@ class FoldCache:
     :func:`refold`.
     """
 
-    __slots__ = ("_key", "_value", "_sources")
+    __slots__ = ("_key", "_value", "_sources", "_checked")
 
     def __init__(self) -> None:
         self.clear()
+        self._checked = None
 
     def clear(self) -> None:
         self._key, self._value, self._sources = None, None, None
+
+    def foldable(self, conv: nn.Module, bn: nn.Module) -> bool:
+        """Whether ``bn`` can be folded into ``conv`` (:func:`foldable_batchnorm`), asked
+        again whenever either module is another object: a model edited after fusing
+        (``model.bn1 = nn.Identity()``) runs those modules as they are."""
+        checked = self._checked
+        if checked is None or checked[0] is not conv or checked[1] is not bn:
+            # (holding the modules: their ids cannot be reused while they are compared)
+            self._checked = checked = (conv, bn, foldable_batchnorm(conv, bn) is None)
+        return checked[2]
 
     def get(self, conv: nn.Conv2d, bn: nn.Module, channels_last: bool) -> tuple[Tensor, Tensor]:
         tensors = _bn_tensors(conv, bn)

@@ -101,11 +101,72 @@ def _fuse_runs(container: nn.Module, backend: str) -> None:
             if type(candidate) is nn.ReLU and not _hooked(candidate):
                 act = candidate
         fused = FusedConvBNAct(conv, bn, act, backend)
+        fused._bn_name = names[i + 1]
         container._modules[names[i]] = fused
         container._modules[names[i + 1]] = FoldedAway()
         if act is not None:
             container._modules[names[i + 2]] = FoldedAway()
+        _keep_state_dict_keys(container)
         i += 3 if act is not None else 2
+
+
+# ---------------------------------------------------------------------------------
+# state_dict keys of a container with fused runs: the unfused ones
+
+def _keep_state_dict_keys(container: nn.Module) -> None:
+    """Make ``container``'s state_dict keys those it had before its conv -> BN runs were
+    regrouped (``0.conv.weight`` -> ``0.weight``, ``0.bn.running_var`` ->
+    ``1.running_var``) and let it load those keys (and the regrouped ones), so
+    checkpoints of the unfused model load unchanged. The hooks do nothing once the
+    container holds no fused run (after :func:`unfuse`)."""
+    if container.__dict__.get("_resnet_fused_keys"):
+        return
+    container._resnet_fused_keys = True
+    container.register_state_dict_post_hook(_unfused_keys_out)
+    container.register_load_state_dict_pre_hook(_unfused_keys_in)
+
+
+def _fused_runs(container: nn.Module) -> list[tuple[str, str]]:
+    """(conv name, BatchNorm name) of each run :func:`fuse` regrouped in ``container``."""
+    return [(name, child._bn_name) for name, child in container._modules.items()
+            if isinstance(child, FusedConvBNAct) and getattr(child, "_bn_name", None)]
+
+
+def _unfused_keys_out(container, state_dict, prefix, local_metadata) -> None:
+    runs = _fused_runs(container)
+    if not runs:
+        return
+    renames = {}
+    for name, bn_name in runs:
+        for part, target in (("conv", prefix + name + "."), ("bn", prefix + bn_name + ".")):
+            renames[prefix + name + "." + part + "."] = target
+    # this container's keys are the last ones in state_dict: rewritten in their order, so
+    # the order is the unfused module's too
+    ours = [key for key in state_dict if key.startswith(prefix)]
+    for key in ours:
+        value = state_dict.pop(key)
+        for old, new in renames.items():
+            if key.startswith(old):
+                key = new + key[len(old):]
+                break
+        state_dict[key] = value
+    metadata = getattr(state_dict, "_metadata", None)
+    if metadata is not None:  # the modules' versions (BatchNorm's matters to its loading)
+        for old, new in renames.items():
+            if old[:-1] in metadata:
+                metadata[new[:-1]] = metadata.pop(old[:-1])
+
+
+def _unfused_keys_in(container, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                     error_msgs) -> None:
+    for name, bn_name in _fused_runs(container):
+        fused = container._modules[name]
+        # the unfused keys of each module (a key neither has stays, to be reported as unexpected)
+        for module, old, new in ((fused.conv, prefix + name + ".", prefix + name + ".conv."),
+                                 (fused.bn, prefix + bn_name + ".", prefix + name + ".bn.")):
+            for key in module.state_dict(keep_vars=True):
+                if old + key in state_dict:
+                    state_dict[new + key] = state_dict.pop(old + key)
 
 
 def unfuse(module: nn.Module, inplace: bool = False) -> nn.Module:

@@ -18,7 +18,7 @@ from torchvision.models import WeightsEnum
 from torchvision.models import resnet as tv_resnet
 
 from . import backends
-from .fold import FoldCache, foldable_batchnorm
+from .fold import FoldCache
 from .modules import FusedBasicBlock, FusedBottleneck, conv_bn_act, watched
 
 __all__ = [
@@ -58,7 +58,7 @@ class ResNet(tv_resnet.ResNet):
         tv_block = {FusedBasicBlock: tv_resnet.BasicBlock, FusedBottleneck: tv_resnet.Bottleneck}.get(block, block)
         super().__init__(tv_block, layers, *args, **kwargs)
         self.backend = backend
-        self._stem_fold = FoldCache() if foldable_batchnorm(self.conv1, self.bn1) is None else None
+        self._stem_fold = FoldCache()
         for name in ("layer1", "layer2", "layer3", "layer4"):
             self._modules[name] = _fuse(self._modules[name], backend)
 
@@ -70,7 +70,7 @@ class ResNet(tv_resnet.ResNet):
         fused.__dict__.update(model.__dict__)
         fused.__dict__["_modules"] = dict(model._modules)
         fused.backend = backends.check_name(backend)
-        fused._stem_fold = FoldCache() if foldable_batchnorm(model.conv1, model.bn1) is None else None
+        fused._stem_fold = FoldCache()
         return fused
 
     def to_torchvision(self) -> tv_resnet.ResNet:
@@ -91,7 +91,7 @@ class ResNet(tv_resnet.ResNet):
             # (train mode keeps the caller's layout: it is torchvision's forward, and a
             # layout change would change cuDNN's or oneDNN's algorithm and its rounding)
             x = x.contiguous(memory_format=torch.channels_last)
-        if self._stem_fold is not None and type(self.relu) is nn.ReLU and not watched(self.conv1, self.bn1, self.relu):
+        if type(self.relu) is nn.ReLU and not watched(self.conv1, self.bn1, self.relu):
             x = conv_bn_act(self.conv1, self.bn1, self._stem_fold, x, relu=True, backend=self.backend)
         else:
             x = self.relu(self.bn1(self.conv1(x)))

@@ -66,15 +66,17 @@ def conv_bn_act(
 ) -> Tensor:
     """``relu?(bn(conv(x)) + residual?)`` with the exact semantics of the modules.
 
-    When ``bn`` normalises with batch statistics (train mode) this runs the modules
-    themselves; otherwise one fused op on the folded weights. The fold comes from
+    When ``bn`` normalises with batch statistics (train mode), or cannot be folded into
+    ``conv`` (a module swapped in after fusing), this runs the modules themselves;
+    otherwise one fused op on the folded weights. The fold comes from
     ``fold`` (cached) unless it must carry gradients to the parameters or is being
     traced by torch.compile, where it is recomputed as part of the graph. ``out``, as
     in :func:`~resnet_fused.ops.conv_bias_act`, for the fused op only.
     """
-    if uses_batch_statistics(bn):
+    if uses_batch_statistics(bn) or not fold.foldable(conv, bn):
         if out is not None:
-            raise ValueError("out= is for the fused (eval-mode) op; this BatchNorm uses batch statistics")
+            raise ValueError(f"out= is for the fused (eval-mode) op; this {type(conv).__name__} and "
+                             f"{type(bn).__name__} run unfused")
         y = bn(conv(x))
         if residual is not None:
             y = y + residual
@@ -111,7 +113,7 @@ class FusedConvBNAct(nn.Module):
         self._fold = FoldCache()
 
     def forward(self, x: Tensor) -> Tensor:
-        if watched(self.conv, self.bn, self.act):
+        if watched(self.conv, self.bn, self.act) or (self.act is not None and type(self.act) is not nn.ReLU):
             x = self.bn(self.conv(x))
             return x if self.act is None else self.act(x)
         return conv_bn_act(self.conv, self.bn, self._fold, x, relu=self.act is not None, backend=self.backend)
@@ -168,7 +170,7 @@ class _FusedBlock(nn.Module):
     def _init_fused(self, backend: str) -> None:
         self.backend = backends.check_name(backend)
         self._folds = {conv_name: FoldCache() for conv_name, _ in self._pairs}
-        self._downsample_fold = FoldCache() if _is_conv_bn(self.downsample) else None
+        self._downsample_fold = FoldCache()
 
     def to_torchvision(self) -> nn.Module:
         """The plain torchvision block, with this block's submodules and attributes."""
@@ -205,8 +207,9 @@ class _FusedBlock(nn.Module):
             and not torch.compiler.is_compiling()
             and not torch.jit.is_tracing()  # (the tracer takes no bool from the in-place query)
             and not uses_batch_statistics(getattr(self, bn_name))  # (then the modules run, unfused)
+            and self._folds[conv_name].foldable(conv, getattr(self, bn_name))  # (likewise)
             and type(identity) is Tensor
-            and identity.dtype == x.dtype
+            and identity.dtype == x.dtype == conv.weight.dtype  # (not so under torch.autocast)
             and identity.is_contiguous(memory_format=output_memory_format(x))
         )
         if reuse:
@@ -223,25 +226,17 @@ class _FusedBlock(nn.Module):
         """The residual, and whether nothing reads it after the block: the fused
         downsample's own output, or the block's input when the caller says it is dead
         (a downsample of the user's own may return a view of its input, or keep it)."""
-        if self.downsample is None:
+        ds = self.downsample
+        if ds is None:
             return x, input_is_dead
-        if self._downsample_fold is None or watched(self.downsample):
-            return self.downsample(x), False
-        conv, bn = self.downsample
-        return conv_bn_act(conv, bn, self._downsample_fold, x, relu=False, backend=self.backend), True
+        if type(ds) is not nn.Sequential or len(ds) != 2 or watched(ds):
+            return ds(x), False
+        conv, bn = ds
+        fused = self._downsample_fold.foldable(conv, bn)  # (else conv_bn_act runs the modules)
+        return conv_bn_act(conv, bn, self._downsample_fold, x, relu=False, backend=self.backend), fused
 
     def extra_repr(self) -> str:
         return f"backend={self.backend!r}"
-
-
-def _is_conv_bn(module: Optional[nn.Module]) -> bool:
-    return (
-        type(module) is nn.Sequential
-        and len(module) == 2
-        and foldable_batchnorm(module[0], module[1]) is None
-        and not module[0]._forward_hooks
-        and not module[1]._forward_pre_hooks
-    )
 
 
 class FusedBasicBlock(_FusedBlock, tv_resnet.BasicBlock):
@@ -259,7 +254,7 @@ class FusedBasicBlock(_FusedBlock, tv_resnet.BasicBlock):
         self._init_checked(backend)
 
     def forward(self, x: Tensor, *, _input_is_dead: bool = False) -> Tensor:
-        if self.training or watched(self.conv1, self.bn1, self.conv2, self.bn2, self.relu):
+        if self.training or type(self.relu) is not nn.ReLU or watched(self.conv1, self.bn1, self.conv2, self.bn2, self.relu):
             return self._reference_forward(x)
         identity, identity_is_dead = self._identity(x, _input_is_dead)
         out = self._pair("conv1", "bn1", x, relu=True)
@@ -284,7 +279,7 @@ class FusedBottleneck(_FusedBlock, tv_resnet.Bottleneck):
         self._init_checked(backend)
 
     def forward(self, x: Tensor, *, _input_is_dead: bool = False) -> Tensor:
-        if self.training or watched(self.conv1, self.bn1, self.conv2, self.bn2, self.conv3, self.bn3, self.relu):
+        if self.training or type(self.relu) is not nn.ReLU or watched(self.conv1, self.bn1, self.conv2, self.bn2, self.conv3, self.bn3, self.relu):
             return self._reference_forward(x)
         identity, identity_is_dead = self._identity(x, _input_is_dead)
         out = self._pair("conv1", "bn1", x, relu=True)

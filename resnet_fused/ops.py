@@ -77,6 +77,9 @@ def check_conv_bias_act_args(
     for name, t in (("bias", bias), ("residual", residual)):
         if t is not None and not isinstance(t, Tensor):
             raise TypeError(f"{name} should be a Tensor or None, got {type(t).__name__}")
+    for name, t in (("x", x), ("weight", weight), ("bias", bias), ("residual", residual)):
+        if t is not None and t.layout != torch.strided:
+            raise ValueError(f"{name} should be a dense (strided) tensor, got layout {t.layout}")
     if x.dim() != 4:
         raise ValueError(f"x should be 4-D (N, C, H, W), got {x.dim()}-D with shape {tuple(x.shape)}")
     if weight.dim() != 4:
@@ -267,7 +270,11 @@ def conv_bias_act(
             dead after the add, and the native CPU kernels then write it in place
             (no new 25 MB output to fault in at ResNet-50's layer1, batch 8). Like
             torch's ``out=`` functions, not differentiable.
+
+    Under ``torch.autocast`` the op casts its inputs as conv2d does there: x, weight,
+    bias and residual, where floating point and not float64, to the autocast dtype.
     """
+    x, weight, bias, residual = _autocast(x, weight, bias, residual)
     stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
     if not isinstance(relu, bool):
         raise TypeError(f"relu should be a bool, got {type(relu).__name__}")
@@ -292,6 +299,20 @@ def conv_bias_act(
     if own_op is not None:  # an op torch.compile can trace into (the Triton backend's)
         return own_op(x, weight, bias, residual, stride, padding, dilation, groups, relu)
     return torch.ops.resnet_fused.conv_bias_act(x, weight, bias, residual, stride, padding, dilation, groups, relu, name)
+
+
+def _autocast(*tensors):
+    """``tensors`` as conv2d would take them under an enabled ``torch.autocast`` for the
+    first one's device type: floating point ones (but float64) in the autocast dtype."""
+    x = tensors[0]
+    if not isinstance(x, Tensor):
+        return tensors
+    device = x.device.type
+    if not torch.amp.is_autocast_available(device) or not torch.is_autocast_enabled(device):
+        return tensors  # (a device type autocast does not know, "meta" for one, has none)
+    dtype = torch.get_autocast_dtype(x.device.type)
+    return tuple(t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64 else t
+                 for t in tensors)
 
 
 def _eager_fast_path(*tensors: Optional[Tensor]) -> bool:
@@ -333,6 +354,7 @@ def explain(
     on a machine without a GPU ->
     ``"runs on 'torch'; skipped 'triton': no CUDA device and TRITON_INTERPRET is not set"``.
     """
+    x, weight, bias, residual = _autocast(x, weight, bias, residual)  # (what the op will be given)
     stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
     if not isinstance(relu, bool):
         raise TypeError(f"relu should be a bool, got {type(relu).__name__}")

@@ -8,8 +8,8 @@ forward on fresh random images is compared with the reference on the same
 (rounded) images. torchvision's own error at that device and dtype is shown beside
 it, so a low-precision result can be read against what PyTorch itself achieves.
 
-The bound: float32 (and float64) outputs must be within the DESIGN.md tolerance of
-the reference. Through a whole network a float16/bfloat16 model's error is dominated
+The bound: float32 (and float64) outputs must be within the per-op tolerance of
+the reference (``resnet_fused.testing.TOLERANCES``). Through a whole network a float16/bfloat16 model's error is dominated
 by rounding its weights and activations, which torchvision suffers as much as we do
 (bfloat16 ResNet-50: ~2e-2, over the per-op 1.6e-2), so there the bound is the
 per-op tolerance or twice torchvision's own error at that dtype, whichever is larger.

@@ -65,6 +65,7 @@ def test_validate_bfloat16_on_cpu_reports_torchs_own_error(capsys):
         (["bench", "--device", "cpu", "--providers", "fused_torch+graphs"],
          "fused_torch+graphs replays a CUDA graph: it needs a cuda device, got cpu"),
         (["bench", "--device", "cpu", "--runs", "2", "--rounds", "3"], "--rounds (3) should be at most --runs (2)"),
+        (["bench", "--warmup", "-1"], "expected a non-negative integer, got -1"),
     ],
 )
 def test_bad_options_get_clear_errors(argv, message, capsys):
@@ -184,3 +185,13 @@ def test_validate_says_how_many_convs_fell_back():
     assert row.status == "PASS" and row.note == "20 of 20 convs ran on 'torch' (20)"
     (row,) = run_validation(["resnet18"], ["torch"], ["cpu"], [torch.float32], image_size=32)
     assert row.status == "PASS" and row.note == ""
+
+
+def test_time_fn_runs_as_often_as_asked():
+    """--runs above the 1000 that min_time_s may extend a timing to is not cut to 1000."""
+    from resnet_fused.bench import time_fn
+
+    calls = []
+    timing = time_fn(calls.append, "cpu", warmup=0, runs=1200)
+    assert timing.runs == len(calls) == 1200
+    assert time_fn(calls.append, "cpu", warmup=0, runs=3, min_time_s=60).runs == 1000  # the extension's cap

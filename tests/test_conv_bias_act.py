@@ -1,6 +1,6 @@
 """The fused op ``conv_bias_act`` and its "torch" implementation, as a specification.
 
-Every case is compared with the float64 reference at the DESIGN.md tolerances.
+Every case is compared with the float64 reference at the tolerances of resnet_fused.testing.TOLERANCES.
 """
 import pytest
 import torch
@@ -272,6 +272,10 @@ BAD_INPUTS = [
     ("empty output", lambda x, w: (x[:, :, :2, :2], w, {}), ValueError, r"output would be empty"),
     ("not a tensor", lambda x, w: (x.tolist(), w, {}), TypeError, r"x should be a Tensor, got list"),
     ("relu not bool", lambda x, w: (x, w, {"relu": 1}), TypeError, r"relu should be a bool"),
+    ("sparse x", lambda x, w: (x.to_sparse(), w, {}), ValueError,
+     r"x should be a dense \(strided\) tensor, got layout torch.sparse_coo"),
+    ("sparse residual", lambda x, w: (x, w, {"residual": torch.zeros(2, 6, 6, 6).to_sparse()}), ValueError,
+     r"residual should be a dense \(strided\) tensor, got layout torch.sparse_coo"),
     ("tensor as stride", lambda x, w: (x, w, {"stride": torch.zeros(2, 6, 6, 6)}), TypeError,
      r"stride should be an int or a pair of ints, got a Tensor of shape \(2, 6, 6, 6\) \(torch.float32\)$"),
 ]
@@ -285,6 +289,19 @@ def test_bad_input_is_named_in_the_error(gen, case, fn):
     x, w, kwargs = make(x, w)
     with pytest.raises(exc, match=pattern):
         getattr(ops, fn)(x, w, **kwargs)
+
+
+@pytest.mark.parametrize("backend", [b for b in ("torch", "native") if backends.unavailable_reason(b) is None])
+def test_autocast_casts_the_inputs_as_conv2d_does(gen, backend):
+    """Under torch.autocast the op computes in the autocast dtype, as conv2d does there."""
+    x, weight, bias, res = make_case(gen, 2, 8, 9, 9, 16, 3, 1, 1, 1, 1, torch.float32, True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ops.conv_bias_act(x, weight, bias, res, padding=1, backend=backend)
+        assert out.dtype == torch.nn.functional.conv2d(x, weight, padding=1).dtype == torch.bfloat16
+    ref = reference_conv_bias_act(*(t.to(torch.bfloat16) for t in (x, weight, bias, res)), 1, 1)
+    assert relative_error(out, ref) <= TOLERANCES[torch.bfloat16]
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # float64 is left alone, as conv2d leaves it
+        assert ops.conv_bias_act(x.double(), weight.double(), backend=backend).dtype == torch.float64
 
 
 def test_explain_takes_the_ops_own_arguments(gen):

@@ -101,6 +101,8 @@ def test_fuse_torchvision_detection_and_segmentation(builder, kwargs, gen):
     fused = resnet_fused.fuse(model)
     assert count(fused, (FusedBottleneck,)) == 16, "every backbone Bottleneck is fused"
     assert count(fused, (FusedConvBNAct,)) >= 1, "the stem conv->bn->relu is fused"
+    assert_same_tensors(fused, model)  # the state_dict keys are the unfused model's: its checkpoints load
+    fused.load_state_dict(model.state_dict(), strict=True)
     assert_same_tensors(resnet_fused.unfuse(fused), model)
     x = torch.randn(1, 3, 64, 64, generator=gen)
     with torch.no_grad():
@@ -132,6 +134,22 @@ def test_sequential_conv_bn_relu_runs_are_fused(gen):
     assert kinds == ["FusedConvBNAct", "FoldedAway", "FoldedAway", "FusedConvBNAct", "FoldedAway",
                      "FusedConvBNAct", "FoldedAway", "FoldedAway", "Conv2d", "GroupNorm"]
     assert fused[0].act is not None and fused[3].act is None
+    # state_dict keys (and the BatchNorms' versions) are the unfused ones, both ways
+    assert_same_tensors(fused, model)
+    assert fused.state_dict()._metadata["1"] == model.state_dict()._metadata["1"] == {"version": 2}
+    assert "0.conv.weight" in dict(fused.named_parameters())  # (the modules themselves are regrouped)
+    other = copy.deepcopy(model)
+    randomize_batchnorm_(other, seed=6, calibration_size=16)
+    for m in other.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.normal_(m.weight)
+    fused.load_state_dict(other.state_dict(), strict=True)
+    assert_same_tensors(fused, other)
+    model.load_state_dict(copy.deepcopy(fused).state_dict(), strict=True)
+    fused.load_state_dict({k.replace("0.", "0.conv.", 1) if k.startswith("0.") else k: v
+                           for k, v in other.state_dict().items()}, strict=True)  # the regrouped keys load too
+    with pytest.raises(RuntimeError, match=r'Unexpected key\(s\) in state_dict: "1.extra"'):
+        fused.load_state_dict({**other.state_dict(), "1.extra": torch.zeros(1)}, strict=True)
     x = torch.randn(2, 3, 16, 16, generator=gen)
     with torch.no_grad():
         assert relative_error(fused(x), copy.deepcopy(model).double()(x.double())) <= FP32

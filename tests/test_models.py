@@ -304,3 +304,63 @@ def test_a_subclass_overriding_forward_impl_is_obeyed(gen):
     model = Features(tv_resnet.BasicBlock, [1, 1, 1, 1], backend="torch").eval()
     with torch.no_grad():
         assert model(torch.randn(1, 3, 32, 32, generator=gen)).shape == (1, 64, 8, 8)
+
+
+def test_sync_batchnorm_after_fusing_trains_and_folds_like_torchvision(gen):
+    """nn.SyncBatchNorm.convert_sync_batchnorm on a fused model: train mode uses batch
+    statistics and updates the running ones exactly as torchvision; eval mode folds them."""
+    tv_model = seeded_torchvision_model("resnet18", seed=12, calibration_size=32)
+    fused = fused_twin(tv_model, arch="resnet18")
+    tv_model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(tv_model).train()
+    fused = torch.nn.SyncBatchNorm.convert_sync_batchnorm(fused).train()
+    assert isinstance(fused.bn1, torch.nn.SyncBatchNorm) and isinstance(fused.layer1[0].bn1, torch.nn.SyncBatchNorm)
+    x = torch.randn(4, 3, 32, 32, generator=gen)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), tv_model(x), rtol=1e-6, atol=1e-6)
+    for (name, b_tv), b_fused in zip(tv_model.named_buffers(), fused.buffers(), strict=True):
+        torch.testing.assert_close(b_fused, b_tv, rtol=1e-6, atol=1e-7, msg=name)
+    tv_model.eval(), fused.eval()
+    assert _check(fused, tv_model, gen) <= FP32
+
+
+@pytest.mark.parametrize("edit", ["stem_conv_sequential", "stem_bn_groupnorm", "block_bn_identity", "block_relu_gelu",
+                                  "downsample_replaced", "bn_without_running_stats"])
+def test_modules_swapped_in_after_fusing_run_as_they_are(edit, gen):
+    """Editing a fused model (a new stem, a norm layer that cannot be folded, another
+    activation) gives what the same edit gives torchvision's model, not an error."""
+    tv_model = seeded_torchvision_model("resnet18", seed=13, calibration_size=32)
+    fused = fused_twin(tv_model, arch="resnet18")
+    for model in (tv_model, fused):
+        torch.manual_seed(0)  # the same new modules in both
+        if edit == "stem_conv_sequential":
+            model.conv1 = torch.nn.Sequential(torch.nn.Conv2d(3, 32, 3, 2, 1, bias=False),
+                                              torch.nn.Conv2d(32, 64, 3, 1, 1, bias=False))
+        elif edit == "stem_bn_groupnorm":
+            model.bn1 = torch.nn.GroupNorm(8, 64)
+        elif edit == "block_bn_identity":
+            model.layer1[0].bn1 = torch.nn.Identity()
+        elif edit == "block_relu_gelu":
+            model.layer2[1].relu = torch.nn.GELU()
+        elif edit == "downsample_replaced":
+            model.layer3[0].downsample = torch.nn.Conv2d(128, 256, 1, 2, bias=True)
+        else:
+            model.layer4[0].bn2 = torch.nn.BatchNorm2d(512, track_running_stats=False)
+    # statistics calibrated for the edited net (else activations grow: logits ~100), shared
+    randomize_batchnorm_(tv_model, seed=13, calibration_size=32)
+    fused.load_state_dict(tv_model.state_dict(), strict=True)
+    assert _check(fused.eval(), tv_model.eval(), gen) <= FP32
+
+
+def test_autocast_casts_the_fused_convs_as_it_casts_conv2d(gen):
+    """Under torch.autocast the fused convs compute in the autocast dtype, as torchvision's do."""
+    tv_model = seeded_torchvision_model("resnet18", seed=14, calibration_size=32)
+    fused = fused_twin(tv_model, arch="resnet18")
+    seen = {}
+    for name, model in (("tv", tv_model), ("fused", fused)):
+        model.avgpool.register_forward_pre_hook(lambda m, args, name=name: seen.__setitem__(name, args[0].dtype))
+    x = torch.randn(2, 3, 32, 32, generator=gen)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out, out_tv = fused(x), tv_model(x)
+    assert seen == {"tv": torch.bfloat16, "fused": torch.bfloat16} and out.dtype == out_tv.dtype
+    ref = copy.deepcopy(tv_model).double()(x.double())
+    assert relative_error(out, ref) <= max(TOLERANCES[torch.bfloat16], 2 * relative_error(out_tv, ref))
