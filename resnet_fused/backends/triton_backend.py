@@ -35,7 +35,11 @@ The implicit GEMM, one launch per conv:
   pytorch#173068), so those configs are capped at 4 warps.
 * Convs with very few channels per group (the 3-channel stem, ResNeXt's 4-channel
   groups) reduce over the flattened (s, c) run of each filter row instead, so an MMA
-  tile is not 13/16 empty per tap (the stem: 7 steps of 21 of 32 lanes).
+  tile is not 13/16 empty per tap. With one group (the stem) the operands are packed
+  first (:func:`_pack_few_channels`): x NHWC with its padding written around it and
+  its channels zero-padded to 4, the weight (R, S, C, K); each filter row is then one
+  aligned run (the stem: 7 steps of 28 of 32 lanes) that loads as 8- or 16-byte
+  cp.async vectors, where 3-channel pixels left the loads one element wide.
 * Epilogue, while the accumulator is still fp32: + bias, + residual tile, ReLU,
   then one cast and one store.
 
