@@ -94,10 +94,9 @@ class FoldCache:
 
     def __init__(self) -> None:
         self.clear()
-        self._checked = None
 
     def clear(self) -> None:
-        self._key, self._value, self._sources = None, None, None
+        self._key, self._value, self._sources, self._checked = None, None, None, None
 
     def foldable(self, conv: nn.Module, bn: nn.Module) -> bool:
         """Whether ``bn`` can be folded into ``conv`` (:func:`foldable_batchnorm`), asked
@@ -166,9 +165,9 @@ def refold(model: Optional[nn.Module] = None) -> int:
         for value in vars(module).values():
             caches = value.values() if isinstance(value, dict) else (value,)
             for cache in caches:
-                if isinstance(cache, FoldCache) and cache._key is not None:
-                    cache.clear()
-                    dropped += 1
+                if isinstance(cache, FoldCache):
+                    dropped += cache._key is not None
+                    cache.clear()  # (and whether the modules fold: asked again)
     if _extension.load() is None:
         dropped += torch.ops.resnet_fused.native_clear_packed_weights()
     return dropped

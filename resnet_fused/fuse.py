@@ -102,6 +102,7 @@ def _fuse_runs(container: nn.Module, backend: str) -> None:
                 act = candidate
         fused = FusedConvBNAct(conv, bn, act, backend)
         fused._bn_name = names[i + 1]
+        fused._act_name = names[i + 2] if act is not None else None
         container._modules[names[i]] = fused
         container._modules[names[i + 1]] = FoldedAway()
         if act is not None:
@@ -116,40 +117,47 @@ def _fuse_runs(container: nn.Module, backend: str) -> None:
 def _keep_state_dict_keys(container: nn.Module) -> None:
     """Make ``container``'s state_dict keys those it had before its conv -> BN runs were
     regrouped (``0.conv.weight`` -> ``0.weight``, ``0.bn.running_var`` ->
-    ``1.running_var``) and let it load those keys (and the regrouped ones), so
-    checkpoints of the unfused model load unchanged. The hooks do nothing once the
-    container holds no fused run (after :func:`unfuse`)."""
+    ``1.running_var``) and let it load those keys (and the regrouped ones), naming
+    missing and unexpected keys the unfused way, so checkpoints of the unfused model
+    load unchanged. The hooks do nothing once the container holds no fused run (after
+    :func:`unfuse`)."""
     if container.__dict__.get("_resnet_fused_keys"):
         return
     container._resnet_fused_keys = True
     container.register_state_dict_post_hook(_unfused_keys_out)
     container.register_load_state_dict_pre_hook(_unfused_keys_in)
+    container.register_load_state_dict_post_hook(_unfused_key_report)
 
 
-def _fused_runs(container: nn.Module) -> list[tuple[str, str]]:
-    """(conv name, BatchNorm name) of each run :func:`fuse` regrouped in ``container``."""
-    return [(name, child._bn_name) for name, child in container._modules.items()
-            if isinstance(child, FusedConvBNAct) and getattr(child, "_bn_name", None)]
+def _renames(container: nn.Module, prefix: str) -> dict[str, str]:
+    """Regrouped key prefix -> unfused key prefix, for each run :func:`fuse` regrouped in
+    ``container`` (whose own keys start with ``prefix``)."""
+    renames = {}
+    for name, child in container._modules.items():
+        if isinstance(child, FusedConvBNAct) and getattr(child, "_bn_name", None):
+            renames[f"{prefix}{name}.conv."] = f"{prefix}{name}."
+            renames[f"{prefix}{name}.bn."] = f"{prefix}{child._bn_name}."
+            if getattr(child, "_act_name", None):
+                renames[f"{prefix}{name}.act."] = f"{prefix}{child._act_name}."
+    return renames
+
+
+def _unfused(key: str, renames: dict[str, str]) -> str:
+    for old, new in renames.items():
+        if key.startswith(old):
+            return new + key[len(old):]
+    return key
 
 
 def _unfused_keys_out(container, state_dict, prefix, local_metadata) -> None:
-    runs = _fused_runs(container)
-    if not runs:
+    renames = _renames(container, prefix)
+    if not renames:
         return
-    renames = {}
-    for name, bn_name in runs:
-        for part, target in (("conv", prefix + name + "."), ("bn", prefix + bn_name + ".")):
-            renames[prefix + name + "." + part + "."] = target
     # this container's keys are the last ones in state_dict: rewritten in their order, so
     # the order is the unfused module's too
-    ours = [key for key in state_dict if key.startswith(prefix)]
-    for key in ours:
+    for key in [key for key in state_dict if key.startswith(prefix)]:
         value = state_dict.pop(key)
-        for old, new in renames.items():
-            if key.startswith(old):
-                key = new + key[len(old):]
-                break
-        state_dict[key] = value
+        state_dict[_unfused(key, renames)] = value
     metadata = getattr(state_dict, "_metadata", None)
     if metadata is not None:  # the modules' versions (BatchNorm's matters to its loading)
         for old, new in renames.items():
@@ -159,14 +167,26 @@ def _unfused_keys_out(container, state_dict, prefix, local_metadata) -> None:
 
 def _unfused_keys_in(container, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                      error_msgs) -> None:
-    for name, bn_name in _fused_runs(container):
-        fused = container._modules[name]
-        # the unfused keys of each module (a key neither has stays, to be reported as unexpected)
-        for module, old, new in ((fused.conv, prefix + name + ".", prefix + name + ".conv."),
-                                 (fused.bn, prefix + bn_name + ".", prefix + name + ".bn.")):
-            for key in module.state_dict(keep_vars=True):
-                if old + key in state_dict:
-                    state_dict[new + key] = state_dict.pop(old + key)
+    renames = _renames(container, prefix)
+    container.__dict__["_resnet_fused_load_renames"] = renames  # for the report after loading
+    regrouped = {new: old for old, new in renames.items()}
+    for key in list(state_dict):
+        # every key under the BatchNorm's (or the act's) old name goes to it (also those it
+        # drops itself: FrozenBatchNorm2d's num_batches_tracked); the conv's keys are its
+        # old name's, but the regrouped children's
+        if any(key.startswith(old) for old in renames):
+            continue  # regrouped already
+        for new, old in regrouped.items():
+            if key.startswith(new):
+                state_dict[old + key[len(new):]] = state_dict.pop(key)
+                break
+
+
+def _unfused_key_report(container, incompatible_keys) -> None:
+    renames = container.__dict__.pop("_resnet_fused_load_renames", None)
+    if renames:
+        for keys in (incompatible_keys.missing_keys, incompatible_keys.unexpected_keys):
+            keys[:] = [_unfused(key, renames) for key in keys]
 
 
 def unfuse(module: nn.Module, inplace: bool = False) -> nn.Module:

@@ -73,6 +73,11 @@ class ResNet(tv_resnet.ResNet):
         fused._stem_fold = FoldCache()
         return fused
 
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        if self.__dict__.get("_stem_fold") is None:  # (a model pickled when an unfoldable stem had none)
+            self._stem_fold = FoldCache()
+
     def to_torchvision(self) -> tv_resnet.ResNet:
         model = tv_resnet.ResNet.__new__(tv_resnet.ResNet)
         state = dict(self.__dict__)

@@ -172,6 +172,11 @@ class _FusedBlock(nn.Module):
         self._folds = {conv_name: FoldCache() for conv_name, _ in self._pairs}
         self._downsample_fold = FoldCache()
 
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        if self.__dict__.get("_downsample_fold") is None:  # (a block pickled before every block had one)
+            self._downsample_fold = FoldCache()
+
     def to_torchvision(self) -> nn.Module:
         """The plain torchvision block, with this block's submodules and attributes."""
         block = self.tv_class.__new__(self.tv_class)

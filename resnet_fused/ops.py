@@ -272,9 +272,14 @@ def conv_bias_act(
             torch's ``out=`` functions, not differentiable.
 
     Under ``torch.autocast`` the op casts its inputs as conv2d does there: x, weight,
-    bias and residual, where floating point and not float64, to the autocast dtype.
+    bias and residual, where floating point and not float64, to the autocast dtype;
+    not with ``out=`` (as torch's ``out=`` calls are not autocast).
     """
-    x, weight, bias, residual = _autocast(x, weight, bias, residual)
+    if _autocasting(x):  # the backends then run in the dtype they are given (torch's conv2d would not)
+        if out is None:
+            x, weight, bias, residual = _autocast(x, weight, bias, residual)
+        with torch.autocast(x.device.type, enabled=False):
+            return conv_bias_act(x, weight, bias, residual, stride, padding, dilation, groups, relu, backend, out=out)
     stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
     if not isinstance(relu, bool):
         raise TypeError(f"relu should be a bool, got {type(relu).__name__}")
@@ -301,15 +306,21 @@ def conv_bias_act(
     return torch.ops.resnet_fused.conv_bias_act(x, weight, bias, residual, stride, padding, dilation, groups, relu, name)
 
 
+def _autocasting(x) -> bool:
+    """Whether ``torch.autocast`` is on for x's device type ("meta", which autocast does
+    not know, never)."""
+    if not isinstance(x, Tensor):
+        return False
+    device = x.device.type
+    return torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+
+
 def _autocast(*tensors):
     """``tensors`` as conv2d would take them under an enabled ``torch.autocast`` for the
     first one's device type: floating point ones (but float64) in the autocast dtype."""
     x = tensors[0]
-    if not isinstance(x, Tensor):
+    if not _autocasting(x):
         return tensors
-    device = x.device.type
-    if not torch.amp.is_autocast_available(device) or not torch.is_autocast_enabled(device):
-        return tensors  # (a device type autocast does not know, "meta" for one, has none)
     dtype = torch.get_autocast_dtype(x.device.type)
     return tuple(t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64 else t
                  for t in tensors)
@@ -354,7 +365,8 @@ def explain(
     on a machine without a GPU ->
     ``"runs on 'torch'; skipped 'triton': no CUDA device and TRITON_INTERPRET is not set"``.
     """
-    x, weight, bias, residual = _autocast(x, weight, bias, residual)  # (what the op will be given)
+    if out is None:
+        x, weight, bias, residual = _autocast(x, weight, bias, residual)  # (what the op will be given)
     stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
     if not isinstance(relu, bool):
         raise TypeError(f"relu should be a bool, got {type(relu).__name__}")

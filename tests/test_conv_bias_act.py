@@ -302,6 +302,9 @@ def test_autocast_casts_the_inputs_as_conv2d_does(gen, backend):
     assert relative_error(out, ref) <= TOLERANCES[torch.bfloat16]
     with torch.autocast("cpu", dtype=torch.bfloat16):  # float64 is left alone, as conv2d leaves it
         assert ops.conv_bias_act(x.double(), weight.double(), backend=backend).dtype == torch.float64
+        out = torch.empty_like(res)  # and a call with out= is not autocast, as torch's are not
+        assert ops.conv_bias_act(x, weight, bias, res, padding=1, backend=backend, out=out) is out
+    assert relative_error(out, reference_conv_bias_act(x, weight, bias, res, 1, 1)) <= TOLERANCES[torch.float32]
 
 
 def test_explain_takes_the_ops_own_arguments(gen):

@@ -150,6 +150,10 @@ def test_sequential_conv_bn_relu_runs_are_fused(gen):
                            for k, v in other.state_dict().items()}, strict=True)  # the regrouped keys load too
     with pytest.raises(RuntimeError, match=r'Unexpected key\(s\) in state_dict: "1.extra"'):
         fused.load_state_dict({**other.state_dict(), "1.extra": torch.zeros(1)}, strict=True)
+    partial = {k: v for k, v in other.state_dict().items() if k != "1.running_var"}
+    with pytest.raises(RuntimeError, match=r'Missing key\(s\) in state_dict: "1.running_var"'):
+        fused.load_state_dict(partial, strict=True)
+    assert fused.state_dict()._metadata.keys() == model.state_dict()._metadata.keys()
     x = torch.randn(2, 3, 16, 16, generator=gen)
     with torch.no_grad():
         assert relative_error(fused(x), copy.deepcopy(model).double()(x.double())) <= FP32
@@ -271,3 +275,18 @@ def test_torch_compile_fullgraph_over_fused_resnet18(gen):
         out = compiled(x)
         ref = copy.deepcopy(tv_model).double()(x.double())
     assert relative_error(out, ref) <= FP32
+
+
+def test_frozen_batchnorm_runs_load_what_they_load_unfused(gen):
+    """A checkpoint with BatchNorm2d keys loads into a FrozenBatchNorm2d container, fused or
+    not: FrozenBatchNorm2d drops num_batches_tracked itself (as detection backbones do)."""
+    trained = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+    randomize_batchnorm_(trained, seed=7, calibration_size=16)
+    frozen = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), FrozenBatchNorm2d(8), nn.ReLU())
+    fused = resnet_fused.fuse(frozen)
+    assert isinstance(fused[0], FusedConvBNAct)
+    assert str(frozen.load_state_dict(trained.state_dict(), strict=True)) == "<All keys matched successfully>"
+    assert str(fused.load_state_dict(trained.state_dict(), strict=True)) == "<All keys matched successfully>"
+    x = torch.randn(2, 3, 9, 9, generator=gen)
+    with torch.no_grad():
+        assert relative_error(fused(x), trained.eval().double()(x.double())) <= FP32
