@@ -71,11 +71,12 @@ fi
 if has triton; then
   # what changed without a GPU since the last session, first: the TMA algorithms on every
   # ResNet-50 1x1 / 3x3 stride-1 layer and config, torch.compile/export through the
-  # triton_op, graph capture without warm-up
+  # triton_op, graph capture without warm-up, the packed stem (every tile config, and
+  # its buffer's strides under Inductor)
   step "triton backend: new paths"
   # the few whole-path tests before the ~200 per-config ones (each a cold Triton compile)
   timeout ${TRITON_TIMEOUT:-180} python -m pytest tests/test_triton_backend.py -m gpu -q -x -p no:cacheprovider \
-    -k "inductor or compile_and_export or graph_capture or tuned_once" >"$out/triton_tests.log" 2>&1
+    -k "inductor or compile_and_export or graph_capture or tuned_once or packed" >"$out/triton_tests.log" 2>&1
   rc=$?
   if [[ $rc == 0 ]]; then
     timeout ${TRITON_CONFIGS_TIMEOUT:-180} python -m pytest tests/test_triton_backend.py -m gpu -q -x \

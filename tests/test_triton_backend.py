@@ -872,6 +872,19 @@ def test_gpu_torch_compile_and_export_of_fused_resnet50():
 
 
 @pytest.mark.gpu
+def test_gpu_torch_compile_keeps_the_packed_stems_strides():
+    """The stem's packed input is a buffer made inside the traced op: Inductor must hand
+    the kernel that buffer with the strides traced (an odd size: rows of 81 pixels,
+    spaced 84), or the stem reads the wrong pixels."""
+    model = resnet_fused.resnet18(backend="triton").eval().cuda().half()
+    x = torch.randn(2, 3, 75, 75, device="cuda", dtype=torch.half)
+    with torch.no_grad():
+        eager = model(x)
+        compiled = torch.compile(model, fullgraph=True)(x)
+    assert relative_error(compiled, eager) <= 2e-3
+
+
+@pytest.mark.gpu
 def test_gpu_inductor_calls_our_triton_kernels():
     """The triton_op is decomposed under torch.compile: Inductor's code launches our Triton
     kernels itself instead of calling back into a Python op."""
