@@ -59,6 +59,13 @@ def test_every_resnet50_conv_compiles_with_its_heuristic_tile(tmp_path, arch, mo
                 want = ("fma",) if call["dtype"] == "float32-ieee" else ("wgmma", "mma.sync")
                 assert rec["mma"] in want and rec["shared"] > 0, (call, rec)
     assert convs
+    # the stem's packed filter rows load as aligned cp.async vectors (its 3-channel pixels
+    # were loaded one 2-byte element at a time, through registers, before)
+    stems = [(call, rec) for call in records["calls"] for rec in call["launched"]
+             if call["algorithm"] == "implicit_gemm" and "7x7/2" in call["layer"] and call["dtype"] != "float32-ieee"]
+    assert stems
+    for call, rec in stems:
+        assert rec["loads"] == "cp.async" and min(rec["cp_async_bytes"]) >= 8, (call, rec)
 
 
 @pytest.mark.slow
