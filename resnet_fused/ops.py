@@ -309,10 +309,14 @@ def conv_bias_act(
 def _autocasting(x) -> bool:
     """Whether ``torch.autocast`` is on for x's device type ("meta", which autocast does
     not know, never)."""
-    if not isinstance(x, Tensor):
+    if not _ANY_AUTOCAST() or not isinstance(x, Tensor):  # (~0.2 us a call where autocast is off)
         return False
     device = x.device.type
     return torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+
+
+#: whether autocast is on for any device: one cheap call on the op's hot path
+_ANY_AUTOCAST = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
 
 
 def _autocast(*tensors):
