@@ -151,12 +151,12 @@ def refold(model: Optional[nn.Module] = None) -> int:
     """Forget folded and packed weights, so the next forward folds the parameters as they are now.
 
     The caches follow every change PyTorch can see on their own (see :class:`FoldCache`;
-    the native CPU backend's packed weights keep the same rule). An edit through
-    ``.data`` is the one they cannot see: call ``refold(model)`` after one. Without
-    ``model`` (the op called on your own weights) only the native backend's packed
-    weights are dropped. Returns the number of cached entries dropped.
+    the backends' packed weights, the native CPU kernels' and the Triton stem's, keep the
+    same rule). An edit through ``.data`` is the one they cannot see: call
+    ``refold(model)`` after one. Without ``model`` (the op called on your own weights)
+    only the backends' packed weights are dropped. Returns the number of cached entries dropped.
     """
-    from . import _extension
+    from . import backends
 
     if model is not None and not isinstance(model, nn.Module):
         raise TypeError(f"model should be an nn.Module or None, got {type(model).__name__}")
@@ -168,6 +168,4 @@ def refold(model: Optional[nn.Module] = None) -> int:
                 if isinstance(cache, FoldCache):
                     dropped += cache._key is not None
                     cache.clear()  # (and whether the modules fold: asked again)
-    if _extension.load() is None:
-        dropped += torch.ops.resnet_fused.native_clear_packed_weights()
-    return dropped
+    return dropped + backends.clear_packed_weights()

@@ -320,12 +320,9 @@ _ANY_AUTOCAST = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
 
 
 def _autocast(*tensors):
-    """``tensors`` as conv2d would take them under an enabled ``torch.autocast`` for the
-    first one's device type: floating point ones (but float64) in the autocast dtype."""
-    x = tensors[0]
-    if not _autocasting(x):
-        return tensors
-    dtype = torch.get_autocast_dtype(x.device.type)
+    """``tensors`` as conv2d takes them under ``torch.autocast`` (on: :func:`_autocasting`)
+    for the first one's device type: floating point ones (but float64) in its dtype."""
+    dtype = torch.get_autocast_dtype(tensors[0].device.type)
     return tuple(t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64 else t
                  for t in tensors)
 
@@ -369,7 +366,7 @@ def explain(
     on a machine without a GPU ->
     ``"runs on 'torch'; skipped 'triton': no CUDA device and TRITON_INTERPRET is not set"``.
     """
-    if out is None:
+    if out is None and _autocasting(x):
         x, weight, bias, residual = _autocast(x, weight, bias, residual)  # (what the op will be given)
     stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
     if not isinstance(relu, bool):

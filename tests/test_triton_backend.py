@@ -107,6 +107,34 @@ def test_few_channels_take_the_packed_loop(monkeypatch, gen, c, r, stride, paddi
         assert pack(aligned, weight, (0, 0))[0] is aligned
 
 
+def test_the_packed_weight_is_packed_once_and_follows_edits(monkeypatch, gen):
+    """The stem's weight is repacked only when it changes: an in-place write (its version
+    counter) repacks it; a write through .data, which the counter misses, needs refold(),
+    as the native backend's packed weights do."""
+    from resnet_fused.backends import triton_backend as tb
+
+    monkeypatch.setattr(tb, "_packed_weights", tb.WeakIdKeyDictionary())
+    monkeypatch.setenv("RESNET_FUSED_TRITON_ALGO", "implicit_gemm")
+    x, weight, bias, _ = on_device(*make_case(gen, 2, 3, 12, 12, 8, 7, 2, 3, 1, 1, torch.float32, False))
+
+    def check():
+        out = ops.conv_bias_act(x, weight, bias, None, 2, 3, backend="triton")
+        assert relative_error(out, reference_conv_bias_act(x, weight, bias, None, 2, 3, device=DEVICE)) <= tol(x.dtype)
+
+    check()
+    (packed,) = [entry[1] for entry in tb._packed_weights.values()]
+    check()
+    assert len(tb._packed_weights) == 1 and tb._packed_weights[weight][1] is packed  # not packed again
+    weight.mul_(-1)  # in place: the version counter moves
+    check()
+    assert tb._packed_weights[weight][1] is not packed
+    weight.data.mul_(2)  # the one write it cannot see
+    out = ops.conv_bias_act(x, weight, bias, None, 2, 3, backend="triton")
+    assert relative_error(out, reference_conv_bias_act(x, weight, bias, None, 2, 3, device=DEVICE)) > 0.1
+    assert resnet_fused.refold() >= 1 and len(tb._packed_weights) == 0
+    check()
+
+
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 def test_any_layout_is_correct_and_output_follows_input(gen, channels_last):
     x, weight, bias, res = make_case(gen, 2, 8, 7, 9, 12, 3, 2, 1, 1, 1, torch.float32, True, channels_last)

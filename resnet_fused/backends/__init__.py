@@ -96,6 +96,11 @@ class Backend(abc.ABC):
     ) -> Tensor:
         """``relu?(conv2d(x, weight) + bias + residual?)``; arguments already checked."""
 
+    def clear_packed_weights(self) -> int:
+        """Drop the copies of weights the backend keeps in a layout of its own (see
+        :func:`resnet_fused.refold`); returns how many."""
+        return 0
+
     #: Device types on which :meth:`writes_out_in_place` can answer True at all: the
     #: callers skip the per-call question (and the choice of backend) everywhere else.
     out_in_place_devices: tuple[str, ...] = ()
@@ -161,6 +166,11 @@ def _load_all() -> None:
             __import__(f"{__name__}.{optional}_backend")
         except ImportError as exc:  # the package works without either
             log.debug("backend %r not importable: %s", optional, exc)
+
+
+def clear_packed_weights() -> int:
+    """:meth:`Backend.clear_packed_weights` of every backend loaded; how many copies went."""
+    return sum(backend.clear_packed_weights() for backend in _REGISTRY.values())
 
 
 def check_name(name: Optional[str]) -> str:

@@ -76,6 +76,9 @@ class NativeBackend(Backend):
         return torch.ops.resnet_fused.native_conv_bias_act_in_place(
             x, weight, residual, list(stride), list(padding), list(dilation), groups)
 
+    def clear_packed_weights(self) -> int:
+        return torch.ops.resnet_fused.native_clear_packed_weights() if _extension.load() is None else 0
+
     def run_out(self, x, weight, bias, residual, stride, padding, dilation, groups, relu, out) -> None:
         torch.ops.resnet_fused.native_conv_bias_act.out(
             x, weight, bias, residual, list(stride), list(padding), list(dilation), groups, relu, out=out

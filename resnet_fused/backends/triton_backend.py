@@ -72,6 +72,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 from torch.utils._python_dispatch import _disable_current_modes
+from torch.utils.weak import WeakIdKeyDictionary
 
 from . import Backend, log, register, select
 from .. import _env
@@ -428,9 +429,8 @@ def _pack_few_channels(x: Tensor, weight: Tensor, padding: Sequence[int]) -> tup
     PACK_MULTIPLE channels, which add nothing to the sums. x's rows (and images) are
     spaced by a multiple of 16 elements, so that Triton, which specializes such strides,
     knows each filter row's run is aligned. One pass over the input; x is used as it is
-    where it is that already."""
+    where it is that already; the weight's copy is kept (:func:`_packed_weight`)."""
     n, c, h, w = x.shape
-    k, _, r, s = weight.shape
     ph, pw = padding
     cp = -(-c // PACK_MULTIPLE) * PACK_MULTIPLE
     sn, sc, sh, sw = x.stride()
@@ -442,14 +442,36 @@ def _pack_few_channels(x: Tensor, weight: Tensor, padding: Sequence[int]) -> tup
         xp = x.new_zeros((n, hp, row, cp))
         xp[:, ph:ph + h, pw:pw + w, :c] = x.permute(0, 2, 3, 1)
         x = xp[:, :, :wp].permute(0, 3, 1, 2)
+    return x, _packed_weight(weight, cp)
+
+
+#: weight -> (its version counter, its packed copy): a folded weight is packed on its
+#: first call, not on every forward; an in-place write repacks it, and refold() (the
+#: backend's clear_packed_weights) drops them all, for writes through ``.data``
+_packed_weights = WeakIdKeyDictionary()
+
+
+def _packed_weight(weight: Tensor, cp: int) -> Tensor:
+    """The weight of :func:`_pack_few_channels`, cached where it is a plain tensor that
+    keeps a version counter (not while tracing, not an inference tensor)."""
+    cacheable = type(weight) is Tensor and not weight.is_inference()
+    if cacheable:
+        entry = _packed_weights.get(weight)
+        if entry is not None and entry[0] == weight._version:
+            return entry[1]
+    k, c, r, s = weight.shape
     if weight.dtype == torch.float32:  # TF32 wgmma reads B K-major: (K, R, S, C), rows 16-aligned
         run = r * s * cp
         wp = weight.new_zeros((k, -(-run // 16) * 16))[:, :run].unflatten(1, (r, s, cp))
         wp[..., :c] = weight.permute(0, 2, 3, 1)
-        return x, wp.permute(0, 3, 1, 2)
-    wp = weight.new_zeros((r, s, cp, k))
-    wp[:, :, :c] = weight.permute(2, 3, 1, 0)
-    return x, wp.permute(3, 2, 0, 1)
+        packed = wp.permute(0, 3, 1, 2)
+    else:
+        wp = weight.new_zeros((r, s, cp, k))
+        wp[:, :, :c] = weight.permute(2, 3, 1, 0)
+        packed = wp.permute(3, 2, 0, 1)
+    if cacheable:
+        _packed_weights[weight] = (weight._version, packed)
+    return packed
 
 
 def _autotuned_config_for(algorithm, tuner, *args):
@@ -1375,6 +1397,11 @@ class TritonBackend(Backend):
         if x.is_cuda and AUTOTUNE:
             return f"the fastest of {', '.join(names)} for this shape, timed on its first call"
         return "implicit_gemm"
+
+    def clear_packed_weights(self) -> int:
+        dropped = len(_packed_weights)
+        _packed_weights.clear()
+        return dropped
 
     def run(self, x, weight, bias, residual, stride, padding, dilation, groups, relu) -> Tensor:
         return conv_bias_act_triton(x, weight, bias, residual, stride, padding, dilation, groups, relu)
