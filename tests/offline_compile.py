@@ -110,7 +110,7 @@ class OfflineDriver:
                       for op in re.findall(r"LDGSTS[.\w]*", sass)}
             self._usage[cubin] = {"regs": int(regs.group(1)) if regs else 0,
                                   "spills": int(local.group(1)) // 4 if local else 0, "mma": mma, "loads": loads,
-                                  "cp_async_bytes": sorted(widths)}
+                                  "cp_async_bytes": sorted(widths), "wgmma_overlap": wgmma_overlap(sass)}
         return self._usage[cubin]
 
     def _launcher(self, src, metadata):
@@ -140,6 +140,32 @@ class OfflineDriver:
             self.failures.append({"kernel": "autotune config", "why": f"{type(e).__name__}: {e}", "tuning": True})
             raise
         return [1.0, 1.0, 1.0] if quantiles else 1.0
+
+
+def wgmma_overlap(sass: str) -> str:
+    """Whether a kernel's wgmmas overlap, from its SASS: "pipelined" (a wgmma runs while
+    the next is issued: the main loop waits with ``WARPGROUP.DEPBAR.LE gsb0, 0x1``);
+    "waited" (a loop holding wgmmas waits for all of them, ``gsb0, 0x0``, every step:
+    Triton's ``warp_group_dot_wait {pendings = 0}``, as for an operand in registers);
+    "serialized" (ptxas waits after every wgmma: its C7515 "wgmma.mma_async instructions
+    are serialized"); "none" without wgmma. Checked against ptxas's C7515 report and
+    Triton's pendings on the kernels in benchmarks/NOTES.md."""
+    ins = [(int(addr, 16), op.strip()) for addr, op in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    syncs = [op for _, op in ins if op.startswith(("HGMMA", "WARPGROUP.DEPBAR"))]
+    issued = [i for i, op in enumerate(syncs) if op.startswith("HGMMA")]
+    if not issued:
+        return "none"
+    if len(issued) > 1 and all(any(op.endswith("gsb0, 0x0") for op in syncs[a + 1:b])
+                               for a, b in zip(issued, issued[1:])):
+        return "serialized"
+    for addr, op in ins:  # loops: predicated backward branches (a cold path's way back is unpredicated)
+        back = re.match(r"@!?U?P\d\s+BRA\s+0x([0-9a-f]+)", op)
+        if back and int(back.group(1), 16) < addr:
+            body = [o for a, o in ins if int(back.group(1), 16) <= a <= addr]
+            if any(o.startswith("HGMMA") for o in body) and \
+                    any(o.startswith("WARPGROUP.DEPBAR") and o.endswith("gsb0, 0x0") for o in body):
+                return "waited"
+    return "pipelined"
 
 
 def _constants(src) -> dict:
@@ -258,7 +284,8 @@ def check(arch: int, batch: int, dtypes: list[str], archs: list[str], autotune: 
                                          for rec in new]}
                     results["calls"].append(call)
                     kinds = sorted({f"{r['mma']}+{r['loads']}" + (f"({'/'.join(map(str, r['cp_async_bytes']))} B)"
-                                                                       if r["cp_async_bytes"] else "") for r in new})
+                                                                       if r["cp_async_bytes"] else "")
+                                    + (f" {r['wgmma_overlap']}" if r["mma"] == "wgmma" else "") for r in new})
                     log(f"sm_{arch} {dtype_name:12s} {layer.name:34s} {algorithm:14s} "
                         f"{len(new):2d} launch(es), shared <= {max((r['shared'] for r in new), default=0):6d} B, "
                         f"regs <= {max((r['regs'] for r in new), default=0):3d}, "

@@ -59,6 +59,16 @@ def test_every_resnet50_conv_compiles_with_its_heuristic_tile(tmp_path, arch, mo
                 want = ("fma",) if call["dtype"] == "float32-ieee" else ("wgmma", "mma.sync")
                 assert rec["mma"] in want and rec["shared"] > 0, (call, rec)
     assert convs
+    # Hopper: every wgmma kernel overlaps its wgmmas (one runs while the next is issued).
+    # Two ways this was lost: a weight address Triton could not prove aligned (the 1x1
+    # convs' tap index) sent the weight through registers, and a patch reshaped as wgmma's
+    # A operand went through registers (conv_tma); either way each wgmma was waited for.
+    # Known exception: grouped convs with few channels a group (ResNeXt's 4 and 8), whose
+    # flattened (s, c) loads go through registers.
+    for call in records["calls"]:
+        for rec in call["launched"]:
+            if rec["mma"] == "wgmma" and rec["loads"] != "registers":
+                assert rec["wgmma_overlap"] == "pipelined", (call["layer"], call["algorithm"], rec)
     # the stem's packed filter rows load as aligned cp.async vectors (its 3-channel pixels
     # were loaded one 2-byte element at a time, through registers, before)
     stems = [(call, rec) for call in records["calls"] for rec in call["launched"]
@@ -73,10 +83,39 @@ def test_every_config_the_autotuner_may_try_compiles(tmp_path):
     """Autotuning: every config the pruners admit for ResNet-18's first convs (the stem,
     3x3 with and without residual, a strided 3x3 and 1x1) compiles and fits an H100 (the
     autotuner would skip one that does not, silently)."""
+    out = tmp_path / "records.json"
     done = run_offline(tmp_path, "--arch", "90", "--batch", "32", "--models", "resnet18", "--dtypes", "float16",
-                       "--max-layers", "5")
+                       "--max-layers", "5", "--json", str(out))
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     assert "0 problems" in done.stdout
+    # and in every one of them the wgmmas overlap (see the heuristic-tile test)
+    launched = [rec for call in json.loads(out.read_text())["calls"] for rec in call["launched"]]
+    assert len(launched) > 20
+    waited = {(rec["kernel"], tuple(rec["tile"].items()), rec["stages"], rec["wgmma_overlap"]) for rec in launched
+              if rec["mma"] == "wgmma" and rec["wgmma_overlap"] != "pipelined"}
+    assert not waited, waited
+
+
+def test_wgmma_overlap_is_read_from_the_sass():
+    """The classifier behind those checks, on SASS shaped like the three cases
+    (addresses and operands as cuobjdump prints them)."""
+    sys.path.insert(0, HERE)
+    from offline_compile import wgmma_overlap
+
+    def sass(*ops):
+        return "\n".join(f"        /*{16 * i:04x}*/                   {op} ;" for i, op in enumerate(ops))
+
+    loop = ["SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [UR11+0x1c020], R7", "WARPGROUP.ARRIVE",
+            "HGMMA.64x128x16.F32 R88, gdesc[UR8], R88", "HGMMA.64x128x16.F32 R88, gdesc[UR12], R88, gsb0"]
+    pipelined = sass("NOP", *loop, "WARPGROUP.DEPBAR.LE gsb0, 0x1", "@P0 BRA 0x0010", "WARPGROUP.DEPBAR.LE gsb0, 0x0",
+                     "EXIT", "BRA 0x0010")  # the cold path's unpredicated way back is no loop
+    waited = sass("NOP", *loop, "WARPGROUP.DEPBAR.LE gsb0, 0x0", "@P0 BRA 0x0010", "EXIT")
+    serialized = sass("NOP", "WARPGROUP.ARRIVE", "HGMMA.64x128x16.F32 R88, R152, gdesc[UR8], R88, gsb0",
+                      "WARPGROUP.DEPBAR.LE gsb0, 0x0", "WARPGROUP.ARRIVE",
+                      "HGMMA.64x128x16.F32 R88, R160, gdesc[UR16], R88, gsb0", "WARPGROUP.DEPBAR.LE gsb0, 0x0",
+                      "@P0 BRA 0x0010", "EXIT")
+    assert [wgmma_overlap(s) for s in (pipelined, waited, serialized, sass("HMMA.16816.F32 R4, R8, R12, R4"))] == \
+        ["pipelined", "waited", "serialized", "none"]
 
 
 def test_a_tile_too_large_for_the_gpu_is_reported(tmp_path):

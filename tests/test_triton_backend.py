@@ -383,6 +383,23 @@ def test_autotune_pruning_by_shared_memory_warps_and_sm_fill(monkeypatch):
     assert small and all(cfg.kwargs["BLOCK_N"] <= 128 for cfg in small)
 
 
+def test_gemm_tma_heuristic_tile_is_one_warpgroup_on_triton_before_3_7(monkeypatch):
+    """Triton 3.6's code for gemm_tma's two-warpgroup tiles has ptxas serialize its wgmmas
+    (seen offline, benchmarks/NOTES.md version 7), so there the heuristic takes 4 warps;
+    on Triton 3.7+ the larger 8-warp tiles stay available to it."""
+    from resnet_fused.backends import triton_backend as tb
+
+    version = tuple(int(v) for v in triton.__version__.split(".")[:2])
+    assert tb._TMA_HEURISTIC_WARPS == ((4,) if version < (3, 7) else (4, 8))
+    monkeypatch.setattr(tb, "_device_limits", lambda index: (132, 232448))  # an H100
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    layer1 = dict(m=256 * 56 * 56, k=256, c=64)  # ResNet-50's first 1x1 at batch 256
+    monkeypatch.setattr(tb, "_TMA_HEURISTIC_WARPS", (4,))
+    assert tb.heuristic_gemm_config(**layer1).num_warps == 4
+    monkeypatch.setattr(tb, "_TMA_HEURISTIC_WARPS", (4, 8))
+    assert tb.heuristic_gemm_config(**layer1).num_warps == 8  # the rule changes the choice
+
+
 def test_unknown_algorithm_is_an_error(monkeypatch, gen):
     monkeypatch.setenv("RESNET_FUSED_TRITON_ALGO", "winograd")
     x, weight, bias, _ = make_case(gen, 1, 4, 5, 5, 4, 3, 1, 1, 1, 1, torch.float32, False)

@@ -65,6 +65,7 @@ import contextlib
 import functools
 import json
 import os
+import re
 from typing import Optional, Sequence
 
 import torch
@@ -210,8 +211,15 @@ def _conv_bias_act_kernel(
     else:
         chunks = tl.cdiv(C, BLOCK_K)
         for i in range(0, R * S * chunks):
-            tap = i // chunks
-            c = (i % chunks) * BLOCK_K + offs_k
+            if R * S == 1:
+                # 1x1: no tap. With one (i // chunks, 0 at run time but not to the compiler)
+                # in the weight's address, Triton could not prove it aligned, loaded the
+                # weight through registers and waited for each wgmma (benchmarks/NOTES.md)
+                tap = 0
+                c = i * BLOCK_K + offs_k
+            else:
+                tap = i // chunks
+                c = (i % chunks) * BLOCK_K + offs_k
             r = tap // S
             s = tap % S
             h = h0 + r * DIL_H
@@ -659,9 +667,18 @@ def _tile_key(algorithm: str, x: Tensor, *problem) -> str:
                                      x.dtype))
 
 
+#: Triton before 3.7 (3.6 is the device image's) emits code for two warpgroups on TMA
+#: operands in which ptxas serializes every wgmma (its C7515; Triton 3.8's code for the
+#: same kernel is pipelined, and 3.6's one-warpgroup code is too: tests/offline_compile.py,
+#: benchmarks/NOTES.md). The autotuner still times the 8-warp tiles; the heuristic skips them.
+_TMA_HEURISTIC_WARPS = (4,) if tuple(int(v) for v in re.findall(r"\d+", triton.__version__)[:2]) < (3, 7) else (4, 8)
+
+
 def heuristic_gemm_config(m: int, k: int, c: int):
-    """The gemm_tma tile without measuring: the first config that fits and fills the GPU."""
-    return _prune_gemm(GEMM_CONFIGS, {"M": m, "K": k, "C": c})[0]
+    """The gemm_tma tile without measuring: the first config that fits and fills the GPU
+    (on Triton < 3.7, the first of one warpgroup: see _TMA_HEURISTIC_WARPS)."""
+    return _prune_gemm([cfg for cfg in GEMM_CONFIGS if cfg.num_warps in _TMA_HEURISTIC_WARPS],
+                       {"M": m, "K": k, "C": c})[0]
 
 
 def gemm_tma(x, weight, bias, residual, stride, padding, dilation, groups, relu, config=None, tune=True) -> Tensor:
@@ -761,7 +778,12 @@ def _conv_tma_kernel(
     q0 = (patch % tiles_w) * BLOCK_W
     off_n = pid_n * BLOCK_N
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # The product is computed transposed, (channels x pixels) = weight tile x patch^T: the
+    # patch is then wgmma's B operand, which Triton reshapes from the 4-D box in shared
+    # memory (a memdesc reshape). As the A operand it would go through registers
+    # (ldmatrix), and Hopper's wgmma with a register operand deeper than 16 is serialized
+    # by ptxas (C7515: each wgmma waits for the one before); see benchmarks/NOTES.md.
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     chunks = tl.cdiv(C, BLOCK_K)
     for i in range(0, R * S * chunks):
         tap = i // chunks
@@ -775,20 +797,20 @@ def _conv_tma_kernel(
         if UPCAST:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
-        acc = tl.dot(a, b.T, acc)
+        acc = tl.dot(b, a.T, acc)
 
     if HAS_BIAS:
-        cols = off_n + tl.arange(0, BLOCK_N)
-        acc += tl.load(bias_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)[None, :]
+        rows = off_n + tl.arange(0, BLOCK_N)
+        acc += tl.load(bias_ptr + rows, mask=rows < K, other=0.0).to(tl.float32)[:, None]
     if HAS_RESIDUAL:
-        acc += tl.reshape(r_desc.load([n, p0, q0, off_n]), (BLOCK_M, BLOCK_N)).to(tl.float32)
+        acc += tl.trans(tl.reshape(r_desc.load([n, p0, q0, off_n]), (BLOCK_M, BLOCK_N))).to(tl.float32)
     if RELU:
         acc = tl.where(acc < 0.0, 0.0, acc)  # NaN stays NaN
     if OUT_BF16:
         out = acc.to(tl.bfloat16)
     else:
         out = acc.to(tl.float16)
-    y_desc.store([n, p0, q0, off_n], tl.reshape(out, (1, BLOCK_H, BLOCK_W, BLOCK_N)))  # TMA clips the edges
+    y_desc.store([n, p0, q0, off_n], tl.reshape(tl.trans(out), (1, BLOCK_H, BLOCK_W, BLOCK_N)))  # TMA clips
 
 
 def _set_conv_blocks(nargs):
