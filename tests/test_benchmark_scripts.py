@@ -59,3 +59,31 @@ def test_kernel_table_names_what_ran_and_sums_each_column(tmp_path, device, fuse
     assert cells["64x56x56->64 3x3/1 b8"][:3] == ["4.000", "0.5", "8.000"]  # 2 GFLOP in 4 ms
     assert cells["64x56x56->64 3x3/1 b8"][-2:] == ["0.50", "0.33"]
     assert cells["**sum of unique layers**"][:4] == ["6.000", "", "12.000", "18.000"]
+
+
+def test_layer_times_times_every_provider_and_each_triton_algorithm(tmp_path):
+    """benchmarks/layer_times.py (the short-lease per-layer timer) on this machine's CPU:
+    ResNet-18's first five unique convs, each provider, and with --algorithms a column per
+    Triton algorithm that takes the layer (the interpreter runs them here), written as JSON."""
+    from resnet_fused.backends import triton_backend as tb
+
+    if not tb.INTERPRET:
+        pytest.skip("the Triton columns need the interpreter on a CPU (TRITON_INTERPRET=1, as conftest sets)")
+    layer_times = _load("layer_times")
+    out = tmp_path / "layers.json"
+    rows = layer_times.main(1, str(out), "cpu", "resnet18", image_size=16, algorithms=True, warmup=0, runs=1,
+                            max_layers=5)
+    assert rows == json.loads(out.read_text())
+    # the stem, layer1's two 3x3s (without and with the residual, twice each), layer2's
+    # downsample and strided 3x3 (which the block runs first: its output is the residual)
+    assert sorted(row["layer"] for row in rows) == sorted([
+        "3x16x16->64 7x7/2", "64x4x4->64 3x3/1", "64x4x4->64 3x3/1 +res", "64x4x4->128 1x1/2 norelu",
+        "64x4x4->128 3x3/2"])
+    assert [row["count"] for row in rows if "3x3/1" in row["layer"]] == [2, 2]
+    for row in rows:
+        for name in ("fused_triton", "fused_native", "cudnn_conv", "eager_conv_bn_add_relu",
+                     "triton:implicit_gemm", "triton:cudnn_epilogue"):
+            assert row[name] > 0, (row["layer"], name)
+        assert not any(name in row for name in ("triton:gemm_tma", "triton:conv_tma"))  # float32: no TMA
+        assert row["triton_path"].startswith("runs on 'triton'")
+

@@ -60,15 +60,16 @@ def test_every_resnet50_conv_compiles_with_its_heuristic_tile(tmp_path, arch, mo
                 assert rec["mma"] in want and rec["shared"] > 0, (call, rec)
     assert convs
     # Hopper: every wgmma kernel overlaps its wgmmas (one runs while the next is issued).
-    # Two ways this was lost: a weight address Triton could not prove aligned (the 1x1
-    # convs' tap index) sent the weight through registers, and a patch reshaped as wgmma's
-    # A operand went through registers (conv_tma); either way each wgmma was waited for.
-    # Known exception: grouped convs with few channels a group (ResNeXt's 4 and 8), whose
-    # flattened (s, c) loads go through registers.
+    # Three ways this was lost: a weight address Triton could not prove aligned (the 1x1
+    # convs' tap index) sent the weight through registers; a patch reshaped as wgmma's A
+    # operand went through registers (conv_tma); ResNeXt's grouped convs with 4 and 8
+    # channels a group loaded through registers (now merged into 32-channel groups).
+    # Each time every wgmma was waited for.
     for call in records["calls"]:
         for rec in call["launched"]:
-            if rec["mma"] == "wgmma" and rec["loads"] != "registers":
+            if rec["mma"] == "wgmma":
                 assert rec["wgmma_overlap"] == "pipelined", (call["layer"], call["algorithm"], rec)
+                assert rec["loads"] in ("cp.async", "TMA"), (call["layer"], call["algorithm"], rec)
     # the stem's packed filter rows load as aligned cp.async vectors (its 3-channel pixels
     # were loaded one 2-byte element at a time, through registers, before)
     stems = [(call, rec) for call in records["calls"] for rec in call["launched"]

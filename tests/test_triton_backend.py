@@ -122,17 +122,61 @@ def test_the_packed_weight_is_packed_once_and_follows_edits(monkeypatch, gen):
         assert relative_error(out, reference_conv_bias_act(x, weight, bias, None, 2, 3, device=DEVICE)) <= tol(x.dtype)
 
     check()
-    (packed,) = [entry[1] for entry in tb._packed_weights.values()]
+    (packed,) = [entry[2] for entry in tb._packed_weights.values()]
     check()
-    assert len(tb._packed_weights) == 1 and tb._packed_weights[weight][1] is packed  # not packed again
+    assert len(tb._packed_weights) == 1 and tb._packed_weights[weight][2] is packed  # not packed again
     weight.mul_(-1)  # in place: the version counter moves
     check()
-    assert tb._packed_weights[weight][1] is not packed
+    assert tb._packed_weights[weight][2] is not packed
     weight.data.mul_(2)  # the one write it cannot see
     out = ops.conv_bias_act(x, weight, bias, None, 2, 3, backend="triton")
     assert relative_error(out, reference_conv_bias_act(x, weight, bias, None, 2, 3, device=DEVICE)) > 0.1
     assert resnet_fused.refold() >= 1 and len(tb._packed_weights) == 0
     check()
+
+
+def test_group_merge_counts():
+    """How many groups of few channels run as one: the most dividing the group count
+    that keeps 32 channels or fewer (ResNeXt 32x4d's layers: 4, 8, 16, 32 channels)."""
+    from resnet_fused.backends.triton_backend import _group_merge
+
+    assert [_group_merge(32, c) for c in (4, 8, 16, 32, 64)] == [8, 4, 2, 1, 1]
+    assert _group_merge(1, 3) == 1  # one group: nothing to merge (the stem packs instead)
+    assert _group_merge(7, 4) == 7 and _group_merge(6, 5) == 6 and _group_merge(64, 1) == 32
+    assert _group_merge(5, 8) == 1  # 5 groups of 8: no divisor of 5 fits 32 channels but 1
+
+
+@pytest.mark.parametrize("shape", [
+    # n, groups, channels and outputs a group, h, w, r, stride, padding, dilation
+    (2, 32, 4, 4, 9, 7, 3, 1, 1, 1),  # ResNeXt 32x4d's layer1, small: 8 groups merged
+    (2, 32, 8, 8, 8, 8, 3, 2, 1, 1),  # layer2's strided conv: 4 merged
+    (1, 16, 16, 16, 5, 6, 3, 1, 2, 2),  # 16 channels, dilation 2: 2 merged
+    (2, 6, 2, 3, 7, 7, 3, 1, 1, 1),  # K != C a group; 6 merged into one group of 12: packed
+    (1, 7, 4, 2, 6, 5, 1, 2, 0, 1),  # a strided 1x1: 7 merged
+], ids=["32x4", "32x8-s2", "16x16-d2", "6x2to3", "1x1-s2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("residual", [False, True], ids=["nores", "res"])
+def test_grouped_convs_with_few_channels_run_merged(monkeypatch, gen, shape, dtype, residual):
+    """A grouped conv with few channels a group runs as fewer, wider groups with a
+    block-diagonal weight, made once per weight; outputs match the float64 reference."""
+    from resnet_fused.backends import triton_backend as tb
+
+    monkeypatch.setattr(tb, "_packed_weights", tb.WeakIdKeyDictionary())
+    monkeypatch.setenv("RESNET_FUSED_TRITON_ALGO", "implicit_gemm")
+    n, g, c, k, h, w, r, stride, pad, dil = shape
+    x, weight, bias, res = make_case(gen, n, g * c, h, w, g * k, r, stride, pad, dil, g, dtype, residual,
+                                     channels_last=True)
+    run_and_check(x, weight, bias, res, stride, pad, dil, g, True)
+    merge = tb._group_merge(g, c)
+    assert merge > 1
+    entry = tb._packed_weights[weight.to(DEVICE)] if DEVICE == "cpu" else None
+    if entry is not None:  # the merged weight is kept: block-diagonal, the weight's own taps in place
+        assert entry[1] == ("merged", g, merge)
+        merged = entry[2].view(g // merge, merge, k, merge, c, r, r)
+        for t in range(merge):
+            assert torch.equal(merged[:, t, :, t], weight.view(g // merge, merge, k, c, r, r)[:, t])
+            others = [u for u in range(merge) if u != t]
+            assert not merged[:, t][:, :, others].any()
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])

@@ -374,6 +374,10 @@ def implicit_gemm(
     q = (w + 2 * padding[1] - dilation[1] * (s - 1) - 1) // stride[1] + 1
     y = torch.empty((n, k_total, p, q), dtype=x.dtype, device=x.device, memory_format=output_memory_format(x))
     original = (x, weight, bias, residual, stride, padding, dilation, groups, relu)
+    merge = _group_merge(groups, c)
+    if merge > 1:  # few channels a group: `merge` groups at a time, a block-diagonal weight
+        weight = _merged_weight(weight, groups, merge)
+        groups, c, k = groups // merge, c * merge, k * merge
     flat = c < FLAT_SC_MAX_CHANNELS and r * s > 1
     packed = 0
     if flat and groups == 1:
@@ -423,6 +427,41 @@ def implicit_gemm(
     return y
 
 
+#: a grouped conv with fewer input channels a group than this runs as one with fewer,
+#: wider groups: ``merge`` neighbouring groups at a time (their channels are neighbours in
+#: x, y and the weight) and a block-diagonal weight, zero between the merged groups.
+#: ResNeXt's 4 and 8 channels a group then load as 32-channel (64-byte) runs by cp.async
+#: into pipelined wgmma, where the flattened (s, c) loop loaded them through registers
+#: and waited for every wgmma (tests/offline_compile.py); the zeros cost MMA work
+#: (up to 8x for 4 channels), which these memory-bound convs have to spare.
+MERGED_GROUP_CHANNELS = 32
+
+
+def _group_merge(groups: int, c: int) -> int:
+    """How many groups of ``c`` input channels each to merge: the most that divides
+    ``groups`` and keeps a merged group within MERGED_GROUP_CHANNELS (1: none)."""
+    if groups == 1 or c >= MERGED_GROUP_CHANNELS:
+        return 1
+    return max(f for f in range(1, MERGED_GROUP_CHANNELS // c + 1) if groups % f == 0)
+
+
+def _merged_weight(weight: Tensor, groups: int, merge: int) -> Tensor:
+    """A grouped conv's weight (K, C/groups, R, S) as that of ``groups // merge`` groups:
+    (K, merge * C/groups, R, S), each output channel's own group's taps in place and zeros
+    for the other groups merged with it; channels_last (the kernel's cp.async rows).
+    Kept per weight like the packed ones (:func:`_cached_weight`)."""
+    def make():
+        k_total, c, r, s = weight.shape
+        k = k_total // groups
+        per = weight.view(groups // merge, merge, k, c, r, s)
+        merged = weight.new_zeros((groups // merge, merge, k, merge, c, r, s))
+        for t in range(merge):
+            merged[:, t, :, t] = per[:, t]
+        return merged.view(k_total, merge * c, r, s).contiguous(memory_format=torch.channels_last)
+
+    return _cached_weight(weight, ("merged", groups, merge), make)
+
+
 #: the channels of a one-group conv with few of them (the 3-channel stem) are zero-padded
 #: to a multiple of this for the packed loop: a pixel is then 8 bytes of fp16 or bf16 (16
 #: of fp32) and every filter row's run starts on that boundary, where 3-channel pixels
@@ -453,33 +492,42 @@ def _pack_few_channels(x: Tensor, weight: Tensor, padding: Sequence[int]) -> tup
     return x, _packed_weight(weight, cp)
 
 
-#: weight -> (its version counter, its packed copy): a folded weight is packed on its
-#: first call, not on every forward; an in-place write repacks it, and refold() (the
-#: backend's clear_packed_weights) drops them all, for writes through ``.data``
+#: weight -> (its version counter, what was made of it, the copy): a folded weight is
+#: packed (or merged) on its first call, not on every forward; an in-place write makes it
+#: again, and refold() (the backend's clear_packed_weights) drops them all, for writes
+#: through ``.data``
 _packed_weights = WeakIdKeyDictionary()
 
 
-def _packed_weight(weight: Tensor, cp: int) -> Tensor:
-    """The weight of :func:`_pack_few_channels`, cached where it is a plain tensor that
-    keeps a version counter (not while tracing, not an inference tensor)."""
+def _cached_weight(weight: Tensor, what, make) -> Tensor:
+    """``make()``, a copy of ``weight`` laid out for a kernel (``what`` names the layout),
+    cached where the weight is a plain tensor that keeps a version counter (not while
+    tracing, not an inference tensor)."""
     cacheable = type(weight) is Tensor and not weight.is_inference()
     if cacheable:
         entry = _packed_weights.get(weight)
-        if entry is not None and entry[0] == weight._version:
-            return entry[1]
-    k, c, r, s = weight.shape
-    if weight.dtype == torch.float32:  # TF32 wgmma reads B K-major: (K, R, S, C), rows 16-aligned
-        run = r * s * cp
-        wp = weight.new_zeros((k, -(-run // 16) * 16))[:, :run].unflatten(1, (r, s, cp))
-        wp[..., :c] = weight.permute(0, 2, 3, 1)
-        packed = wp.permute(0, 3, 1, 2)
-    else:
+        if entry is not None and entry[0] == weight._version and entry[1] == what:
+            return entry[2]
+    copy = make()
+    if cacheable:
+        _packed_weights[weight] = (weight._version, what, copy)
+    return copy
+
+
+def _packed_weight(weight: Tensor, cp: int) -> Tensor:
+    """The weight of :func:`_pack_few_channels` (kept: :func:`_cached_weight`)."""
+    def make():
+        k, c, r, s = weight.shape
+        if weight.dtype == torch.float32:  # TF32 wgmma reads B K-major: (K, R, S, C), rows 16-aligned
+            run = r * s * cp
+            wp = weight.new_zeros((k, -(-run // 16) * 16))[:, :run].unflatten(1, (r, s, cp))
+            wp[..., :c] = weight.permute(0, 2, 3, 1)
+            return wp.permute(0, 3, 1, 2)
         wp = weight.new_zeros((r, s, cp, k))
         wp[:, :, :c] = weight.permute(2, 3, 1, 0)
-        packed = wp.permute(3, 2, 0, 1)
-    if cacheable:
-        _packed_weights[weight] = (weight._version, packed)
-    return packed
+        return wp.permute(3, 2, 0, 1)
+
+    return _cached_weight(weight, ("packed", cp), make)
 
 
 def _autotuned_config_for(algorithm, tuner, *args):
