@@ -3,7 +3,8 @@
 `python benchmarks/update_readme.py` rewrites what stands between the markers
 <!-- performance:start --> and <!-- performance:end -->: the device, date, versions and
 table come from benchmarks/results/<gpu>/session<N>/models.json (the newest session
-that has one), never from numbers typed by hand. With no GPU results it says so.
+that has one; its compile.json too, where the session timed torch.compile in a run of its
+own), never from numbers typed by hand. With no GPU results it says so.
 """
 import json
 import pathlib
@@ -75,6 +76,10 @@ def section() -> str:
         models_table(str(path)),
         "",
     ]
+    compiled = path.parent / "compile.json"  # gpu_session.sh's compile step: its own run and baselines
+    if compiled.exists():
+        lines += [f"torch.compile(mode=\"max-autotune\") with freezing, timed in its own run (source: "
+                  f"`{compiled.relative_to(ROOT)}`):", "", models_table(str(compiled)), ""]
     plot = path.parent / "models.png"
     if plot.exists():
         lines += [f"![images/s per provider]({plot.relative_to(ROOT)})", ""]
