@@ -84,6 +84,17 @@ fit() {
 # limited CMD...: CMD under the current step's limit; SIGINT first (pytest prints its
 # summary, atexit hooks run), SIGKILL 15 s later if it is still there
 limited() { timeout -s INT -k 15 "$lim" "$@"; }
+# logged FILE CMD...: CMD (its output into $out/FILE, then "exit <status>"), the file's
+# last lines into the session log; returns CMD's status
+logged() {
+  local file=$out/$1 rc
+  shift
+  "$@" >"$file" 2>&1
+  rc=$?
+  echo "exit $rc" >>"$file"
+  tail -n 3 "$file" | tee -a "$log"
+  return $rc
+}
 
 # what the steps before the model benchmark keep for it and for the native tests' first part
 models_reserve=0
@@ -134,9 +145,8 @@ if has tune; then
   # model and layer steps find them); 45 s more are kept for the Triton tests
   step tune "tune the Triton kernels on ResNet-50, fp16, batch ${model_batches// /, }"
   if fit "${TUNE_TIMEOUT:-200}" 30 $(( models_reserve + $(has triton && echo 45 || echo 0) )); then
-    during_build limited "$py" -m resnet_fused.cli bench --providers fused_triton --batch-size $model_batches \
-      --warmup 1 --runs 1 --no-progress >"$out/tune.log" 2>&1
-    echo "exit $?" >>"$out/tune.log"; tail -n 1 "$out/tune.log" | tee -a "$log"
+    logged tune.log during_build limited "$py" -m resnet_fused.cli bench --providers fused_triton \
+      --batch-size $model_batches --warmup 1 --runs 1 --no-progress
   fi
 fi
 
@@ -147,21 +157,17 @@ if has triton; then
   # the gpu marker run on the GPU too where there is one)
   step triton "triton backend gpu tests: the new paths"
   if fit "${TRITON_TIMEOUT:-150}" 45 "$models_reserve"; then
-    during_build limited "$py" -m pytest tests/test_triton_backend.py -q -p no:cacheprovider \
-      -k "inductor or compile_and_export or graph_capture or tuned_once or packed or merged or grouped_odd" \
-      >"$out/triton_tests.log" 2>&1
-    echo "exit $?" >>"$out/triton_tests.log"; tail -n 3 "$out/triton_tests.log" | tee -a "$log"
+    logged triton_tests.log during_build limited "$py" -m pytest tests/test_triton_backend.py -q \
+      -p no:cacheprovider -k "inductor or compile_and_export or graph_capture or tuned_once or packed or merged or grouped_odd"
   fi
 fi
 if has triton_tma; then
   # the TMA algorithms with every config on every ResNet-50 layer they take, odd shapes
   step triton_tma "triton backend gpu tests: gemm_tma and conv_tma, every config"
   if fit "${TRITON_TMA_TIMEOUT:-180}" 45 "$models_reserve"; then
-    during_build limited "$py" -m pytest tests/test_triton_backend.py -m gpu -q -p no:cacheprovider \
-      -k "gemm_tma or conv_tma" >"$out/triton_tma_tests.log" 2>&1
-    rc=$?
-    echo "exit $rc" >>"$out/triton_tma_tests.log"; tail -n 3 "$out/triton_tma_tests.log" | tee -a "$log"
-    if [[ $rc == 1 ]]; then  # a broken TMA kernel must not take the model numbers down with it
+    logged triton_tma_tests.log during_build limited "$py" -m pytest tests/test_triton_backend.py -m gpu -q \
+      -p no:cacheprovider -k "gemm_tma or conv_tma"
+    if [[ $? == 1 ]]; then  # a broken TMA kernel must not take the model numbers down with it
       export RESNET_FUSED_TRITON_SKIP=${RESNET_FUSED_TRITON_SKIP:-"gemm_tma conv_tma"}
       echo "TMA tests failed: later steps run with RESNET_FUSED_TRITON_SKIP=$RESNET_FUSED_TRITON_SKIP" | tee -a "$log"
     fi
@@ -196,17 +202,15 @@ if has native; then
   # CUTLASS kernel forced in turn, the fallbacks, NaN on every path, ten whole models)
   step native "native backend gpu tests"
   if fit "${NATIVE_TIMEOUT:-120}" 30; then
-    limited "$py" -m pytest tests/test_native_backend.py -m gpu -q -p no:cacheprovider \
-      --maxfail=10 -k "not test_gpu_resnet_layers" >"$out/native_tests.log" 2>&1
-    echo "exit $?" >>"$out/native_tests.log"; tail -n 3 "$out/native_tests.log" | tee -a "$log"
+    logged native_tests.log limited "$py" -m pytest tests/test_native_backend.py -m gpu -q -p no:cacheprovider \
+      --maxfail=10 -k "not test_gpu_resnet_layers"
   fi
 fi
 if has native_layers; then
   step native_layers "native backend gpu tests: the ~500 per-layer cases"
   if fit "${NATIVE_LAYERS_TIMEOUT:-150}" 30; then
-    limited "$py" -m pytest tests/test_native_backend.py -m gpu -q -p no:cacheprovider \
-      --maxfail=10 -k "test_gpu_resnet_layers" >"$out/native_layer_tests.log" 2>&1
-    echo "exit $?" >>"$out/native_layer_tests.log"; tail -n 3 "$out/native_layer_tests.log" | tee -a "$log"
+    logged native_layer_tests.log limited "$py" -m pytest tests/test_native_backend.py -m gpu -q \
+      -p no:cacheprovider --maxfail=10 -k "test_gpu_resnet_layers"
   fi
 fi
 
@@ -222,7 +226,7 @@ fi
 if has sanitizer; then
   step sanitizer "compute-sanitizer memcheck, one fused resnet50 forward per backend (triton, native)"
   if fit "${SANITIZER_TIMEOUT:-120}" 45; then
-    RESNET_FUSED_TRITON_AUTOTUNE=0 limited compute-sanitizer --tool memcheck --error-exitcode 3 \
+    RESNET_FUSED_TRITON_AUTOTUNE=0 logged sanitizer.log limited compute-sanitizer --tool memcheck --error-exitcode 3 \
       "$py" -c "
 import os, torch, resnet_fused
 for backend, algo in (('triton', 'implicit_gemm'), ('triton', 'gemm_tma'), ('triton', 'conv_tma'), ('native', 'auto'),
@@ -237,8 +241,7 @@ for backend, algo in (('triton', 'implicit_gemm'), ('triton', 'gemm_tma'), ('tri
     with torch.inference_mode():
         y = m(torch.randn(2, 3, 64, 64, device='cuda', dtype=torch.half).contiguous(memory_format=torch.channels_last))
     torch.cuda.synchronize(); print(backend, algo, 'forward ok', tuple(y.shape))
-" >"$out/sanitizer.log" 2>&1
-    echo "exit $?" >>"$out/sanitizer.log"; tail -n 4 "$out/sanitizer.log" | tee -a "$log"
+"
   fi
 fi
 
@@ -264,10 +267,8 @@ if has tests; then
     [[ -n $tk ]] && tk="not ($tk)"
   fi
   if fit "${TESTS_TIMEOUT:-240}" 60; then
-    RESNET_FUSED_TRITON_AUTOTUNE=0 limited "$py" -m pytest tests -m gpu -q -p no:cacheprovider \
-      $( (has native || has native_layers) && echo --ignore=tests/test_native_backend.py) \
-      ${tk:+-k "$tk"} >"$out/gpu_tests.log" 2>&1
-    echo "exit $?" >>"$out/gpu_tests.log"; tail -n 3 "$out/gpu_tests.log" | tee -a "$log"
+    RESNET_FUSED_TRITON_AUTOTUNE=0 logged gpu_tests.log limited "$py" -m pytest tests -m gpu -q -p no:cacheprovider \
+      $( (has native || has native_layers) && echo --ignore=tests/test_native_backend.py) ${tk:+-k "$tk"}
   fi
 fi
 
