@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One-shot GPU session: environment, extension build, GPU tests, model and per-layer
 # benchmarks, a compute-sanitizer memcheck of a fused forward. Everything lands in one
-# folder: environment.json, session.log, build.log, tune.log, triton_tests.log,
+# folder: environment.json, session.log, build.log, precompile.log, tune.log, triton_tests.log,
 # triton_tma_tests.log, native_tests.log, native_layer_tests.log, models.json,
 # models.png, layers.json, sanitizer.log, kernels.json, gpu_tests.log, compile.json,
 # triton_tuned.json (the Triton tuning measured: benchmarks/ship_tuned.py merges it into
@@ -19,8 +19,9 @@
 #
 # The build compiles resnet_fused._C in place for this machine's torch (a library built
 # elsewhere against another torch will not load), for this GPU's architecture only, in
-# the background: meanwhile the GPU tunes the Triton kernels for the model benchmark's
-# shapes (cached on disk for the later steps) and runs the Triton tests. It needs nvcc
+# the background: meanwhile the host compiles the Triton kernels of the model
+# benchmark's convs in parallel (precompile), then the GPU tunes them (tune: algorithm
+# per conv and tiles, cached on disk for the later steps) and runs the Triton tests. It needs nvcc
 # and the nvidia-cutlass wheel: where pip has no network, put the wheel in .whl/ first
 # (../shared/tools/device-wheels.sh does) and this script installs it from there.
 #
@@ -29,7 +30,7 @@
 #                                        OUTDIR and $OUT set (the device tool's folder, which brings
 #                                        back 8 files at most), the folder is packed after every step
 #                                        into $OUT/session.tgz, beside a copy of session.log
-#   STEPS="build tune triton triton_tma models native native_layers layers sanitizer kernels tests compile"
+#   STEPS="build precompile tune triton triton_tma models native native_layers layers sanitizer kernels tests compile"
 #                                        # the default, in the order they run
 #   BUDGET=1800 benchmarks/gpu_session.sh    # a machine of your own: every step gets its full limit
 #   PYTHON=python3.12 ...                # the interpreter (default: python, else python3)
@@ -55,7 +56,7 @@ export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$PWD/.triton-cache}
 # every step's Triton tuning (algorithm per conv shape, autotuned tile configs) is kept in
 # $out/triton_tuned.json; benchmarks/ship_tuned.py merges it into the package's table
 export RESNET_FUSED_TRITON_RECORD=${RESNET_FUSED_TRITON_RECORD:-$out/triton_tuned.json}
-steps=${STEPS-"build tune triton triton_tma models native native_layers layers sanitizer kernels tests compile"}
+steps=${STEPS-"build precompile tune triton triton_tma models native native_layers layers sanitizer kernels tests compile"}
 budget=${BUDGET:-540}
 log="$out/session.log"
 start=$(date +%s)
@@ -139,14 +140,44 @@ await_build() {
 }
 
 model_batches=${MODEL_BATCHES:-256 1}
+kernels_cached() { find "$TRITON_CACHE_DIR" -name '*.cubin' 2>/dev/null | wc -l; }
+if has precompile; then
+  # Autotuning in a fresh process compiled every tile config of every conv one after
+  # another (10-20 s a layer: sessions 1-3). Compile them first, in parallel processes, into
+  # the Triton cache: tests/offline_compile.py runs the backend's host code for this GPU
+  # with a driver that compiles and launches nothing (same target and arguments, so the
+  # same cache keys as the real run), for the tune step's convs (ResNet-50, fp16)
+  step precompile "compile the tune step's Triton kernels into the cache, ${PRECOMPILE_JOBS:-6} processes"
+  if [[ $gpu_arch != 90 && $gpu_arch != 80 ]]; then
+    echo "   skipped: offline_compile.py knows sm_90 and sm_80, this GPU is sm_${gpu_arch:-?}" | tee -a "$log"
+  elif fit "${PRECOMPILE_TIMEOUT:-120}" 20 "$models_reserve"; then
+    pids=()
+    for (( k = 0; k < ${PRECOMPILE_JOBS:-6}; k++ )); do
+      TRITON_INTERPRET= during_build limited "$py" tests/offline_compile.py --precompile --arch "$gpu_arch" --dtypes float16 \
+        --batch $model_batches --shard "$k/${PRECOMPILE_JOBS:-6}" >"$out/precompile.$k.log" 2>&1 &
+      pids+=($!)
+    done
+    for k in "${!pids[@]}"; do
+      wait "${pids[$k]}"
+      echo "exit $?" >>"$out/precompile.$k.log"
+      cat "$out/precompile.$k.log" >>"$out/precompile.log"
+      rm -f "$out/precompile.$k.log"
+    done
+    grep -h "^triton\|^exit\|PROBLEM\|launchers not built" "$out/precompile.log" | tee -a "$log"
+    echo "   $(kernels_cached) kernels in the Triton cache" | tee -a "$log"
+  fi
+fi
 if has tune; then
   # the GPU is idle while the build compiles: tune the Triton backend for the model
   # benchmark's shapes now (algorithm per conv, tile configs; cached on disk, so the
   # model and layer steps find them); 45 s more are kept for the Triton tests
   step tune "tune the Triton kernels on ResNet-50, fp16, batch ${model_batches// /, }"
   if fit "${TUNE_TIMEOUT:-200}" 30 $(( models_reserve + $(has triton && echo 45 || echo 0) )); then
+    cached=$(kernels_cached)
     logged tune.log during_build limited "$py" -m resnet_fused.cli bench --providers fused_triton \
       --batch-size $model_batches --warmup 1 --runs 1 --no-progress
+    # near 0 where the precompile step's cache keys were the real run's
+    echo "   the tune step compiled $(( $(kernels_cached) - cached )) kernels itself" | tee -a "$log"
   fi
 fi
 

@@ -141,3 +141,32 @@ def test_refuses_to_run_under_the_interpreter(tmp_path):
     done = subprocess.run([sys.executable, os.path.join(HERE, "offline_compile.py")], capture_output=True, text=True,
                           env=env)
     assert done.returncode == 2 and "unset TRITON_INTERPRET" in done.stderr
+
+
+@pytest.mark.slow
+def test_precompile_fills_the_cache_a_later_run_loads(tmp_path):
+    """--precompile (for the machine with the GPU, in parallel shards): the shards together
+    compile every kernel a whole run compiles, so a whole run afterwards finds them all in
+    the Triton cache and compiles none; no autotune timing and no tuning record is
+    written (the fake timer's 1.0 for every config must not reach a GPU's caches)."""
+    record = tmp_path / "record.json"
+
+    def precompile(*args):
+        argv = ["--precompile", "--models", "resnet18", "--max-layers", "2", "--batch", "4", "2", *args]
+        code = (f"import os, sys, offline_compile; os.environ['RESNET_FUSED_TRITON_RECORD'] = {str(record)!r}; "
+                f"sys.exit(offline_compile.main({argv!r}))")
+        done = run_offline(tmp_path, code=code)
+        assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+        return done.stdout
+
+    def cubins():
+        return sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "triton").rglob("*.cubin"))
+
+    assert "0 problems" in precompile("--shard", "0/2")
+    half = cubins()
+    precompile("--shard", "1/2")
+    sharded = cubins()
+    assert half and len(sharded) > len(half)  # each shard compiled kernels of its own
+    precompile()  # the whole run: every kernel is in the cache already
+    assert cubins() == sharded
+    assert not list((tmp_path / "triton").rglob("*autotune*")) and not record.exists()
