@@ -18,7 +18,8 @@ from resnet_fused.bench import conv_layers, eager_conv_bn_add_relu, time_fn
 def main(batch: int = 256, out_path: str | None = None, device: str = "cuda", arch: str = "resnet50",
          image_size: int = 224, algorithms: bool = False, warmup: int = 3, runs: int = 20,
          max_layers: int | None = None) -> list[dict]:
-    device, dtype = torch.device(device), torch.float16 if device == "cuda" else torch.float32
+    device = torch.device(device)
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
     fused = [b for b in ("triton", "native") if b in backends.default_backends(device)
              or (b == "triton" and algorithms and backends.get("triton").runs_on(device.type))]
     names = [f"fused_{b}" for b in fused] + ["cudnn_conv", "eager_conv_bn_add_relu"]

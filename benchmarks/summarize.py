@@ -79,5 +79,7 @@ def models(path: str) -> str:
 
 
 if __name__ == "__main__":
-    kind, path = sys.argv[1], sys.argv[2]
-    print({"kernels": kernels, "models": models}[kind](path))
+    kinds = {"kernels": kernels, "models": models}
+    if len(sys.argv) != 3 or sys.argv[1] not in kinds:
+        sys.exit(f"usage: python benchmarks/summarize.py {{{'|'.join(kinds)}}} FILE  (got: {' '.join(sys.argv[1:])!r})")
+    print(kinds[sys.argv[1]](sys.argv[2]))

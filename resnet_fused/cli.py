@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 from typing import Optional, Sequence
@@ -22,14 +23,15 @@ def _dtype_arg(text: str) -> torch.dtype:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _int_at_least(low: int, what: str):
-    """An argparse type: an integer >= ``low``, else an error saying ``what`` was expected."""
+def _int_at_least(low: int, what: str, high: Optional[int] = None):
+    """An argparse type: an integer >= ``low`` (and <= ``high``), else an error saying
+    ``what`` was expected."""
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a {what} integer, got {text!r}") from None
-        if value < low:
+        if value < low or (high is not None and value > high):
             raise argparse.ArgumentTypeError(f"expected a {what} integer, got {value}")
         return value
     return parse
@@ -37,6 +39,29 @@ def _int_at_least(low: int, what: str):
 
 _positive_int = _int_at_least(1, "positive")
 _non_negative_int = _int_at_least(0, "non-negative")
+_seed_int = _int_at_least(0, f"seed (0 to {2**32 - 1})", 2**32 - 1)
+
+
+def _writable_path(text: str) -> str:
+    """An argparse type for an output file: its folder must exist and take writes, so a
+    long run does not end in an error when it comes to write its results."""
+    folder = os.path.dirname(os.path.abspath(text))
+    if os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is a directory; expected a file path")
+    if not os.path.isdir(folder):
+        raise argparse.ArgumentTypeError(f"cannot write {text!r}: the folder {folder!r} does not exist")
+    if not os.access(folder, os.W_OK) or (os.path.exists(text) and not os.access(text, os.W_OK)):
+        raise argparse.ArgumentTypeError(f"cannot write {text!r}: no write permission")
+    return text
+
+
+def _no_repeats(parser, option: str, values) -> None:
+    """A value given twice to a many-valued option is an error, not a row timed twice."""
+    seen = set()
+    for value in values or ():
+        if value in seen:
+            parser.error(f"{option} names {str(value).removeprefix('torch.')} twice")
+        seen.add(value)
 
 
 def _cuda_refusal(devices: Sequence[str]) -> Optional[str]:
@@ -119,8 +144,8 @@ def _add_validate(sub) -> None:
                    help="dtypes (default: float32 on cpu; float32 float16 bfloat16 on cuda)")
     p.add_argument("--batch-size", type=_positive_int, default=2, help="images per forward (default 2)")
     p.add_argument("--image-size", type=_positive_int, default=64, help="image height and width (default 64)")
-    p.add_argument("--seed", type=int, default=0, help="seed for weights, statistics and images (default 0)")
-    p.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
+    p.add_argument("--seed", type=_seed_int, default=0, help="seed for weights, statistics and images (default 0)")
+    p.add_argument("--json", metavar="PATH", type=_writable_path, help="also write the results as JSON to PATH")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_validate, subparser=p)
 
@@ -134,6 +159,8 @@ def _cmd_validate(args, parser) -> int:
 
     from .validate import default_devices, plan, run_validation
 
+    for option in ("arch", "backend", "device", "dtype"):
+        _no_repeats(parser, f"--{option}", getattr(args, option))
     devices = args.device
     refusal = _cuda_refusal(devices or [])
     if refusal:
@@ -205,8 +232,8 @@ def _add_bench(sub) -> None:
     p.add_argument("--rounds", type=_positive_int, default=1,
                    help="split the runs into this many rounds taken in turn across providers, so a machine whose "
                         "speed drifts (a shared CPU) slows them alike (default 1)")
-    p.add_argument("--json", metavar="PATH", help="write the results as JSON to PATH")
-    p.add_argument("--plot", metavar="PATH", help="draw images/s per provider into a PNG at PATH")
+    p.add_argument("--json", metavar="PATH", type=_writable_path, help="write the results as JSON to PATH")
+    p.add_argument("--plot", metavar="PATH", type=_writable_path, help="draw images/s per provider into a PNG at PATH")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_bench, subparser=p)
 
@@ -225,6 +252,7 @@ def _cmd_bench(args, parser) -> int:
                      "at least one run of every provider")
     if args.image_size < 32:
         parser.error(f"--image-size should be at least 32 (ResNets downsample by 32), got {args.image_size}")
+    _no_repeats(parser, "--batch-size", args.batch_size)
     dtype = args.dtype or (torch.float16 if device.type == "cuda" else torch.float32)
     batch_sizes = args.batch_size or ([1, 256] if device.type == "cuda" else [8])
     providers = args.providers or default_providers(device, args.cuda_graphs)
@@ -237,7 +265,7 @@ def _cmd_bench(args, parser) -> int:
             parser.error(str(exc))
     if args.cuda_graphs and args.providers:
         graphs = [f"{p}+graphs" for p in args.providers if p.startswith("fused_") and "+graphs" not in p]
-        if not graphs:
+        if not any(p.startswith("fused_") for p in args.providers):
             parser.error(f"--cuda-graphs times the fused providers as CUDA graphs, and --providers names none "
                          f"({' '.join(args.providers)}); add a fused_<backend> provider or drop --cuda-graphs")
         providers += graphs

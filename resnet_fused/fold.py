@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.optim.optimizer import register_optimizer_step_post_hook
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 __all__ = ["fold_batchnorm", "foldable_batchnorm", "FoldCache", "refold"]
@@ -77,17 +78,38 @@ def fold_modules(conv: nn.Conv2d, bn: nn.Module) -> tuple[Tensor, Tensor]:
     return fold_batchnorm(*_bn_tensors(conv, bn), bn.eps)
 
 
+#: how many optimizer steps this process has taken: fused optimizers (``fused=True`` for
+#: SGD, Adam, AdamW, Adagrad) write parameters without bumping their version counters,
+#: so every step, of any optimizer, makes the folds and the backends' packed weights stale
+_optimizer_steps = 0
+
+
+def _after_optimizer_step(optimizer, args, kwargs) -> None:
+    global _optimizer_steps
+    _optimizer_steps += 1
+    from . import backends
+
+    backends.clear_packed_weights()
+
+
+_OPTIMIZER_HOOK = register_optimizer_step_post_hook(_after_optimizer_step)
+
+
 class FoldCache:
     """Holds the folded (weight, bias) of one conv+BatchNorm pair.
 
     :meth:`get` refolds whenever any of the six tensors changed: a new storage
     (``.to()``, ``.half()``, assignment) changes its data pointer or dtype, and every
-    in-place write through the tensor (``load_state_dict``, optimizer steps, edits
-    under no_grad) bumps its version counter. It holds on to the storages it folded
-    from, so no new tensor can reuse their addresses while the key still names them.
-    One write it cannot see: through ``.data`` (``conv.weight.data.mul_(2)``), a
-    detached alias with a version counter of its own. After such an edit call
-    :func:`refold`.
+    in-place write through the tensor (``load_state_dict``, edits under no_grad) bumps
+    its version counter. Two kinds of write that do not bump it are seen another way: a
+    train-mode forward updates the running statistics in place, unversioned, but bumps
+    ``num_batches_tracked``, which the key holds too; a fused optimizer's step
+    (``torch.optim.Adam(..., fused=True)``) writes the parameters unversioned, and every
+    optimizer step is counted (a global step hook) into the key. It holds on to the
+    storages it folded from, so no new tensor can reuse their addresses while the key
+    still names them. One write it cannot see: through ``.data``
+    (``conv.weight.data.mul_(2)``), a detached alias with a version counter of its own.
+    After such an edit call :func:`refold`.
     """
 
     __slots__ = ("_key", "_value", "_sources", "_checked")
@@ -103,13 +125,16 @@ class FoldCache:
         again whenever either module is another object: a model edited after fusing
         (``model.bn1 = nn.Identity()``) runs those modules as they are."""
         checked = self._checked
-        if checked is None or checked[0] is not conv or checked[1] is not bn:
+        # what foldable_batchnorm reads that may change on the same modules (padding)
+        state = (getattr(conv, "padding_mode", None), getattr(conv, "padding", None),
+                 getattr(bn, "running_mean", 0) is None, getattr(bn, "running_var", 0) is None)
+        if checked is None or checked[0] is not conv or checked[1] is not bn or checked[2] != state:
             # (holding the modules: their ids cannot be reused while they are compared)
-            self._checked = checked = (conv, bn, foldable_batchnorm(conv, bn) is None)
-        return checked[2]
+            self._checked = checked = (conv, bn, state, foldable_batchnorm(conv, bn) is None)
+        return checked[3]
 
     def get(self, conv: nn.Conv2d, bn: nn.Module, channels_last: bool) -> tuple[Tensor, Tensor]:
-        tensors = _bn_tensors(conv, bn)
+        tensors = _bn_tensors(conv, bn) + (getattr(bn, "num_batches_tracked", None),)
         key = _state_key(tensors, bn.eps, channels_last)
         if key is not None and key == self._key:
             return self._value
@@ -134,7 +159,7 @@ class FoldCache:
 
 
 def _state_key(tensors, eps: float, channels_last: bool):
-    key = [eps, channels_last]
+    key = [eps, channels_last, _optimizer_steps]
     for t in tensors:
         if t is None:
             key.append(None)

@@ -16,6 +16,7 @@ a container returns it as an intermediate output, and not when a hook watches it
 from __future__ import annotations
 
 import copy
+from collections import OrderedDict
 
 from torch import nn
 from torchvision.models import resnet as tv_resnet
@@ -59,7 +60,10 @@ def _fuse(module: nn.Module, backend: str) -> nn.Module:
     elif type(module) in _BLOCKS and _BLOCKS[type(module)].fusable(module) is None and not _hooked(module):
         return _BLOCKS[type(module)].from_torchvision(module, backend)
     elif isinstance(module, (FusedBasicBlock, FusedBottleneck, FusedConvBNAct)):
+        module.backend = backend  # fused already: it takes the backend asked for now
         return module
+    elif isinstance(module, ResNet):
+        module.backend = backend  # (its blocks take it below)
     for name, child in list(module._modules.items()):
         if child is not None:
             new = _fuse(child, backend)
@@ -215,14 +219,36 @@ def _in_place(module: nn.Module, result: nn.Module) -> nn.Module:
 def _unfuse(module: nn.Module) -> nn.Module:
     if isinstance(module, (ResNet, FusedBasicBlock, FusedBottleneck)):
         module = module.to_torchvision()
-    names = list(module._modules)
-    for i, name in enumerate(names):
-        child = module._modules[name]
+    elif isinstance(module, FusedConvBNAct):
+        return _as_sequential(module)
+    for name, child in list(module._modules.items()):
         if isinstance(child, FusedConvBNAct):
-            module._modules[name] = child.conv
-            module._modules[names[i + 1]] = child.bn
-            if child.act is not None:
-                module._modules[names[i + 2]] = child.act
+            places = _places(module, child)
+            if places is None:
+                module._modules[name] = _as_sequential(child)
+            else:  # a run fuse() made: each module back into its own place
+                for place, part in zip((name, *places), (child.conv, child.bn, child.act)):
+                    module._modules[place] = part
         elif child is not None and not isinstance(child, FoldedAway):
             module._modules[name] = _unfuse(child)
     return module
+
+
+def _places(container: nn.Module, fused: FusedConvBNAct):
+    """The names of the places ``fuse`` took the BatchNorm (and ReLU) of ``fused`` from in
+    ``container``, where they still hold its FoldedAway markers; else None."""
+    names = (getattr(fused, "_bn_name", None),)
+    if fused.act is not None:
+        names += (getattr(fused, "_act_name", None),)
+    if not all(n and isinstance(container._modules.get(n), FoldedAway) for n in names):
+        return None
+    return names
+
+
+def _as_sequential(fused: FusedConvBNAct) -> nn.Sequential:
+    """A FusedConvBNAct built by hand (or moved) as plain modules: an nn.Sequential of its
+    conv, bn (and act) under the same names, so its state_dict keys stay the same."""
+    parts = {"conv": fused.conv, "bn": fused.bn}
+    if fused.act is not None:
+        parts["act"] = fused.act
+    return nn.Sequential(OrderedDict(parts))

@@ -150,38 +150,53 @@ def _build(tv_builder: Callable[..., nn.Module], weights, progress: bool, backen
     from .fuse import fuse
 
     backend = backends.check_name(backend)
-    model = tv_builder(weights=weights, progress=progress, **kwargs)
+    if "pretrained" in kwargs and weights is None:  # torchvision's deprecated interface, which it maps to weights=
+        model = tv_builder(progress=progress, **kwargs)
+    else:
+        model = tv_builder(weights=weights, progress=progress, **kwargs)
     return fuse(model, backend=backend, inplace=True)
+
+
+#: torchvision's builders also take ``weights`` positionally (with a deprecation warning):
+#: its own decorator, where this torchvision has it
+_positional_weights = getattr(__import__("torchvision.models._utils", fromlist=["_"]), "kwonly_to_pos_or_kw",
+                              lambda builder: builder)
 
 
 _WeightsArg = Optional[Union[WeightsEnum, str]]
 
 
+@_positional_weights
 def resnet18(*, weights: _WeightsArg = None, progress: bool = True, backend: str = "auto", **kwargs: Any) -> ResNet:
     """ResNet-18 (torchvision ``resnet18``), fused. ``weights``: a ``ResNet18_Weights`` member or its name."""
     return _build(tv_models.resnet18, weights, progress, backend, kwargs)
 
 
+@_positional_weights
 def resnet34(*, weights: _WeightsArg = None, progress: bool = True, backend: str = "auto", **kwargs: Any) -> ResNet:
     """ResNet-34 (torchvision ``resnet34``), fused. ``weights``: a ``ResNet34_Weights`` member or its name."""
     return _build(tv_models.resnet34, weights, progress, backend, kwargs)
 
 
+@_positional_weights
 def resnet50(*, weights: _WeightsArg = None, progress: bool = True, backend: str = "auto", **kwargs: Any) -> ResNet:
     """ResNet-50 (torchvision ``resnet50``), fused. ``weights``: a ``ResNet50_Weights`` member or its name."""
     return _build(tv_models.resnet50, weights, progress, backend, kwargs)
 
 
+@_positional_weights
 def resnet101(*, weights: _WeightsArg = None, progress: bool = True, backend: str = "auto", **kwargs: Any) -> ResNet:
     """ResNet-101 (torchvision ``resnet101``), fused. ``weights``: a ``ResNet101_Weights`` member or its name."""
     return _build(tv_models.resnet101, weights, progress, backend, kwargs)
 
 
+@_positional_weights
 def resnet152(*, weights: _WeightsArg = None, progress: bool = True, backend: str = "auto", **kwargs: Any) -> ResNet:
     """ResNet-152 (torchvision ``resnet152``), fused. ``weights``: a ``ResNet152_Weights`` member or its name."""
     return _build(tv_models.resnet152, weights, progress, backend, kwargs)
 
 
+@_positional_weights
 def resnext50_32x4d(
     *, weights: _WeightsArg = None, progress: bool = True, backend: str = "auto", **kwargs: Any
 ) -> ResNet:
@@ -189,6 +204,7 @@ def resnext50_32x4d(
     return _build(tv_models.resnext50_32x4d, weights, progress, backend, kwargs)
 
 
+@_positional_weights
 def resnext101_32x8d(
     *, weights: _WeightsArg = None, progress: bool = True, backend: str = "auto", **kwargs: Any
 ) -> ResNet:
@@ -196,6 +212,7 @@ def resnext101_32x8d(
     return _build(tv_models.resnext101_32x8d, weights, progress, backend, kwargs)
 
 
+@_positional_weights
 def resnext101_64x4d(
     *, weights: _WeightsArg = None, progress: bool = True, backend: str = "auto", **kwargs: Any
 ) -> ResNet:
@@ -203,6 +220,7 @@ def resnext101_64x4d(
     return _build(tv_models.resnext101_64x4d, weights, progress, backend, kwargs)
 
 
+@_positional_weights
 def wide_resnet50_2(
     *, weights: _WeightsArg = None, progress: bool = True, backend: str = "auto", **kwargs: Any
 ) -> ResNet:
@@ -210,6 +228,7 @@ def wide_resnet50_2(
     return _build(tv_models.wide_resnet50_2, weights, progress, backend, kwargs)
 
 
+@_positional_weights
 def wide_resnet101_2(
     *, weights: _WeightsArg = None, progress: bool = True, backend: str = "auto", **kwargs: Any
 ) -> ResNet:

@@ -56,6 +56,10 @@ def _output_hw(x: Tensor, weight: Tensor, stride, padding, dilation) -> tuple[in
     return out[0], out[1]
 
 
+#: the dtypes the op computes in (conv2d's floating-point ones; no float8)
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
 def check_conv_bias_act_args(
     x: Tensor,
     weight: Tensor,
@@ -84,7 +88,7 @@ def check_conv_bias_act_args(
         raise ValueError(f"x should be 4-D (N, C, H, W), got {x.dim()}-D with shape {tuple(x.shape)}")
     if weight.dim() != 4:
         raise ValueError(f"weight should be 4-D (K, C/groups, R, S), got {weight.dim()}-D with shape {tuple(weight.shape)}")
-    if not x.dtype.is_floating_point:
+    if x.dtype not in _DTYPES:
         raise ValueError(f"x should be a floating-point tensor (float32, float16, bfloat16, float64), got {x.dtype}")
     if weight.dtype != x.dtype:
         raise ValueError(f"weight dtype should match x ({x.dtype}), got {weight.dtype}")
@@ -97,8 +101,9 @@ def check_conv_bias_act_args(
         raise ValueError(f"groups should be a positive int, got {groups!r}")
     n, c = x.shape[0], x.shape[1]
     k, c_per_group = weight.shape[0], weight.shape[1]
-    if k < 1:
-        raise ValueError(f"weight should have at least one output channel, got shape {tuple(weight.shape)}")
+    if k < 1 or c_per_group < 1:
+        raise ValueError(f"weight should have at least one output and one input channel, got shape "
+                         f"{tuple(weight.shape)}")
     if k % groups != 0:
         raise ValueError(f"weight's output channels ({k}) should be divisible by groups ({groups})")
     if c != c_per_group * groups:
@@ -139,6 +144,9 @@ def _conv_bias_act(
     relu: bool,
     backend: str,
 ) -> Tensor:
+    # (the checks again: the op is public, torch.ops.resnet_fused.conv_bias_act, and a
+    # backend such as 'torch' would broadcast a wrong-shaped residual instead of refusing it)
+    check_conv_bias_act_args(x, weight, bias, residual, stride, padding, dilation, groups)
     impl, _ = backends.select(backend, x, weight, residual, stride, padding, dilation, groups)
     return impl.run(x, weight, bias, residual, stride, padding, dilation, groups, relu)
 
@@ -158,6 +166,8 @@ def _conv_bias_act_out(
     out: Tensor,
 ) -> None:
     """conv_bias_act written into ``out`` (the op behind ``conv_bias_act(..., out=)``)."""
+    check_out(out, x, weight, bias, residual,
+              check_conv_bias_act_args(x, weight, bias, residual, stride, padding, dilation, groups))
     impl, _ = backends.select(backend, x, weight, residual, stride, padding, dilation, groups)
     impl.run_out(x, weight, bias, residual, stride, padding, dilation, groups, relu, out)
 
@@ -219,8 +229,8 @@ def register_fake_and_autograd(opdef) -> None:
     def backward(ctx, grad):
         x, weight, out = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.conv_args
-        if out is not None:
-            grad = torch.where(out > 0, grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
+        if out is not None:  # torch.relu's own backward: zero where out <= 0 (a NaN output passes grad)
+            grad = torch.ops.aten.threshold_backward(grad, out, 0)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
             grad, x, weight, ctx.bias_shape, stride, padding, dilation, False, [0, 0], groups,

@@ -66,6 +66,18 @@ def test_validate_bfloat16_on_cpu_reports_torchs_own_error(capsys):
          "fused_torch+graphs replays a CUDA graph: it needs a cuda device, got cpu"),
         (["bench", "--device", "cpu", "--runs", "2", "--rounds", "3"], "--rounds (3) should be at most --runs (2)"),
         (["bench", "--warmup", "-1"], "expected a non-negative integer, got -1"),
+        # outputs that cannot be written are refused before anything runs
+        (["validate", "--json", "/nonexistent-dir/v.json"], "cannot write '/nonexistent-dir/v.json': the folder"),
+        (["bench", "--json", "/nonexistent-dir/b.json"], "cannot write '/nonexistent-dir/b.json': the folder"),
+        (["bench", "--plot", "/nonexistent-dir/b.png"], "cannot write '/nonexistent-dir/b.png': the folder"),
+        (["bench", "--json", "/"], "'/' is a directory; expected a file path"),
+        (["validate", "--seed", "18446744073709551615"], "expected a seed (0 to 4294967295) integer"),
+        (["validate", "--seed", "-1"], "expected a seed (0 to 4294967295) integer, got -1"),
+        # a value given twice would time or check the same row twice
+        (["validate", "--arch", "resnet18", "resnet18"], "--arch names resnet18 twice"),
+        (["validate", "--backend", "torch", "torch"], "--backend names torch twice"),
+        (["validate", "--dtype", "fp32", "float32"], "--dtype names float32 twice"),
+        (["bench", "--device", "cpu", "--batch-size", "2", "2"], "--batch-size names 2 twice"),
     ],
 )
 def test_bad_options_get_clear_errors(argv, message, capsys):
@@ -195,3 +207,48 @@ def test_time_fn_runs_as_often_as_asked():
     timing = time_fn(calls.append, "cpu", warmup=0, runs=1200)
     assert timing.runs == len(calls) == 1200
     assert time_fn(calls.append, "cpu", warmup=0, runs=3, min_time_s=60).runs == 1000  # the extension's cap
+
+
+def test_validate_rows_do_not_depend_on_the_other_archs_asked_for():
+    """An arch's weights, statistics and images come from its name and --seed alone, so a
+    row of a whole run is reproduced by asking for that arch alone."""
+    from resnet_fused.validate import run_validation
+
+    def resnet34_row(archs):
+        (row,) = [r for r in run_validation(archs=archs, backend_names=["torch"], devices=["cpu"], image_size=32,
+                                            batch_size=1) if r.arch == "resnet34"]
+        return row.rel_err, row.max_abs_err
+
+    assert resnet34_row(["resnet18", "resnet34"]) == resnet34_row(["resnet34"])
+
+
+def test_validate_fails_an_infinite_error_even_against_an_infinite_bound(monkeypatch, capsys):
+    """float16's bound is twice torchvision's own error: where that overflows too, the
+    row still fails (inf <= inf must not pass)."""
+    import resnet_fused.validate as validate
+
+    monkeypatch.setattr(validate, "relative_error", lambda out, ref: float("inf"))
+    code = cli.main(["validate", "--arch", "resnet18", "--backend", "torch", "--dtype", "bf16", "--image-size", "32",
+                     "--no-progress"])
+    out = capsys.readouterr().out
+    assert code == 1 and "FAIL" in out
+
+
+def test_ship_tuned_refuses_a_missing_or_malformed_record(tmp_path, capsys):
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "ship_tuned.py"
+    spec = importlib.util.spec_from_file_location("ship_tuned", path)
+    ship_tuned = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ship_tuned)
+    into = tmp_path / "table.json"
+    with pytest.raises(SystemExit) as exc:
+        ship_tuned.main([str(tmp_path / "missing.json"), "--into", str(into)])
+    assert exc.value.code == 2 and "no recorded table at" in capsys.readouterr().err
+    bad = tmp_path / "bad.json"
+    bad.write_text("[1, 2]")
+    with pytest.raises(SystemExit):
+        ship_tuned.main([str(bad), "--into", str(into)])
+    assert "a tuning table is a JSON object, got list" in capsys.readouterr().err
+    assert not into.exists()

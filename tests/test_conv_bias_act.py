@@ -257,7 +257,11 @@ BAD_INPUTS = [
     ("wrong channel count", lambda x, w: (x[:, :3], w, {}), ValueError, r"x should have 4 channels .* got 3 channels"),
     ("groups do not divide", lambda x, w: (x, w, {"groups": 4}), ValueError, r"divisible by groups"),
     ("no output channels", lambda x, w: (x, w[:0], {}), ValueError,
-     r"weight should have at least one output channel, got shape \(0, 4, 3, 3\)"),
+     r"weight should have at least one output and one input channel, got shape \(0, 4, 3, 3\)"),
+    ("no input channels", lambda x, w: (x[:, :0], w[:, :0], {}), ValueError,
+     r"weight should have at least one output and one input channel, got shape \(6, 0, 3, 3\)"),
+    ("float8 input", lambda x, w: (x.to(torch.float8_e4m3fn), w.to(torch.float8_e4m3fn), {}), ValueError,
+     r"floating-point tensor \(float32, float16, bfloat16, float64\), got torch.float8_e4m3fn"),
     ("device mismatch", lambda x, w: (x, w.to("meta"), {}), ValueError, r"weight should be on x's device \(cpu\), got meta"),
     ("bias shape", lambda x, w: (x, w, {"bias": torch.zeros(5)}), ValueError, r"bias should have shape \(6,\), got \(5,\)"),
     ("bias dtype", lambda x, w: (x, w, {"bias": torch.zeros(6, dtype=torch.float64)}), ValueError, r"bias should be torch.float32"),
@@ -289,6 +293,65 @@ def test_bad_input_is_named_in_the_error(gen, case, fn):
     x, w, kwargs = make(x, w)
     with pytest.raises(exc, match=pattern):
         getattr(ops, fn)(x, w, **kwargs)
+
+
+@pytest.mark.parametrize("backend", [b for b in ("torch", "native", "triton") if backends.unavailable_reason(b) is None])
+@pytest.mark.parametrize("out", [False, True], ids=["op", "out_op"])
+def test_the_registered_ops_check_their_arguments_too(gen, backend, out):
+    """torch.ops.resnet_fused.conv_bias_act(_out), called directly: the same checks as the
+    front (the 'torch' backend alone would broadcast a wrong-shaped residual)."""
+    if backend == "triton" and out:
+        pytest.skip("the Triton backend's op has no out= variant")
+    x, weight, bias, _ = make_case(gen, 2, 8, 6, 6, 8, 3, 1, 1, 1, 1, torch.float32, False)
+    wrong = torch.randn(1, 8, 1, 1, generator=gen)  # broadcastable to the output, not its shape
+    args = (x, weight, bias, wrong, [1, 1], [1, 1], [1, 1], 1, True, backend)
+    with pytest.raises(ValueError, match=r"residual should have the output's shape \(2, 8, 6, 6\), got \(1, 8, 1, 1\)"):
+        if backend == "triton":
+            torch.ops.resnet_fused.triton_conv_bias_act(*args[:-1])
+        elif out:
+            torch.ops.resnet_fused.conv_bias_act_out(*args, torch.empty(2, 8, 6, 6))
+        else:
+            torch.ops.resnet_fused.conv_bias_act(*args)
+    if out:
+        with pytest.raises(ValueError, match=r"out should have the output's shape \(2, 8, 6, 6\), got \(2, 8, 5, 5\)"):
+            torch.ops.resnet_fused.conv_bias_act_out(*args[:3], None, *args[4:], torch.empty(2, 8, 5, 5))
+
+
+def test_gradient_through_a_nan_output_is_torch_relus(gen):
+    """The ReLU's backward is torch.relu's: zero where the output is <= 0, the gradient
+    itself where it is NaN (as threshold_backward does)."""
+    x, weight, bias, _ = make_case(gen, 1, 4, 5, 5, 4, 3, 1, 1, 1, 1, torch.float64, False)
+    x[0, 0, 2, 2] = float("nan")
+    grads = []
+    for fn in (lambda x: ops.conv_bias_act(x, weight, bias, padding=1, backend="torch"),
+               lambda x: torch.relu(torch.nn.functional.conv2d(x, weight, bias, padding=1))):
+        leaf = x.clone().requires_grad_(True)
+        out = fn(leaf)
+        out.backward(torch.ones_like(out))
+        grads.append(leaf.grad)
+    torch.testing.assert_close(grads[0], grads[1], equal_nan=True)  # (a mask of out > 0 zeroed it at the NaNs)
+
+
+def test_a_bad_switch_is_an_error_on_every_call_not_once(monkeypatch):
+    """A misspelt knob read while the backends load is raised on every call until fixed,
+    not once, leaving a backend silently missing afterwards."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, resnet_fused\n"
+        "for _ in range(2):\n"
+        "    try:\n"
+        "        resnet_fused.available_backends('cpu')\n"
+        "    except ValueError as e:\n"
+        "        print('raised:', e)\n"
+    )
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    env["RESNET_FUSED_TRITON_AUTOTUNE"] = "yes"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("raised: RESNET_FUSED_TRITON_AUTOTUNE should be 0 (off) or 1 (on), got 'yes'") == 2, \
+        done.stdout
 
 
 @pytest.mark.parametrize("backend", [b for b in ("torch", "native") if backends.unavailable_reason(b) is None])

@@ -290,3 +290,32 @@ def test_frozen_batchnorm_runs_load_what_they_load_unfused(gen):
     x = torch.randn(2, 3, 9, 9, generator=gen)
     with torch.no_grad():
         assert relative_error(fused(x), trained.eval().double()(x.double())) <= FP32
+
+
+def test_unfuse_turns_a_hand_built_fused_module_into_plain_ones(gen):
+    """A FusedConvBNAct built by hand has no places of its own in its container: it
+    becomes an nn.Sequential of its conv, bn (and act) under the same names, keys and
+    outputs unchanged, and the container's other modules stay where they are."""
+    conv, bn = nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4)
+    with torch.no_grad():
+        bn.running_mean.normal_(generator=gen)
+        bn.running_var.uniform_(0.5, 2.0, generator=gen)
+    for act in (None, nn.ReLU()):
+        model = nn.Sequential(resnet_fused.FusedConvBNAct(conv, bn, act), nn.Conv2d(4, 8, 1)).eval()
+        plain = resnet_fused.unfuse(model)
+        assert [type(m) for m in plain] == [nn.Sequential, nn.Conv2d]
+        assert [type(m) for m in plain[0]] == [nn.Conv2d, nn.BatchNorm2d] + ([nn.ReLU] if act else [])
+        assert list(plain.state_dict()) == list(model.state_dict())
+        x = torch.randn(2, 3, 9, 9, generator=gen)
+        with torch.no_grad():
+            torch.testing.assert_close(plain(x), model(x), rtol=1e-5, atol=1e-5)
+    assert type(resnet_fused.unfuse(resnet_fused.FusedConvBNAct(conv, bn))) is nn.Sequential
+
+
+def test_fusing_a_fused_model_again_takes_the_new_backend():
+    model = resnet_fused.resnet18(backend="native")
+    again = resnet_fused.fuse(model, backend="torch")
+    fused = [m for m in again.modules() if hasattr(m, "backend")]
+    assert len(fused) == 1 + 8 and {m.backend for m in fused} == {"torch"}
+    seq = resnet_fused.fuse(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), backend="native")
+    assert resnet_fused.fuse(seq, backend="torch")[0].backend == "torch"

@@ -55,6 +55,23 @@ def test_torchvision_kwargs(arch, kwargs, gen):
         assert all((b.bn2.weight == 0).all() for b in fresh.modules() if isinstance(b, FusedBasicBlock))
 
 
+def test_torchvisions_deprecated_interface_is_taken_as_torchvision_takes_it():
+    """weights positionally and pretrained=, deprecated since torchvision 0.13 but taken
+    (with its warning): the builders are keyword for keyword torchvision's."""
+    import warnings
+
+    for args, kwargs in (((None,), {"num_classes": 10}), ((), {"pretrained": False, "num_classes": 10})):
+        with warnings.catch_warnings(record=True) as ours:
+            warnings.simplefilter("always")
+            fused = resnet_fused.resnet18(*args, **kwargs)
+        with warnings.catch_warnings(record=True) as theirs:
+            warnings.simplefilter("always")
+            tv_model = torchvision.models.resnet18(*args, **kwargs)
+        assert fused.fc.out_features == tv_model.fc.out_features == 10
+        assert list(fused.state_dict()) == list(tv_model.state_dict())
+        assert [str(w.message) for w in ours] == [str(w.message) for w in theirs] != []
+
+
 def test_torchvision_argument_errors_are_torchvisions():
     with pytest.raises(ValueError, match="replace_stride_with_dilation should be None or a 3-element tuple"):
         resnet_fused.resnet50(replace_stride_with_dilation=[True])
@@ -62,8 +79,6 @@ def test_torchvision_argument_errors_are_torchvisions():
         resnet_fused.resnet18(groups=2)
     with pytest.raises(ValueError, match="unknown backend 'fast'"):
         resnet_fused.resnet18(backend="fast")
-    with pytest.raises(TypeError):
-        resnet_fused.resnet18(None)  # keyword-only, like torchvision
 
 
 def test_state_dict_loads_strictly_both_ways():
@@ -178,6 +193,78 @@ def test_fold_cache_refreshes_after_in_place_edits(gen):
             model.layer1[0].downsample[1].bias.add_(0.5)
             model.bn1.running_mean.sub_(0.1)
     assert _check(fused, tv_model, gen) <= FP32
+
+
+@pytest.mark.parametrize("optimizer", ["SGD", "Adam", "AdamW", "Adagrad"])
+@pytest.mark.parametrize("backend", ["torch", "native"])
+def test_fold_cache_refreshes_after_a_fused_optimizer_step(gen, optimizer, backend):
+    """A fused optimizer (fused=True) writes the parameters without bumping their version
+    counters; every optimizer step is counted into the fold key and drops the backends'
+    packed weights, so the next eval forward folds the stepped parameters."""
+    if backend not in resnet_fused.available_backends("cpu"):
+        pytest.skip(f"{backend} does not run on the CPU here")
+    tv_model = seeded_torchvision_model("resnet18", seed=26, calibration_size=32)
+    fused = fused_twin(tv_model, arch="resnet18", backend=backend)
+    assert _check(fused, tv_model, gen) <= FP32  # fills the fold and packed-weight caches
+    before = fused.conv1.weight.detach().clone()
+    opt = getattr(torch.optim, optimizer)(fused.parameters(), lr=0.05, fused=True)
+    fused(torch.randn(2, 3, 32, 32, generator=gen)).square().mean().backward()  # (eval mode: running stats stay)
+    opt.step()
+    assert (fused.conv1.weight - before).abs().max() > 1e-3  # a step far larger than the tolerance
+    tv_model.load_state_dict(fused.state_dict())  # the reference takes the stepped parameters
+    assert _check(fused, tv_model, gen) <= FP32
+
+
+def test_op_on_own_weights_sees_a_fused_optimizer_step(gen):
+    """conv_bias_act on a caller's weight (the native CPU kernels keep a packed copy per
+    weight): a fused optimizer's unversioned write is seen too."""
+    from resnet_fused.ops import conv_bias_act
+
+    weight = torch.nn.Parameter(torch.randn(16, 8, 3, 3, generator=gen))
+    x = torch.randn(2, 8, 9, 9, generator=gen).contiguous(memory_format=torch.channels_last)
+    for _ in range(2):  # packed on the first call, kept on the second
+        with torch.no_grad():
+            conv_bias_act(x, weight, None, None, 1, 1, relu=False)
+    opt = torch.optim.SGD([weight], lr=1.0, fused=True)
+    weight.grad = torch.randn(weight.shape, generator=gen)
+    version = weight._version
+    opt.step()
+    assert weight._version == version  # the unversioned write this test is about
+    with torch.no_grad():
+        out = conv_bias_act(x, weight, None, None, 1, 1, relu=False)
+    ref = torch.nn.functional.conv2d(x.double(), weight.detach().double(), padding=1)
+    assert relative_error(out, ref) <= FP32
+
+
+def test_fold_cache_refreshes_after_a_train_mode_forward(gen):
+    """A train-mode forward updates BatchNorm's running statistics in place without
+    bumping their versions (only num_batches_tracked's), so eval -> train forward ->
+    eval must serve the new statistics."""
+    tv_model = seeded_torchvision_model("resnet18", seed=27, calibration_size=32)
+    fused = fused_twin(tv_model, arch="resnet18")
+    assert _check(fused, tv_model, gen) <= FP32
+    x = torch.randn(4, 3, 32, 32, generator=gen) + 3.0
+    with torch.no_grad():
+        for model in (tv_model, fused):
+            model.train()(x)
+            model.eval()
+    assert _check(fused, tv_model, gen) <= FP32
+
+
+def test_a_conv_edited_to_reflect_padding_after_fusing_is_not_folded(gen):
+    """Whether a conv folds is asked again when what decides it changes on the same
+    module (padding_mode), not only when the module is replaced."""
+    seq = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, padding=1, bias=False), torch.nn.BatchNorm2d(8),
+                              torch.nn.ReLU()).eval()
+    with torch.no_grad():
+        seq[1].running_mean.normal_(generator=gen)
+        seq[1].running_var.uniform_(0.5, 2.0, generator=gen)
+    fused = resnet_fused.fuse(seq)
+    x = torch.randn(2, 8, 7, 7, generator=gen)
+    with torch.no_grad():
+        fused(x)
+        seq[0].padding_mode = fused[0].conv.padding_mode = "reflect"
+        assert relative_error(fused(x), seq.double()(x.double())) <= FP32
 
 
 @pytest.mark.parametrize("backend", ["torch", "native"])

@@ -150,22 +150,29 @@ def register(backend: Backend) -> Backend:
 
 
 _loaded = False
+_loading = False
 
 
 @torch.compiler.assume_constant_result  # run, not traced, when a compiled call loads first
 def _load_all() -> None:
-    # Import for the side effect of registration; each module registers itself.
-    global _loaded
-    if _loaded:
+    # Import for the side effect of registration; each module registers itself. Loaded
+    # only once every import has come through: an error (a misspelt environment knob)
+    # is raised again on the next call, not left behind as a backend silently missing.
+    global _loaded, _loading
+    if _loaded or _loading:
         return
-    _loaded = True
-    from . import reference  # noqa: F401
+    _loading = True
+    try:
+        from . import reference  # noqa: F401
 
-    for optional in ("triton", "native"):
-        try:
-            __import__(f"{__name__}.{optional}_backend")
-        except ImportError as exc:  # the package works without either
-            log.debug("backend %r not importable: %s", optional, exc)
+        for optional in ("triton", "native"):
+            try:
+                __import__(f"{__name__}.{optional}_backend")
+            except ImportError as exc:  # the package works without either
+                log.debug("backend %r not importable: %s", optional, exc)
+        _loaded = True
+    finally:
+        _loading = False
 
 
 def clear_packed_weights() -> int:

@@ -1096,6 +1096,8 @@ def read_table(path: str) -> dict:
             table = json.load(f)
     except FileNotFoundError:
         return {"format": TABLE_FORMAT, "devices": {}}
+    if not isinstance(table, dict):
+        raise ValueError(f"{path}: a tuning table is a JSON object, got {type(table).__name__}")
     if table.get("format") != TABLE_FORMAT:
         raise ValueError(f"{path}: tuning table format {table.get('format')!r}, expected {TABLE_FORMAT}")
     return table
@@ -1500,6 +1502,9 @@ def triton_conv_bias_act(
     the kernels itself. ``torch.export`` keeps the op as one node. A call the backend
     refuses goes down the fallback chain here too, as the generic op would.
     """
+    from ..ops import check_conv_bias_act_args  # (the op is public: called directly, it checks too)
+
+    check_conv_bias_act_args(x, weight, bias, residual, stride, padding, dilation, groups)
     impl, _ = select("triton", x, weight, residual, stride, padding, dilation, groups)
     return impl.run(x, weight, bias, residual, stride, padding, dilation, groups, relu)
 
