@@ -58,8 +58,9 @@ def models(path: str) -> str:
     data = json.load(open(path))
     env = data["environment"]
     _ratios(data["results"])
+    where = env.get("gpu", "cpu") if str(data["args"].get("device", "cuda")).startswith("cuda") else "cpu"
     lines = [f"{data['args']['arch']}, {data['args']['image_size']}px, {data['args']['dtype']}, "
-             f"{env.get('gpu', 'cpu')}, torch {env['torch']}, triton {env.get('triton')}", "",
+             f"{where}, torch {env['torch']}, triton {env.get('triton')}", "",
              "| batch | provider | images/s | median ms | p10 ms | p90 ms | × eager NCHW | × torch.compile |",
              "|---|---|---|---|---|---|---|---|"]
     for r in data["results"]:

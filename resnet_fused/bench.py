@@ -158,6 +158,13 @@ def time_fn(
     raw per-run milliseconds are appended to.
     """
     device = torch.device(device)
+    if device.type == "cuda":  # events, streams and graphs of that GPU (cuda:1 too), not the current one
+        with torch.cuda.device(device):
+            return _time_fn(fn, device, warmup, runs, min_time_s, cuda_graph, buffers, out_times)
+    return _time_fn(fn, device, warmup, runs, min_time_s, cuda_graph, buffers, out_times)
+
+
+def _time_fn(fn, device, warmup, runs, min_time_s, cuda_graph, buffers, out_times) -> Timing:
     for i in range(warmup):
         fn(i)
     if cuda_graph and device.type == "cuda":
@@ -376,6 +383,16 @@ def run_model_bench(
     row with its error instead of ending the run. Ratios to ``eager_nchw`` and to
     ``compile`` are filled in where those ran at the same batch size.
     """
+    if device.type == "cuda":  # models, compiles and graph captures on that GPU, which need not be the current one
+        with torch.cuda.device(device):
+            return _run_model_bench(arch, batch_sizes, providers, device, dtype, image_size, runs, warmup, buffers,
+                                    on_row, rounds)
+    return _run_model_bench(arch, batch_sizes, providers, device, dtype, image_size, runs, warmup, buffers, on_row,
+                            rounds)
+
+
+def _run_model_bench(arch, batch_sizes, providers, device, dtype, image_size, runs, warmup, buffers, on_row,
+                     rounds) -> list[dict]:
     tv_model = seeded_model(arch, image_size)
     gen = torch.Generator().manual_seed(1)
     rows = []

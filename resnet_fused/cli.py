@@ -194,6 +194,8 @@ def _cmd_validate(args, parser) -> int:
     failed = [r for r in results if r.status == "FAIL"]
     passed = sum(r.status == "PASS" for r in results)
     console.print(f"{passed} passed, {len(failed)} failed, {len(results) - passed - len(failed)} skipped")
+    if not passed and not failed:
+        console.print("[bold red]nothing was validated[/]: every row was skipped (the reasons are in the table)")
     if args.json:
         payload = {
             "command": "validate",
@@ -205,7 +207,7 @@ def _cmd_validate(args, parser) -> int:
         }
         with open(args.json, "w") as f:
             json.dump(payload, f, indent=2)
-    return 1 if failed else 0
+    return 1 if failed or not passed else 0
 
 
 def _add_bench(sub) -> None:
@@ -290,8 +292,9 @@ def _cmd_bench(args, parser) -> int:
 
         rows = run_model_bench(args.arch, batch_sizes, providers, device, dtype, args.image_size,
                                runs=args.runs, warmup=args.warmup, on_row=advance, rounds=args.rounds)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"  # (a GPU machine's cpu run: cpu)
     table = Table(title=f"resnet_fused bench: {args.arch}, {args.image_size}x{args.image_size}, "
-                        f"{str(dtype).removeprefix('torch.')}, {environment().get('gpu', 'cpu')}")
+                        f"{str(dtype).removeprefix('torch.')}, {where}")
     for col in ("batch", "provider", "images/s", "median ms", "p10 ms", "p90 ms", "setup s", "x eager", "x compile"):
         table.add_column(col, justify="left" if col == "provider" else "right")
     for r in rows:
@@ -310,8 +313,7 @@ def _cmd_bench(args, parser) -> int:
     if args.plot:
         from .bench import plot_model_bench
 
-        plot_model_bench(rows, args.plot, title=f"{args.arch} {str(dtype).removeprefix('torch.')} "
-                                                 f"{environment().get('gpu', 'cpu')}")
+        plot_model_bench(rows, args.plot, title=f"{args.arch} {str(dtype).removeprefix('torch.')} {where}")
     return 1 if any(r["error"] for r in rows) else 0
 
 

@@ -252,3 +252,13 @@ def test_ship_tuned_refuses_a_missing_or_malformed_record(tmp_path, capsys):
         ship_tuned.main([str(bad), "--into", str(into)])
     assert "a tuning table is a JSON object, got list" in capsys.readouterr().err
     assert not into.exists()
+
+
+def test_validate_that_validates_nothing_exits_nonzero(monkeypatch, capsys):
+    """Every row skipped (a backend that cannot run here) is no pass: exit 1, said."""
+    import resnet_fused.validate as validate
+
+    monkeypatch.setattr(validate, "_skip_reason", lambda backend, device: "cannot run here (test)")
+    code = cli.main(["validate", "--arch", "resnet18", "--backend", "torch", "--image-size", "32", "--no-progress"])
+    out = capsys.readouterr().out
+    assert code == 1 and "0 passed, 0 failed, 1 skipped" in out and "nothing was validated" in out
