@@ -59,6 +59,10 @@ def test_kernel_table_names_what_ran_and_sums_each_column(tmp_path, device, fuse
     assert cells["64x56x56->64 3x3/1 b8"][:3] == ["4.000", "0.5", "8.000"]  # 2 GFLOP in 4 ms
     assert cells["64x56x56->64 3x3/1 b8"][-2:] == ["0.50", "0.33"]
     assert cells["**sum of unique layers**"][:4] == ["6.000", "", "12.000", "18.000"]
+    # a layer one column lacks (a run cut short) is left out of every sum, and said
+    rows.append(("512x7x7->512 3x3/1", f"fused_{fused}", 1.0))
+    table = summarize.kernels(_kernel_run(tmp_path, device, rows)).splitlines()
+    assert "| **sum of the 2 of 3 layers all three timed** | 6.000 | | 12.000 | 18.000 |" in table[-1]
 
 
 def test_layer_times_times_every_provider_and_each_triton_algorithm(tmp_path):
