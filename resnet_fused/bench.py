@@ -158,10 +158,14 @@ def time_fn(
     raw per-run milliseconds are appended to.
     """
     device = torch.device(device)
-    if device.type == "cuda":  # events, streams and graphs of that GPU (cuda:1 too), not the current one
-        with torch.cuda.device(device):
-            return _time_fn(fn, device, warmup, runs, min_time_s, cuda_graph, buffers, out_times)
-    return _time_fn(fn, device, warmup, runs, min_time_s, cuda_graph, buffers, out_times)
+    with _on(device):
+        return _time_fn(fn, device, warmup, runs, min_time_s, cuda_graph, buffers, out_times)
+
+
+def _on(device: torch.device):
+    """The device guard of a GPU (cuda:1 too: its events, streams, graphs and compiles,
+    not the current device's); nothing for the CPU."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _time_fn(fn, device, warmup, runs, min_time_s, cuda_graph, buffers, out_times) -> Timing:
@@ -383,12 +387,9 @@ def run_model_bench(
     row with its error instead of ending the run. Ratios to ``eager_nchw`` and to
     ``compile`` are filled in where those ran at the same batch size.
     """
-    if device.type == "cuda":  # models, compiles and graph captures on that GPU, which need not be the current one
-        with torch.cuda.device(device):
-            return _run_model_bench(arch, batch_sizes, providers, device, dtype, image_size, runs, warmup, buffers,
-                                    on_row, rounds)
-    return _run_model_bench(arch, batch_sizes, providers, device, dtype, image_size, runs, warmup, buffers, on_row,
-                            rounds)
+    with _on(device):
+        return _run_model_bench(arch, batch_sizes, providers, device, dtype, image_size, runs, warmup, buffers,
+                                on_row, rounds)
 
 
 def _run_model_bench(arch, batch_sizes, providers, device, dtype, image_size, runs, warmup, buffers, on_row,

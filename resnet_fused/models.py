@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from torchvision import models as tv_models
 from torchvision.models import WeightsEnum
 from torchvision.models import resnet as tv_resnet
+from torchvision.models._utils import kwonly_to_pos_or_kw
 
 from . import backends
 from .fold import FoldCache
@@ -158,9 +159,8 @@ def _build(tv_builder: Callable[..., nn.Module], weights, progress: bool, backen
 
 
 #: torchvision's builders also take ``weights`` positionally (with a deprecation warning):
-#: its own decorator, where this torchvision has it
-_positional_weights = getattr(__import__("torchvision.models._utils", fromlist=["_"]), "kwonly_to_pos_or_kw",
-                              lambda builder: builder)
+#: its own decorator
+_positional_weights = kwonly_to_pos_or_kw
 
 
 _WeightsArg = Optional[Union[WeightsEnum, str]]
