@@ -1045,7 +1045,7 @@ def test_heuristic_tiles_fit_the_gpus_shared_memory(elem, smem):
         if c < 16 and layer.r > 1:  # the stem and ResNeXt's groups: K tiles no deeper than a filter row's run
             assert b["BLOCK_K"] <= max(32, triton.next_power_of_2(layer.s * -(-c // 4) * 4)), (layer, cfg)
         # where it fits anyway, the tile is the one chosen before sizes were checked
-        big = heuristic_config(m, k, c, layer.r, layer.s, layer.groups)
+        big = heuristic_config(m, k, c, layer.r, layer.s, layer.groups, elem)
         if _operand_bytes(big.kwargs["BLOCK_M"], big.kwargs["BLOCK_N"], big.kwargs["BLOCK_K"], big.num_stages,
                           elem) <= smem:
             assert (cfg.kwargs, cfg.num_stages, cfg.num_warps) == (big.kwargs, big.num_stages, big.num_warps)

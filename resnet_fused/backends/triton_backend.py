@@ -66,6 +66,7 @@ import functools
 import json
 import os
 import re
+import warnings
 from typing import Optional, Sequence
 
 import torch
@@ -84,6 +85,16 @@ import triton.language as tl
 import triton.testing
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+#: Triton before 3.7 (3.6 is the device image's) emits code for two warpgroups in which
+#: ptxas serializes every wgmma ("non wgmma instructions defining accumulator registers",
+#: its C7515; the same with Triton 3.6's ptxas 12.8 and CUDA 13.0's): gemm_tma's 8-warp
+#: tiles, implicit_gemm's 128x256 in 16 bits and 128x128 in float32. Triton 3.8's code
+#: for the same kernels is pipelined, and 3.6's one-warpgroup code is too
+#: (tests/offline_compile.py, benchmarks/NOTES.md). The autotuner still times the 8-warp
+#: tiles (two warpgroups may still keep the tensor cores busy between them); the
+#: heuristic tiles, launched unmeasured, keep to one warpgroup where it serializes.
+TRITON_BEFORE_3_7 = tuple(int(v) for v in re.findall(r"\d+", triton.__version__)[:2]) < (3, 7)
 
 
 def _traced(t: Tensor) -> bool:
@@ -715,11 +726,8 @@ def _tile_key(algorithm: str, x: Tensor, *problem) -> str:
                                      x.dtype))
 
 
-#: Triton before 3.7 (3.6 is the device image's) emits code for two warpgroups on TMA
-#: operands in which ptxas serializes every wgmma (its C7515; Triton 3.8's code for the
-#: same kernel is pipelined, and 3.6's one-warpgroup code is too: tests/offline_compile.py,
-#: benchmarks/NOTES.md). The autotuner still times the 8-warp tiles; the heuristic skips them.
-_TMA_HEURISTIC_WARPS = (4,) if tuple(int(v) for v in re.findall(r"\d+", triton.__version__)[:2]) < (3, 7) else (4, 8)
+#: On Triton < 3.7 (see TRITON_BEFORE_3_7) the heuristic takes one warpgroup.
+_TMA_HEURISTIC_WARPS = (4,) if TRITON_BEFORE_3_7 else (4, 8)
 
 
 def heuristic_gemm_config(m: int, k: int, c: int):
@@ -1408,7 +1416,8 @@ def heuristic_config(m: int, k: int, c: int, r: int, s: int, groups: int, elem: 
     run = s * c if c < FLAT_SC_MAX_CHANNELS and taps > 1 else c
     bk = 64 if run >= 64 else 32
     if m * k * groups >= 2**22:
-        bm, bn, warps, stages = 128, 128, 8 if taps == 1 else 4, 3 if taps == 1 else 4
+        two_warpgroups = taps == 1 and not (elem == 4 and TRITON_BEFORE_3_7)  # see TRITON_BEFORE_3_7
+        bm, bn, warps, stages = 128, 128, 8 if two_warpgroups else 4, 3 if taps == 1 else 4
     elif m * k * groups >= 2**18:
         bm, bn, warps, stages = 64, 128 if k >= 128 else 64, 4, 4
     else:
@@ -1428,12 +1437,36 @@ def _capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
+@functools.lru_cache(maxsize=None)
+def interpreter_problem() -> Optional[str]:
+    """Why Triton's interpreter cannot run these kernels here, or None. Triton before 3.7
+    turns a loop bound into a Python int by ``int()`` of a one-element array, which numpy
+    2.4 refuses (triton-lang/triton#9171, fixed in Triton 3.7): every kernel here loops
+    over a bound known at run time."""
+    try:
+        import numpy as np
+    except ImportError:
+        return "Triton's interpreter needs numpy, which is not installed"
+    if not TRITON_BEFORE_3_7:
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            int(np.zeros(1, dtype=np.int32))
+    except TypeError:
+        return (f"Triton {triton.__version__}'s interpreter cannot run with numpy {np.__version__} "
+                "(triton-lang/triton#9171): install numpy<2.4 or Triton 3.7+")
+    return None
+
+
 class TritonBackend(Backend):
     name = "triton"
 
     def unavailable_reason(self) -> Optional[str]:
-        if INTERPRET or torch.cuda.is_available():
+        if torch.cuda.is_available():
             return None
+        if INTERPRET:
+            return interpreter_problem()
         return "no CUDA device and TRITON_INTERPRET is not set"
 
     def runs_on(self, device_type: str, auto: bool = False) -> bool:
@@ -1442,8 +1475,11 @@ class TritonBackend(Backend):
         return device_type == "cpu" and INTERPRET and not auto
 
     def refuses(self, x, weight, residual, stride, padding, dilation, groups) -> Optional[str]:
-        if INTERPRET and not x.is_cuda and _traced(x):
-            return "torch.compile cannot trace a kernel that the Triton interpreter runs (TRITON_INTERPRET)"
+        if INTERPRET and not x.is_cuda:
+            if _traced(x):
+                return "torch.compile cannot trace a kernel that the Triton interpreter runs (TRITON_INTERPRET)"
+            if interpreter_problem() is not None:
+                return interpreter_problem()
         if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
             return f"dtype {x.dtype} (takes float16, bfloat16, float32)"
         if x.is_cuda and _capability(x.device.index or 0) < (8, 0):
