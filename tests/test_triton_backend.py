@@ -1049,3 +1049,52 @@ def test_heuristic_tiles_fit_the_gpus_shared_memory(elem, smem):
         if _operand_bytes(big.kwargs["BLOCK_M"], big.kwargs["BLOCK_N"], big.kwargs["BLOCK_K"], big.num_stages,
                           elem) <= smem:
             assert (cfg.kwargs, cfg.num_stages, cfg.num_warps) == (big.kwargs, big.num_stages, big.num_warps)
+
+
+@pytest.fixture
+def triton_before_3_7(monkeypatch):
+    """The backend module as it behaves on Triton 3.6 (the device image's), whatever Triton is here."""
+    from resnet_fused.backends import triton_backend as tb
+
+    monkeypatch.setattr(tb, "TRITON_BEFORE_3_7", True)
+    tb.interpreter_problem.cache_clear()
+    yield tb
+    tb.interpreter_problem.cache_clear()
+
+
+def test_triton_before_3_7_keeps_float32s_large_1x1_tile_to_one_warpgroup(triton_before_3_7):
+    """Triton 3.6's two-warpgroup float32 1x1 kernel has every wgmma serialized by ptxas
+    (benchmarks/NOTES.md): its heuristic tile is 4 warps there; 16-bit keeps 8."""
+    tb = triton_before_3_7
+    m, k, c = 256 * 56 * 56, 256, 64  # layer1's expanding 1x1 at batch 256
+    assert tb.heuristic_config(m, k, c, 1, 1, 1, elem=4, smem=232448).num_warps == 4
+    assert tb.heuristic_config(m, k, c, 1, 1, 1, elem=2, smem=232448).num_warps == 8
+    tb.TRITON_BEFORE_3_7 = False
+    assert tb.heuristic_config(m, k, c, 1, 1, 1, elem=4, smem=232448).num_warps == 8
+
+
+@pytest.mark.skipif(ON_GPU, reason="the interpreter runs CPU tensors")
+def test_triton_before_3_7_with_numpy_that_refuses_it_falls_back_and_says_why(triton_before_3_7, gen):
+    """Triton < 3.7's interpreter fails inside Triton under NumPy 2.4 (triton#9171): the
+    backend says so, and a call asking for it runs a correct fallback instead."""
+    import numpy as np
+
+    tb = triton_before_3_7
+    try:
+        int(np.zeros(1, dtype=np.int32))
+        numpy_refuses = False
+    except TypeError:
+        numpy_refuses = True
+    x, weight, bias, res = make_case(gen, 2, 8, 7, 7, 16, 3, 1, 1, 1, 1, torch.float32, True, True)
+    if not numpy_refuses:  # NumPy < 2.4: Triton 3.6's interpreter runs here
+        assert tb.interpreter_problem() is None
+        assert ops.explain(x, weight, None, res, 1, 1, backend="triton").startswith("runs on 'triton'")
+        return
+    problem = tb.interpreter_problem()
+    assert "triton-lang/triton#9171" in problem and np.__version__ in problem
+    assert backends.unavailable_reason("triton") == (None if torch.cuda.is_available() else problem)
+    text = ops.explain(x, weight, None, res, 1, 1, backend="triton")
+    assert not text.startswith("runs on 'triton'") and problem in text
+    out = ops.conv_bias_act(x, weight, bias, res, stride=1, padding=1, relu=True, backend="triton")
+    ref = reference_conv_bias_act(x, weight, bias, res, 1, 1, 1, 1, True)
+    assert relative_error(out, ref) <= tol(torch.float32)
