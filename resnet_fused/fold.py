@@ -107,9 +107,13 @@ class FoldCache:
     (``torch.optim.Adam(..., fused=True)``) writes the parameters unversioned, and every
     optimizer step is counted (a global step hook) into the key. It holds on to the
     storages it folded from, so no new tensor can reuse their addresses while the key
-    still names them. One write it cannot see: through ``.data``
-    (``conv.weight.data.mul_(2)``), a detached alias with a version counter of its own.
-    After such an edit call :func:`refold`.
+    still names them. Two writes it cannot see: through ``.data``
+    (``conv.weight.data.mul_(2)``), a detached alias with a version counter of its own;
+    and ``DistributedDataParallel``'s buffer broadcast at the start of each forward
+    (``broadcast_buffers=True``), which copies rank 0's running statistics into the other
+    ranks' unversioned: a rank that folded its own (an eval forward of the module itself)
+    would keep them. Call :func:`refold` after the first, before a DDP forward on such a
+    rank (tests/test_models.py shows both).
     """
 
     __slots__ = ("_key", "_value", "_sources", "_checked")
