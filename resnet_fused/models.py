@@ -158,45 +158,40 @@ def _build(tv_builder: Callable[..., nn.Module], weights, progress: bool, backen
     return fuse(model, backend=backend, inplace=True)
 
 
-#: torchvision's builders also take ``weights`` positionally (with a deprecation warning):
-#: its own decorator
-_positional_weights = kwonly_to_pos_or_kw
-
-
 _WeightsArg = Optional[Union[WeightsEnum, str]]
 
 
-@_positional_weights
+@kwonly_to_pos_or_kw  # torchvision's: ``weights`` positionally too, with its warning
 def resnet18(*, weights: _WeightsArg = None, progress: bool = True, backend: str = "auto", **kwargs: Any) -> ResNet:
     """ResNet-18 (torchvision ``resnet18``), fused. ``weights``: a ``ResNet18_Weights`` member or its name."""
     return _build(tv_models.resnet18, weights, progress, backend, kwargs)
 
 
-@_positional_weights
+@kwonly_to_pos_or_kw
 def resnet34(*, weights: _WeightsArg = None, progress: bool = True, backend: str = "auto", **kwargs: Any) -> ResNet:
     """ResNet-34 (torchvision ``resnet34``), fused. ``weights``: a ``ResNet34_Weights`` member or its name."""
     return _build(tv_models.resnet34, weights, progress, backend, kwargs)
 
 
-@_positional_weights
+@kwonly_to_pos_or_kw
 def resnet50(*, weights: _WeightsArg = None, progress: bool = True, backend: str = "auto", **kwargs: Any) -> ResNet:
     """ResNet-50 (torchvision ``resnet50``), fused. ``weights``: a ``ResNet50_Weights`` member or its name."""
     return _build(tv_models.resnet50, weights, progress, backend, kwargs)
 
 
-@_positional_weights
+@kwonly_to_pos_or_kw
 def resnet101(*, weights: _WeightsArg = None, progress: bool = True, backend: str = "auto", **kwargs: Any) -> ResNet:
     """ResNet-101 (torchvision ``resnet101``), fused. ``weights``: a ``ResNet101_Weights`` member or its name."""
     return _build(tv_models.resnet101, weights, progress, backend, kwargs)
 
 
-@_positional_weights
+@kwonly_to_pos_or_kw
 def resnet152(*, weights: _WeightsArg = None, progress: bool = True, backend: str = "auto", **kwargs: Any) -> ResNet:
     """ResNet-152 (torchvision ``resnet152``), fused. ``weights``: a ``ResNet152_Weights`` member or its name."""
     return _build(tv_models.resnet152, weights, progress, backend, kwargs)
 
 
-@_positional_weights
+@kwonly_to_pos_or_kw
 def resnext50_32x4d(
     *, weights: _WeightsArg = None, progress: bool = True, backend: str = "auto", **kwargs: Any
 ) -> ResNet:
@@ -204,7 +199,7 @@ def resnext50_32x4d(
     return _build(tv_models.resnext50_32x4d, weights, progress, backend, kwargs)
 
 
-@_positional_weights
+@kwonly_to_pos_or_kw
 def resnext101_32x8d(
     *, weights: _WeightsArg = None, progress: bool = True, backend: str = "auto", **kwargs: Any
 ) -> ResNet:
@@ -212,7 +207,7 @@ def resnext101_32x8d(
     return _build(tv_models.resnext101_32x8d, weights, progress, backend, kwargs)
 
 
-@_positional_weights
+@kwonly_to_pos_or_kw
 def resnext101_64x4d(
     *, weights: _WeightsArg = None, progress: bool = True, backend: str = "auto", **kwargs: Any
 ) -> ResNet:
@@ -220,7 +215,7 @@ def resnext101_64x4d(
     return _build(tv_models.resnext101_64x4d, weights, progress, backend, kwargs)
 
 
-@_positional_weights
+@kwonly_to_pos_or_kw
 def wide_resnet50_2(
     *, weights: _WeightsArg = None, progress: bool = True, backend: str = "auto", **kwargs: Any
 ) -> ResNet:
@@ -228,7 +223,7 @@ def wide_resnet50_2(
     return _build(tv_models.wide_resnet50_2, weights, progress, backend, kwargs)
 
 
-@_positional_weights
+@kwonly_to_pos_or_kw
 def wide_resnet101_2(
     *, weights: _WeightsArg = None, progress: bool = True, backend: str = "auto", **kwargs: Any
 ) -> ResNet:

@@ -1443,10 +1443,8 @@ def interpreter_problem() -> Optional[str]:
     turns a loop bound into a Python int by ``int()`` of a one-element array, which numpy
     2.4 refuses (triton-lang/triton#9171, fixed in Triton 3.7): every kernel here loops
     over a bound known at run time."""
-    try:
-        import numpy as np
-    except ImportError:
-        return "Triton's interpreter needs numpy, which is not installed"
+    import numpy as np  # (the interpreter imported it with the kernels: it needs numpy)
+
     if not TRITON_BEFORE_3_7:
         return None
     try:
@@ -1478,8 +1476,8 @@ class TritonBackend(Backend):
         if INTERPRET and not x.is_cuda:
             if _traced(x):
                 return "torch.compile cannot trace a kernel that the Triton interpreter runs (TRITON_INTERPRET)"
-            if interpreter_problem() is not None:
-                return interpreter_problem()
+            if (problem := interpreter_problem()) is not None:
+                return problem
         if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
             return f"dtype {x.dtype} (takes float16, bfloat16, float32)"
         if x.is_cuda and _capability(x.device.index or 0) < (8, 0):
