@@ -174,3 +174,31 @@ def test_precompile_fills_the_cache_a_later_run_loads(tmp_path):
     precompile()  # the whole run: every kernel is in the cache already
     assert cubins() == sharded
     assert not list((tmp_path / "triton").rglob("*autotune*")) and not record.exists()
+
+
+def test_one_layout_compiles_once_whatever_its_size_one_strides(tmp_path):
+    """A 1x1 weight made channels_last by ``.to(memory_format=)`` (what a model's ``.to()``
+    does) has strides (C, 1, C, C) where ``.contiguous(memory_format=)`` (the fold's, the
+    precompile's) leaves (C, 1, 1, 1); a batch-1 input's batch stride likewise varies.
+    Both address the same elements: the same compiled kernel and the same choice key."""
+    code = """
+import torch, offline_compile
+from resnet_fused.backends import triton_backend as tb
+cl = torch.channels_last
+tb.AUTOTUNE = False
+with offline_compile.offline_gpu(90, analyse=False) as fake:
+    keys = set()
+    for n in (2, 1):
+        x = torch.empty(n, 64, 8, 8, dtype=torch.float16).contiguous(memory_format=cl)
+        x_wide = torch.empty_strided(x.shape, (x.stride(0) + 16 * (n == 1), *x.stride()[1:]), dtype=x.dtype)
+        w = torch.empty(128, 64, 1, 1, dtype=torch.float16)
+        for xi, wi in ((x, w.contiguous(memory_format=cl)), (x_wide, w.to(memory_format=cl))):
+            args = (xi, wi, None, None, (1, 1), (0, 0), (1, 1), 1, True)
+            keys.add(tb._shape_key(xi, wi, *args[3:]))
+            tb.implicit_gemm(*args)
+    print(len(keys), len(fake._usage))
+"""
+    done = run_offline(tmp_path, code=code)
+    assert done.returncode == 0, done.stderr[-4000:]
+    keys, kernels = map(int, done.stdout.split())
+    assert (keys, kernels) == (2, 2), done.stdout  # one per batch size, not one per layout

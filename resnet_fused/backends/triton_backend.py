@@ -109,6 +109,16 @@ def _on_gpu(t: Tensor) -> bool:
     return t.is_cuda
 
 
+def _strides(t: Tensor) -> tuple:
+    """``t``'s strides as the kernels and the tuning keys see them: 0 on a dimension of
+    size 1. Its stride addresses nothing and depends on how the tensor was made (a 1x1
+    weight is (C, 1, 1, 1) after ``.contiguous(memory_format=channels_last)``, (C, 1, C, C)
+    after ``.to(memory_format=channels_last)``, which a model's ``.to()`` does); Triton
+    specializes each integer argument (== 1, multiple of 16), so without this one layout
+    would compile its kernels twice and miss its tuned choices."""
+    return tuple(0 if size == 1 else st for size, st in zip(t.shape, t.stride()))
+
+
 def _launchable(kernel, x: Tensor):
     """``kernel`` as called on ``x``: wrapped for tracing (torch.compile sees the launch
     as a call of this very kernel) when x is a tracing tensor, else launched as is."""
@@ -410,7 +420,7 @@ def implicit_gemm(
     )
     args = (
         x, weight, bias if bias is not None else x, res, y, n, h, w, p, q, c, k,
-        *x.stride(), *weight.stride(), *res.stride(), *y.stride(),
+        *_strides(x), *_strides(weight), *_strides(res), *_strides(y),
     )
     m = n * p * q
     if INTERPRET and not _on_gpu(x):
@@ -491,7 +501,7 @@ def _pack_few_channels(x: Tensor, weight: Tensor, padding: Sequence[int]) -> tup
     n, c, h, w = x.shape
     ph, pw = padding
     cp = -(-c // PACK_MULTIPLE) * PACK_MULTIPLE
-    sn, sc, sh, sw = x.stride()
+    sn, sc, sh, sw = _strides(x)
     if cp != c or ph or pw or (sc, sw) != (1, cp) or sh % 16 or sn % 16:
         hp, wp = h + 2 * ph, w + 2 * pw
         row = wp
@@ -588,7 +598,7 @@ def bias_residual_relu_(y: Tensor, bias: Optional[Tensor], residual: Optional[Te
     fmt = output_memory_format(y)
     if not y.is_contiguous(memory_format=fmt):
         raise ValueError(f"y should be dense in {fmt}, got strides {y.stride()}")
-    if residual is not None and residual.stride() != y.stride():
+    if residual is not None and _strides(residual) != _strides(y):
         residual = residual.contiguous(memory_format=fmt)
     if bias is not None:
         bias = bias.contiguous()
@@ -1249,8 +1259,8 @@ def _device_name(index: int) -> str:
 def _shape_key(x, weight, residual, stride, padding, dilation, groups, relu) -> str:
     dev = _device_name(x.device.index or 0) if x.is_cuda else "cpu"
     return "|".join(str(v) for v in (
-        dev, torch.__version__, triton.__version__, x.dtype, tuple(x.shape), x.stride(), tuple(weight.shape),
-        weight.stride(), residual is not None, tuple(stride), tuple(padding), tuple(dilation), groups, relu,
+        dev, torch.__version__, triton.__version__, x.dtype, tuple(x.shape), _strides(x), tuple(weight.shape),
+        _strides(weight), residual is not None, tuple(stride), tuple(padding), tuple(dilation), groups, relu,
         AUTOTUNE,
     ))
 
