@@ -43,12 +43,20 @@ def fold_batchnorm(
     return weight.to(conv_weight.dtype), shift.to(conv_weight.dtype)
 
 
+#: the forwards whose eval-mode function the fold computes: a subclass of these
+#: BatchNorms that only changes construction (a ``norm_layer`` with other defaults) folds
+_FOLDED_FORWARDS = (_BatchNorm.forward, nn.SyncBatchNorm.forward, FrozenBatchNorm2d.forward)
+
+
 def foldable_batchnorm(conv: nn.Module, bn: nn.Module) -> Optional[str]:
     """None when ``bn`` can be folded into ``conv`` in eval mode, else why not."""
     if type(conv) is not nn.Conv2d:
         return f"{type(conv).__name__} is not a plain nn.Conv2d"
     if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
         return f"conv padding {conv.padding!r} with padding_mode={conv.padding_mode!r} (needs explicit zero padding)"
+    if isinstance(bn, (FrozenBatchNorm2d, nn.BatchNorm2d, nn.SyncBatchNorm)) and type(bn).forward not in _FOLDED_FORWARDS:
+        # (a subclass computing something else: folding would replace its forward with BatchNorm's)
+        return f"{type(bn).__name__} overrides its BatchNorm forward"
     if isinstance(bn, FrozenBatchNorm2d):
         channels = bn.weight.shape[0]
     elif isinstance(bn, (nn.BatchNorm2d, nn.SyncBatchNorm)):

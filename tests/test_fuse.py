@@ -263,6 +263,38 @@ def test_blocks_with_non_relu_activation_are_left_alone():
     assert type(fused.layer1[1]) is FusedBasicBlock
 
 
+class _ScaledBatchNorm(nn.BatchNorm2d):
+    """A norm layer computing something else than BatchNorm: folding it would be wrong."""
+
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+class _ShiftedFrozenBatchNorm(FrozenBatchNorm2d):
+    def forward(self, x):
+        return super().forward(x) + 1
+
+
+class _QuietBatchNorm(nn.BatchNorm2d):
+    """A norm layer with other construction defaults only: it is a BatchNorm, it folds."""
+
+    def __init__(self, num_features):
+        super().__init__(num_features, eps=1e-3, momentum=0.01)
+
+
+@pytest.mark.parametrize("norm_layer, fused_blocks", [(_ScaledBatchNorm, 0), (_ShiftedFrozenBatchNorm, 0),
+                                                       (_QuietBatchNorm, 8)])
+def test_a_norm_layer_overriding_forward_is_not_folded(norm_layer, fused_blocks, gen):
+    tv_model = seeded_torchvision_model("resnet18", seed=4, calibration_size=32, norm_layer=norm_layer)
+    fused = resnet_fused.fuse(tv_model)
+    assert count(fused, (FusedBasicBlock, FusedConvBNAct)) == fused_blocks
+    reason = resnet_fused.fold.foldable_batchnorm(tv_model.conv1, tv_model.bn1)
+    assert (reason is None) == (fused_blocks > 0), reason
+    x = torch.randn(2, 3, 32, 32, generator=gen)
+    with torch.no_grad():
+        assert relative_error(fused(x), copy.deepcopy(tv_model).double()(x.double())) <= FP32
+
+
 @pytest.mark.slow
 def test_torch_compile_fullgraph_over_fused_resnet18(gen):
     tv_model = seeded_torchvision_model("resnet18", seed=8, calibration_size=32)
