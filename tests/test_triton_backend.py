@@ -109,8 +109,9 @@ def test_few_channels_take_the_packed_loop(monkeypatch, gen, c, r, stride, paddi
 
 def test_the_packed_weight_is_packed_once_and_follows_edits(monkeypatch, gen):
     """The stem's weight is repacked only when it changes: an in-place write (its version
-    counter) repacks it; a write through .data, which the counter misses, needs refold(),
-    as the native backend's packed weights do."""
+    counter) repacks it, and so does new data (``weight.data = other``: its address); a
+    write through .data, which the counter misses, needs refold(), as the native
+    backend's packed weights do."""
     from resnet_fused.backends import triton_backend as tb
 
     monkeypatch.setattr(tb, "_packed_weights", tb.WeakIdKeyDictionary())
@@ -133,6 +134,13 @@ def test_the_packed_weight_is_packed_once_and_follows_edits(monkeypatch, gen):
     assert relative_error(out, reference_conv_bias_act(x, weight, bias, None, 2, 3, device=DEVICE)) > 0.1
     assert resnet_fused.refold() >= 1 and len(tb._packed_weights) == 0
     check()
+    # new data for the same tensor (its version stays): a new address, so packed anew,
+    # also when the new data has more output channels than the old copy
+    for k in (8, 16):
+        weight.data = torch.randn(k, 3, 7, 7, generator=gen).to(weight)
+        if k == 16:
+            bias = torch.randn(16, generator=gen).to(bias)
+        check()
 
 
 def test_group_merge_counts():

@@ -526,12 +526,15 @@ def _cached_weight(weight: Tensor, what, make) -> Tensor:
     tracing, not an inference tensor)."""
     cacheable = type(weight) is Tensor and not weight.is_inference()
     if cacheable:
+        # (the data's address and layout too: ``weight.data = other`` keeps the tensor
+        # and its version, and a larger other would be read through the old copy's sizes)
+        state = (weight._version, weight.data_ptr(), weight.shape, weight.stride(), weight.dtype, weight.device)
         entry = _packed_weights.get(weight)
-        if entry is not None and entry[0] == weight._version and entry[1] == what:
+        if entry is not None and entry[0] == state and entry[1] == what:
             return entry[2]
     copy = make()
     if cacheable:
-        _packed_weights[weight] = (weight._version, what, copy)
+        _packed_weights[weight] = (state, what, copy)
     return copy
 
 
