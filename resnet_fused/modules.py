@@ -81,7 +81,9 @@ def conv_bn_act(
         if residual is not None:
             y = y + residual
         return torch.relu(y) if relu else y
-    if torch.compiler.is_compiling() or _fold_needs_grad(conv, bn):
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or _fold_needs_grad(conv, bn):
+        # (a trace records the fold from the parameters: a cached one would be a constant
+        # that the traced module's load_state_dict could not reach)
         weight, bias = fold_modules(conv, bn)
     else:
         weight, bias = fold.get(conv, bn, channels_last=x.is_cuda)

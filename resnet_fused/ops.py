@@ -345,7 +345,7 @@ def _eager_fast_path(*tensors: Optional[Tensor]) -> bool:
     autograd to record, no tracing and no dispatch or function modes active, the op
     would only run the same backend, so plain tensors skip it.
     """
-    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() or \
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._len_torch_dispatch_stack() or \
             torch._C._is_torch_function_mode_enabled():
         return False
     grad = torch.is_grad_enabled()

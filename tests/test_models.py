@@ -402,6 +402,31 @@ def test_a_fused_model_pickles_and_folds_again(tmp_path, gen):
     assert _check(loaded, tv_model, gen) <= FP32
 
 
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # the argument checks read traced shapes
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace.*` is deprecated:FutureWarning")
+@pytest.mark.parametrize("backend", ["torch", "native"])
+@pytest.mark.parametrize("warm", [False, True], ids=["cold", "warm"])
+def test_a_traced_fused_model_folds_its_parameters(gen, backend, warm):
+    """torch.jit.trace records the fold from the parameters, whether or not a forward
+    filled the cache first (a cached fold was a constant: the trace's own check failed on
+    a cold cache, and on a warm one load_state_dict into the traced module changed nothing),
+    and the op as one node."""
+    if backend not in resnet_fused.available_backends("cpu"):
+        pytest.skip(f"{backend} does not run on the CPU here")
+    tv_model = seeded_torchvision_model("resnet18", seed=26, calibration_size=32)
+    fused = fused_twin(tv_model, arch="resnet18", backend=backend)
+    x = torch.randn(2, 3, 32, 32, generator=gen)
+    with torch.no_grad():
+        if warm:
+            fused(x)
+        traced = torch.jit.trace(fused, x)  # (check_trace: traced twice, the graphs compared)
+        assert "resnet_fused::conv_bias_act" in {n.kind() for n in traced.inlined_graph.nodes()}
+        assert relative_error(traced(x), copy.deepcopy(tv_model).double()(x.double())) <= FP32
+        other = seeded_torchvision_model("resnet18", seed=27, calibration_size=32)
+        traced.load_state_dict(other.state_dict())
+        assert relative_error(traced(x), other.double()(x.double())) <= FP32
+
+
 @pytest.mark.parametrize("block, fused_block, layers", [
     (tv_resnet.BasicBlock, FusedBasicBlock, [1, 2, 1, 1]),
     (FusedBottleneck, FusedBottleneck, [1, 1, 2, 1]),
