@@ -45,8 +45,10 @@ _seed_int = _int_at_least(0, f"seed (0 to {2**32 - 1})", 2**32 - 1)
 def _writable_path(text: str) -> str:
     """An argparse type for an output file: its folder must exist and take writes, so a
     long run does not end in an error when it comes to write its results."""
+    if not text:
+        raise argparse.ArgumentTypeError("expected a file path, got an empty one")
     folder = os.path.dirname(os.path.abspath(text))
-    if os.path.isdir(text):
+    if os.path.isdir(text) or text.endswith(("/", os.sep)):
         raise argparse.ArgumentTypeError(f"{text!r} is a directory; expected a file path")
     if not os.path.isdir(folder):
         raise argparse.ArgumentTypeError(f"cannot write {text!r}: the folder {folder!r} does not exist")
@@ -196,7 +198,7 @@ def _cmd_validate(args, parser) -> int:
     console.print(f"{passed} passed, {len(failed)} failed, {len(results) - passed - len(failed)} skipped")
     if not passed and not failed:
         console.print("[bold red]nothing was validated[/]: every row was skipped (the reasons are in the table)")
-    if args.json:
+    if args.json is not None:
         payload = {
             "command": "validate",
             "args": {"arch": args.arch, "backend": args.backend, "device": devices,
@@ -273,7 +275,7 @@ def _cmd_bench(args, parser) -> int:
         providers += graphs
     # torch.compile's max-autotune takes minutes: run it last so a time limit costs only it
     providers = sorted(dict.fromkeys(providers), key=lambda p: p == "compile")
-    if args.plot:
+    if args.plot is not None:
         try:
             import matplotlib  # noqa: F401
         except ImportError:
@@ -287,7 +289,7 @@ def _cmd_bench(args, parser) -> int:
         def advance(row):
             progress.update(task, advance=1, description=f"batch {row['batch_size']} {row['provider']}")
             done_rows.append(row)
-            if args.json:  # after every row, so a run cut short still leaves its results
+            if args.json is not None:  # after every row, so a run cut short still leaves its results
                 _write_bench_json(args, batch_sizes, dtype, device, providers, done_rows)
 
         rows = run_model_bench(args.arch, batch_sizes, providers, device, dtype, args.image_size,
@@ -308,9 +310,9 @@ def _cmd_bench(args, parser) -> int:
             "-" if r["vs_compile"] is None else f"{r['vs_compile']:.2f}",
         )
     console.print(table)
-    if args.json:
+    if args.json is not None:
         _write_bench_json(args, batch_sizes, dtype, device, providers, rows)
-    if args.plot:
+    if args.plot is not None:
         from .bench import plot_model_bench
 
         plot_model_bench(rows, args.plot, title=f"{args.arch} {str(dtype).removeprefix('torch.')} {where}")

@@ -71,6 +71,9 @@ def test_validate_bfloat16_on_cpu_reports_torchs_own_error(capsys):
         (["bench", "--json", "/nonexistent-dir/b.json"], "cannot write '/nonexistent-dir/b.json': the folder"),
         (["bench", "--plot", "/nonexistent-dir/b.png"], "cannot write '/nonexistent-dir/b.png': the folder"),
         (["bench", "--json", "/"], "'/' is a directory; expected a file path"),
+        (["validate", "--json", "/nonexistent-dir/"], "'/nonexistent-dir/' is a directory; expected a file path"),
+        (["validate", "--json", ""], "expected a file path, got an empty one"),
+        (["bench", "--plot", ""], "expected a file path, got an empty one"),
         (["validate", "--seed", "18446744073709551615"], "expected a seed (0 to 4294967295) integer"),
         (["validate", "--seed", "-1"], "expected a seed (0 to 4294967295) integer, got -1"),
         # a value given twice would time or check the same row twice
