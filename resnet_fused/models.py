@@ -20,7 +20,7 @@ from torchvision.models._utils import kwonly_to_pos_or_kw
 
 from . import backends
 from .fold import FoldCache
-from .modules import FusedBasicBlock, FusedBottleneck, conv_bn_act, watched
+from .modules import FusedBasicBlock, FusedBottleneck, conv_bn_act, runs_unfused, watched
 
 __all__ = [
     "ResNet",
@@ -93,6 +93,8 @@ class ResNet(tv_resnet.ResNet):
 
     def _forward_impl(self, x: Tensor) -> Tensor:
         # (torchvision's forward calls _forward_impl too: a subclass overriding it is obeyed)
+        if runs_unfused(x):  # torch.fx's symbolic tracing, torch.func's transforms
+            return tv_resnet.ResNet._forward_impl(self, x)
         if x.dim() == 4 and not self.training:
             # (train mode keeps the caller's layout: it is torchvision's forward, and a
             # layout change would change cuDNN's or oneDNN's algorithm and its rounding)

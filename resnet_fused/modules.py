@@ -47,6 +47,16 @@ def watched(*modules: Optional[nn.Module]) -> bool:
     return False
 
 
+def runs_unfused(x) -> bool:
+    """True where only torchvision's own forward can run: torch.fx's symbolic tracing
+    (``x`` a Proxy, as in torchvision's ``create_feature_extractor``) and torch.func's
+    transforms (``vmap``, ``grad``, ``jacrev``...), which see through torchvision's modules
+    but not through the fold cache and the fused op. (~0.3 us a call otherwise.)"""
+    if isinstance(x, torch.fx.Proxy):
+        return True
+    return not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None
+
+
 def _fold_needs_grad(conv: nn.Conv2d, bn: nn.Module) -> bool:
     if not torch.is_grad_enabled():
         return False
@@ -73,7 +83,7 @@ def conv_bn_act(
     traced by torch.compile, where it is recomputed as part of the graph. ``out``, as
     in :func:`~resnet_fused.ops.conv_bias_act`, for the fused op only.
     """
-    if uses_batch_statistics(bn) or not fold.foldable(conv, bn):
+    if uses_batch_statistics(bn) or not fold.foldable(conv, bn) or runs_unfused(x):
         if out is not None:
             raise ValueError(f"out= is for the fused (eval-mode) op; this {type(conv).__name__} and "
                              f"{type(bn).__name__} run unfused")
@@ -115,7 +125,8 @@ class FusedConvBNAct(nn.Module):
         self._fold = FoldCache()
 
     def forward(self, x: Tensor) -> Tensor:
-        if watched(self.conv, self.bn, self.act) or (self.act is not None and type(self.act) is not nn.ReLU):
+        if watched(self.conv, self.bn, self.act) or (self.act is not None and type(self.act) is not nn.ReLU) or \
+                runs_unfused(x):
             x = self.bn(self.conv(x))
             return x if self.act is None else self.act(x)
         return conv_bn_act(self.conv, self.bn, self._fold, x, relu=self.act is not None, backend=self.backend)
@@ -261,7 +272,8 @@ class FusedBasicBlock(_FusedBlock, tv_resnet.BasicBlock):
         self._init_checked(backend)
 
     def forward(self, x: Tensor, *, _input_is_dead: bool = False) -> Tensor:
-        if self.training or type(self.relu) is not nn.ReLU or watched(self.conv1, self.bn1, self.conv2, self.bn2, self.relu):
+        if self.training or type(self.relu) is not nn.ReLU or runs_unfused(x) or \
+                watched(self.conv1, self.bn1, self.conv2, self.bn2, self.relu):
             return self._reference_forward(x)
         identity, identity_is_dead = self._identity(x, _input_is_dead)
         out = self._pair("conv1", "bn1", x, relu=True)
@@ -286,7 +298,8 @@ class FusedBottleneck(_FusedBlock, tv_resnet.Bottleneck):
         self._init_checked(backend)
 
     def forward(self, x: Tensor, *, _input_is_dead: bool = False) -> Tensor:
-        if self.training or type(self.relu) is not nn.ReLU or watched(self.conv1, self.bn1, self.conv2, self.bn2, self.conv3, self.bn3, self.relu):
+        if self.training or type(self.relu) is not nn.ReLU or runs_unfused(x) or \
+                watched(self.conv1, self.bn1, self.conv2, self.bn2, self.conv3, self.bn3, self.relu):
             return self._reference_forward(x)
         identity, identity_is_dead = self._identity(x, _input_is_dead)
         out = self._pair("conv1", "bn1", x, relu=True)

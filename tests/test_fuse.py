@@ -351,3 +351,51 @@ def test_fusing_a_fused_model_again_takes_the_new_backend():
     assert len(fused) == 1 + 8 and {m.backend for m in fused} == {"torch"}
     seq = resnet_fused.fuse(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), backend="native")
     assert resnet_fused.fuse(seq, backend="torch")[0].backend == "torch"
+
+
+def test_torchvision_feature_extraction_traces_a_fused_model(gen):
+    """torch.fx's symbolic tracing (create_feature_extractor) traces torchvision's own
+    forward: the graph and its node names are torchvision's, and the model is left as it
+    was (in eval mode). With the fused blocks as leaf modules the blocks stay fused."""
+    from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+
+    tv_model = seeded_torchvision_model("resnet18", seed=6, calibration_size=32)
+    fused = resnet_fused.fuse(copy.deepcopy(tv_model))
+    assert get_graph_node_names(fused) == get_graph_node_names(tv_model)
+    nodes = ["layer1.0.relu", "layer3", "layer4"]
+    x = torch.randn(2, 3, 32, 32, generator=gen)
+    reference = create_feature_extractor(copy.deepcopy(tv_model).double(), nodes)(x.double())
+    for leaves in ([], [FusedBasicBlock]):  # (a node inside a leaf block is no node)
+        wanted = nodes[1:] if leaves else nodes
+        extractor = create_feature_extractor(fused, wanted, tracer_kwargs={"leaf_modules": leaves})
+        assert not fused.training
+        with torch.no_grad():
+            features = extractor(x)
+        assert list(features) == wanted
+        for name, value in features.items():
+            assert relative_error(value, reference[name]) <= FP32, name
+    assert isinstance(extractor.get_submodule("layer2.0"), FusedBasicBlock)
+
+
+def test_torch_func_transforms_run_torchvisions_forward(gen):
+    """vmap over stacked parameters (model ensembling), vmap over inputs, and grad through
+    functional_call: the fold cache and the fused op cannot see through them, so the fused
+    modules run torchvision's forward there, and give its results."""
+    from torch.func import functional_call, grad, stack_module_state, vmap
+
+    models = [seeded_torchvision_model("resnet18", seed=s, calibration_size=32) for s in (7, 8)]
+    fused = resnet_fused.fuse(copy.deepcopy(models[0]))
+    x = torch.randn(2, 3, 32, 32, generator=gen)
+    params, buffers = stack_module_state(models)
+    with torch.no_grad():
+        ensemble = vmap(lambda p, b: functional_call(fused, (p, b), (x,)))(params, buffers)
+        for out, model in zip(ensemble, models):
+            assert relative_error(out, copy.deepcopy(model).double()(x.double())) <= FP32
+        per_image = vmap(fused)(x[:, None])
+        assert relative_error(per_image[:, 0], copy.deepcopy(models[0]).double()(x.double())) <= FP32
+    p = {k: v.detach() for k, v in models[0].named_parameters()}
+    b = dict(models[0].named_buffers())
+    got = grad(lambda p: functional_call(fused, (p, b), (x,)).square().sum())(p)
+    want = grad(lambda p: functional_call(models[0], (p, b), (x,)).square().sum())(p)
+    for k in want:
+        assert relative_error(got[k], want[k].double()) <= FP32, k
