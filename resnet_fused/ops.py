@@ -14,6 +14,7 @@ node. The front calls that op whenever the Triton backend is the one asked for.
 """
 from __future__ import annotations
 
+import operator
 from typing import Optional, Sequence, Union
 
 import torch
@@ -38,14 +39,25 @@ def _shown(value) -> str:
     return f"{type(value).__name__} {value!r}"
 
 
-def _pair(value: IntOrPair, name: str) -> list[int]:
-    if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt, tuple, list)):
-        raise TypeError(f"{name} should be an int or a pair of ints, got {_shown(value)}")
+def _as_int(value):
+    """``value`` as an int if it is one (NumPy's integers too, as conv2d takes them; not a
+    bool or a tensor), else None."""
     if isinstance(value, (int, torch.SymInt)):
-        return [value, value]
-    if len(value) != 2 or not all(isinstance(v, (int, torch.SymInt)) and not isinstance(v, bool) for v in value):
-        raise TypeError(f"{name} should be an int or a pair of ints, got {_shown(value)}")
-    return list(value)
+        return None if isinstance(value, bool) else value
+    if isinstance(value, Tensor) or not hasattr(value, "__index__"):
+        return None
+    return operator.index(value)
+
+
+def _pair(value: IntOrPair, name: str) -> list[int]:
+    one = _as_int(value)
+    if one is not None:
+        return [one, one]
+    if isinstance(value, (tuple, list)) and len(value) == 2:
+        pair = [_as_int(v) for v in value]
+        if None not in pair:
+            return pair
+    raise TypeError(f"{name} should be an int or a pair of ints, got {_shown(value)}")
 
 
 def _output_hw(x: Tensor, weight: Tensor, stride, padding, dilation) -> tuple[int, int]:
@@ -104,6 +116,8 @@ def check_conv_bias_act_args(
     if k < 1 or c_per_group < 1:
         raise ValueError(f"weight should have at least one output and one input channel, got shape "
                          f"{tuple(weight.shape)}")
+    if weight.shape[2] < 1 or weight.shape[3] < 1:
+        raise ValueError(f"weight's kernel should be at least 1x1, got shape {tuple(weight.shape)}")
     if k % groups != 0:
         raise ValueError(f"weight's output channels ({k}) should be divisible by groups ({groups})")
     if c != c_per_group * groups:

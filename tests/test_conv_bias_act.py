@@ -282,7 +282,18 @@ BAD_INPUTS = [
      r"residual should be a dense \(strided\) tensor, got layout torch.sparse_coo"),
     ("tensor as stride", lambda x, w: (x, w, {"stride": torch.zeros(2, 6, 6, 6)}), TypeError,
      r"stride should be an int or a pair of ints, got a Tensor of shape \(2, 6, 6, 6\) \(torch.float32\)$"),
+    ("float stride", lambda x, w: (x, w, {"stride": (1, 2.0)}), TypeError, r"stride should be an int or a pair"),
+    ("bool dilation", lambda x, w: (x, w, {"dilation": True}), TypeError, r"dilation should be an int or a pair"),
+    ("empty kernel", lambda x, w: (x, w[:, :, :0], {}), ValueError,
+     r"weight's kernel should be at least 1x1, got shape \(6, 4, 0, 3\)"),
 ]
+
+
+def test_numpy_integers_are_taken_as_conv2d_takes_them(gen):
+    np = pytest.importorskip("numpy")
+    x, w = _bad(gen)
+    got = ops.conv_bias_act(x, w, stride=np.int64(2), padding=(np.int32(1), 0), backend="torch")
+    assert relative_error(got, reference_conv_bias_act(x, w, None, None, 2, (1, 0))) <= TOLERANCES[torch.float32]
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
