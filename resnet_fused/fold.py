@@ -124,13 +124,15 @@ class FoldCache:
     rank (tests/test_models.py shows both).
     """
 
-    __slots__ = ("_key", "_value", "_sources", "_checked")
+    # (key, (weight, bias), the source tensors) in one attribute: threads running the same
+    # model read and replace it whole, never a new key beside an old value
+    __slots__ = ("_entry", "_checked")
 
     def __init__(self) -> None:
         self.clear()
 
     def clear(self) -> None:
-        self._key, self._value, self._sources, self._checked = None, None, None, None
+        self._entry, self._checked = None, None
 
     def foldable(self, conv: nn.Module, bn: nn.Module) -> bool:
         """Whether ``bn`` can be folded into ``conv`` (:func:`foldable_batchnorm`), asked
@@ -148,8 +150,9 @@ class FoldCache:
     def get(self, conv: nn.Conv2d, bn: nn.Module, channels_last: bool) -> tuple[Tensor, Tensor]:
         tensors = _bn_tensors(conv, bn) + (getattr(bn, "num_batches_tracked", None),)
         key = _state_key(tensors, bn.eps, channels_last)
-        if key is not None and key == self._key:
-            return self._value
+        entry = self._entry
+        if key is not None and entry is not None and key == entry[0]:
+            return entry[1]
         # Outside inference mode even when called inside it: the folded tensors are then
         # ordinary tensors with version counters, which kernels caching a packed copy
         # of the weight (the native CPU backend) key on.
@@ -157,8 +160,8 @@ class FoldCache:
             weight, bias = fold_modules(conv, bn)
             if channels_last:
                 weight = weight.contiguous(memory_format=torch.channels_last)
-        self._key, self._value = key, (weight, bias)
-        self._sources = None if key is None else tuple(None if t is None else t.detach() for t in tensors)
+        if key is not None:
+            self._entry = (key, (weight, bias), tuple(None if t is None else t.detach() for t in tensors))
         return weight, bias
 
     def __deepcopy__(self, memo):
@@ -203,6 +206,6 @@ def refold(model: Optional[nn.Module] = None) -> int:
             caches = value.values() if isinstance(value, dict) else (value,)
             for cache in caches:
                 if isinstance(cache, FoldCache):
-                    dropped += cache._key is not None
+                    dropped += cache._entry is not None
                     cache.clear()  # (and whether the modules fold: asked again)
     return dropped + backends.clear_packed_weights()

@@ -183,6 +183,41 @@ def test_fold_cache_refreshes_after_load_state_dict(gen):
     assert _check(fused, tv_b, gen) <= FP32
 
 
+def test_fold_cache_is_read_whole_by_concurrent_forwards(monkeypatch, gen):
+    """Threads serving one model share its caches: a forward reading the cache while
+    another thread replaces or clears it gets the old fold or the new, never a new key
+    beside an old (or no) value. A key comparison that sleeps opens the window."""
+    import threading
+    import time
+
+    from resnet_fused import fold
+
+    class SlowKey(tuple):
+        def __eq__(self, other):
+            time.sleep(0.05)  # the other thread runs here
+            return tuple.__eq__(self, other)
+
+        __hash__ = tuple.__hash__
+
+    real = fold._state_key
+    monkeypatch.setattr(fold, "_state_key", lambda *args: SlowKey(real(*args)))
+    conv, bn = torch.nn.Conv2d(4, 8, 3), torch.nn.BatchNorm2d(8).eval()
+    with torch.no_grad():
+        for t in (bn.weight, bn.bias, bn.running_mean):
+            t.copy_(torch.randn(8, generator=gen))
+        bn.running_var.copy_(torch.rand(8, generator=gen) + 0.5)
+    cache = fold.FoldCache()
+    want = cache.get(conv, bn, False)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(cache.get(conv, bn, False)))
+    reader.start()
+    time.sleep(0.01)
+    cache.clear()  # (refold() while the reader compares keys)
+    reader.join()
+    assert len(got) == 1 and got[0] is not None
+    assert all(torch.equal(a, b) for a, b in zip(got[0], want))
+
+
 def test_fold_cache_refreshes_after_in_place_edits(gen):
     tv_model = seeded_torchvision_model("resnet50", seed=22, calibration_size=32)
     fused = fused_twin(tv_model, arch="resnet50")
