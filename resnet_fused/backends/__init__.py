@@ -14,6 +14,7 @@ import abc
 import collections
 import contextlib
 import logging
+import threading
 from typing import Optional, Sequence
 
 import torch
@@ -151,6 +152,7 @@ def register(backend: Backend) -> Backend:
 
 _loaded = False
 _loading = False
+_load_lock = threading.RLock()
 
 
 @torch.compiler.assume_constant_result  # run, not traced, when a compiled call loads first
@@ -158,21 +160,26 @@ def _load_all() -> None:
     # Import for the side effect of registration; each module registers itself. Loaded
     # only once every import has come through: an error (a misspelt environment knob)
     # is raised again on the next call, not left behind as a backend silently missing.
+    # (a lock: a second thread's first call waits for the first's imports rather than
+    # finding backends missing; reentrant: an import that calls back returns at once)
     global _loaded, _loading
-    if _loaded or _loading:
+    if _loaded:
         return
-    _loading = True
-    try:
-        from . import reference  # noqa: F401
+    with _load_lock:
+        if _loaded or _loading:
+            return
+        _loading = True
+        try:
+            from . import reference  # noqa: F401
 
-        for optional in ("triton", "native"):
-            try:
-                __import__(f"{__name__}.{optional}_backend")
-            except ImportError as exc:  # the package works without either
-                log.debug("backend %r not importable: %s", optional, exc)
-        _loaded = True
-    finally:
-        _loading = False
+            for optional in ("triton", "native"):
+                try:
+                    __import__(f"{__name__}.{optional}_backend")
+                except ImportError as exc:  # the package works without either
+                    log.debug("backend %r not importable: %s", optional, exc)
+            _loaded = True
+        finally:
+            _loading = False
 
 
 def clear_packed_weights() -> int:
