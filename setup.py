@@ -137,7 +137,10 @@ def _openmp_link_args(torch):
 
 
 def _extension():
-    if os.environ.get("RESNET_FUSED_BUILD_EXTENSION", "1") == "0":
+    build = os.environ.get("RESNET_FUSED_BUILD_EXTENSION", "") or "1"
+    if build not in ("1", "0"):
+        raise SystemExit(f"RESNET_FUSED_BUILD_EXTENSION should be 1 or 0, got {build!r}")
+    if build == "0":
         _say("RESNET_FUSED_BUILD_EXTENSION=0: pure-Python install, no resnet_fused._C")
         return [], {}
     want_cuda = os.environ.get("RESNET_FUSED_BUILD_CUDA", "auto").lower()

@@ -184,13 +184,14 @@ def _time_fn(fn, device, warmup, runs, min_time_s, cuda_graph, buffers, out_time
     times: list[float] = []
     start_wall = time.perf_counter()
     i = 0
+    after = warmup  # (the timed calls go on rotating from where the warm-up stopped)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         events = []
         while i < runs or time.perf_counter() - start_wall < min_time_s:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            fn(i)
+            fn(after + i)
             end.record()
             events.append((start, end))
             i += 1
@@ -201,7 +202,7 @@ def _time_fn(fn, device, warmup, runs, min_time_s, cuda_graph, buffers, out_time
     else:
         while i < runs or time.perf_counter() - start_wall < min_time_s:
             t0 = time.perf_counter()
-            fn(i)
+            fn(after + i)
             times.append((time.perf_counter() - t0) * 1e3)
             i += 1
             if i >= runs and len(times) >= 1000:  # (min_time_s extends a run to 1000 at most)

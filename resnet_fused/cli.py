@@ -139,7 +139,8 @@ def _add_validate(sub) -> None:
     p.add_argument("--arch", nargs="+", choices=ARCHS, default=list(ARCHS), metavar="ARCH",
                    help=f"architectures (default: all ten: {', '.join(ARCHS)})")
     p.add_argument("--backend", nargs="+", choices=backends.BACKEND_NAMES, metavar="NAME",
-                   help="backends (default: every one available on each device)")
+                   help="backends (default: every one that runs natively on each device; Triton's CPU "
+                        "interpreter only when named)")
     p.add_argument("--device", nargs="+", type=_device_arg, metavar="DEV",
                    help="devices (default: cpu, and cuda where present)")
     p.add_argument("--dtype", nargs="+", type=_dtype_arg, metavar="DTYPE",

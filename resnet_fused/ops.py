@@ -49,6 +49,13 @@ def _as_int(value):
     return operator.index(value)
 
 
+def _groups(value):
+    """``groups`` as an int where it is one (a NumPy integer too); else as it came, for
+    the check to name."""
+    as_int = _as_int(value)
+    return value if as_int is None else as_int
+
+
 def _pair(value: IntOrPair, name: str) -> list[int]:
     one = _as_int(value)
     if one is not None:
@@ -305,6 +312,7 @@ def conv_bias_act(
         with torch.autocast(x.device.type, enabled=False):
             return conv_bias_act(x, weight, bias, residual, stride, padding, dilation, groups, relu, backend, out=out)
     stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
+    groups = _groups(groups)
     if not isinstance(relu, bool):
         raise TypeError(f"relu should be a bool, got {type(relu).__name__}")
     shape = check_conv_bias_act_args(x, weight, bias, residual, stride, padding, dilation, groups)
@@ -393,6 +401,7 @@ def explain(
     if out is None and _autocasting(x):
         x, weight, bias, residual = _autocast(x, weight, bias, residual)  # (what the op will be given)
     stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
+    groups = _groups(groups)
     if not isinstance(relu, bool):
         raise TypeError(f"relu should be a bool, got {type(relu).__name__}")
     shape = check_conv_bias_act_args(x, weight, bias, residual, stride, padding, dilation, groups)
@@ -401,6 +410,8 @@ def explain(
     impl, skipped = backends.select(
         backends.resolve(backend, x.device), x, weight, residual, stride, padding, dilation, groups, running=False
     )
+    if backends.check_name(backend) == "auto":  # and those 'auto' did not try (the extension not built, say)
+        skipped = backends.passed_over_by_auto(x.device) + skipped
     text = f"runs on {impl.name!r}"
     how = impl.describe(x, weight, residual, stride, padding, dilation, groups)
     if how:

@@ -212,6 +212,16 @@ def test_time_fn_runs_as_often_as_asked():
     assert time_fn(calls.append, "cpu", warmup=0, runs=3, min_time_s=60).runs == 1000  # the extension's cap
 
 
+def test_time_fn_goes_on_rotating_the_inputs_after_the_warm_up():
+    """No timed call reads the buffer the call before it read (the warm-up's last)."""
+    from resnet_fused.bench import time_fn
+
+    for warmup in (0, 1, 4):
+        calls = []
+        time_fn(calls.append, "cpu", warmup=warmup, runs=5)
+        assert calls == list(range(warmup + 5))
+
+
 def test_validate_rows_do_not_depend_on_the_other_archs_asked_for():
     """An arch's weights, statistics and images come from its name and --seed alone, so a
     row of a whole run is reproduced by asking for that arch alone."""

@@ -294,6 +294,10 @@ def test_numpy_integers_are_taken_as_conv2d_takes_them(gen):
     x, w = _bad(gen)
     got = ops.conv_bias_act(x, w, stride=np.int64(2), padding=(np.int32(1), 0), backend="torch")
     assert relative_error(got, reference_conv_bias_act(x, w, None, None, 2, (1, 0))) <= TOLERANCES[torch.float32]
+    w2 = w[:, :2].contiguous()
+    got = ops.conv_bias_act(x, w2, groups=np.int64(2), backend="torch")
+    assert relative_error(got, reference_conv_bias_act(x, w2, None, None, groups=2)) <= TOLERANCES[torch.float32]
+    assert ops.explain(x, w2, groups=np.int64(2), backend="torch") == "runs on 'torch'"
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])

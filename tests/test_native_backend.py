@@ -694,8 +694,9 @@ def test_package_runs_without_the_extension():
         "assert info['error'] == 'disabled by RESNET_FUSED_DISABLE_EXTENSION', info\n"
         "assert 'native' not in rf.available_backends()\n"
         "x, w = torch.randn(1, 4, 6, 6), torch.randn(4, 4, 3, 3)\n"
-        "text = rf.explain(x, w, padding=1, backend='native')\n"
-        "assert text == \"runs on 'torch'; skipped 'native': disabled by RESNET_FUSED_DISABLE_EXTENSION\", text\n"
+        "for backend in ('native', 'auto'):  # ('auto' passes it over: explain says why too)\n"
+        "    text = rf.explain(x, w, padding=1, backend=backend)\n"
+        "    assert text == \"runs on 'torch'; skipped 'native': disabled by RESNET_FUSED_DISABLE_EXTENSION\", text\n"
         "y = rf.ops.conv_bias_act(x, w, padding=1, backend='native')\n"
         "print('ok', tuple(y.shape))\n"
     )

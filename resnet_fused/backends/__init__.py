@@ -268,6 +268,22 @@ def resolve(name: Optional[str], device: torch.device) -> str:
     return "torch"
 
 
+def passed_over_by_auto(device: torch.device) -> list[tuple[str, str]]:
+    """The backends "auto" passes over on ``device`` before the one it picks, and why
+    (:func:`resolve`'s order; for explain)."""
+    chosen = resolve("auto", device)
+    skipped = []
+    for candidate in AUTO_ORDER.get(device.type, ("torch",)):
+        if candidate == chosen:
+            break
+        reason = unavailable_reason(candidate)
+        if reason is None:
+            reason = f"not picked by backend='auto' for {device.type} tensors" + (
+                " (it runs them when asked for by name)" if _REGISTRY[candidate].runs_on(device.type) else "")
+        skipped.append((candidate, reason))
+    return skipped
+
+
 _tally: Optional[collections.Counter] = None
 
 
