@@ -20,7 +20,7 @@ from torchvision.models._utils import kwonly_to_pos_or_kw
 
 from . import backends
 from .fold import FoldCache
-from .modules import FusedBasicBlock, FusedBottleneck, conv_bn_act, runs_unfused, watched
+from .modules import FusedBasicBlock, FusedBottleneck, _conv_bn_act, runs_unfused, watched
 
 __all__ = [
     "ResNet",
@@ -100,7 +100,7 @@ class ResNet(tv_resnet.ResNet):
             # layout change would change cuDNN's or oneDNN's algorithm and its rounding)
             x = x.contiguous(memory_format=torch.channels_last)
         if type(self.relu) is nn.ReLU and not watched(self.conv1, self.bn1, self.relu):
-            x = conv_bn_act(self.conv1, self.bn1, self._stem_fold, x, relu=True, backend=self.backend)
+            x = _conv_bn_act(self.conv1, self.bn1, self._stem_fold, x, relu=True, backend=self.backend)
         else:
             x = self.relu(self.bn1(self.conv1(x)))
         x = self.maxpool(x)

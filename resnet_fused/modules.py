@@ -83,7 +83,13 @@ def conv_bn_act(
     traced by torch.compile, where it is recomputed as part of the graph. ``out``, as
     in :func:`~resnet_fused.ops.conv_bias_act`, for the fused op only.
     """
-    if uses_batch_statistics(bn) or not fold.foldable(conv, bn) or runs_unfused(x):
+    return _conv_bn_act(conv, bn, fold, x, relu, residual, backend, out, runs_unfused(x))
+
+
+def _conv_bn_act(conv, bn, fold, x, relu, residual=None, backend="auto", out=None, unfused=False) -> Tensor:
+    """:func:`conv_bn_act` for the fused modules, which asked :func:`runs_unfused`
+    once for the whole forward (then running torchvision's): ``unfused`` False."""
+    if uses_batch_statistics(bn) or not fold.foldable(conv, bn) or unfused:
         if out is not None:
             raise ValueError(f"out= is for the fused (eval-mode) op; this {type(conv).__name__} and "
                              f"{type(bn).__name__} run unfused")
@@ -129,7 +135,7 @@ class FusedConvBNAct(nn.Module):
                 runs_unfused(x):
             x = self.bn(self.conv(x))
             return x if self.act is None else self.act(x)
-        return conv_bn_act(self.conv, self.bn, self._fold, x, relu=self.act is not None, backend=self.backend)
+        return _conv_bn_act(self.conv, self.bn, self._fold, x, relu=self.act is not None, backend=self.backend)
 
     def extra_repr(self) -> str:
         return f"backend={self.backend!r}"
@@ -202,7 +208,7 @@ class _FusedBlock(nn.Module):
 
     def _pair(self, conv_name: str, bn_name: str, x: Tensor, relu: bool, residual: Optional[Tensor] = None,
               out: Optional[Tensor] = None):
-        return conv_bn_act(
+        return _conv_bn_act(
             getattr(self, conv_name), getattr(self, bn_name), self._folds[conv_name], x,
             relu=relu, residual=residual, backend=self.backend, out=out,
         )
@@ -251,7 +257,7 @@ class _FusedBlock(nn.Module):
             return ds(x), False
         conv, bn = ds
         fused = self._downsample_fold.foldable(conv, bn)  # (else conv_bn_act runs the modules)
-        return conv_bn_act(conv, bn, self._downsample_fold, x, relu=False, backend=self.backend), fused
+        return _conv_bn_act(conv, bn, self._downsample_fold, x, relu=False, backend=self.backend), fused
 
     def extra_repr(self) -> str:
         return f"backend={self.backend!r}"
