@@ -23,13 +23,16 @@
 //   - larger U: blocks of a few hundred tiles shared by all threads, so U is read once
 //     per block; the transforms split over the threads, the GEMMs by at::bmm (MKL).
 //
-// Precision: relative error 0.8-1.1e-6 against float64 on ResNet-50's shapes (measured;
-// oneDNN's direct conv 0.3-0.75e-6), inside DESIGN.md's float32 bound of 1e-5; over a
-// whole network about 1.6x torchvision's own float32 error (benchmarks/NOTES.md). Non-finite values: Winograd mixes a 6x6 patch into
-// every output of a tile, so one NaN/Inf in x would spread over whole tiles, and an
-// overflow inside a transform could make a number that a direct convolution keeps finite.
-// Both transforms therefore check every value they produce (one FMA each), and a call
-// that meets a non-finite one is handed back to the caller to compute directly.
+// Precision: relative error 0.7-0.9e-6 against float64 on ResNet-50's shapes at batch 8
+// (measured; oneDNN's direct conv 0.3-0.8e-6), inside DESIGN.md's float32 bound of 1e-5,
+// with the GEMMs summing the channels in blocks (kChannelBlock below); over a whole
+// network 1.0-1.6x torchvision's own float32 error (benchmarks/NOTES.md).
+//
+// Non-finite values: Winograd mixes a 6x6 patch into every output of a tile, so one
+// NaN/Inf in x would spread over whole tiles, and an overflow inside a transform could
+// make a number that a direct convolution keeps finite. Both transforms therefore check
+// every value they produce (one FMA each), and a call that meets a non-finite one is
+// handed back to the caller to compute directly.
 #include "winograd.h"
 
 #include <ATen/ATen.h>
@@ -53,6 +56,17 @@ namespace {
 struct Grid {
   int64_t n, h, w, c, k, pad_h, pad_w, out_h, out_w, tiles_h, tiles_w;
 };
+
+// The 36 GEMMs sum over the input channels in blocks of this many, each block's partial
+// sum added to M: float32 rounding in a long running sum dominated Winograd's error (an
+// emulation with the GEMMs in float64 and all else as here gave 0.24-0.43e-6, below
+// oneDNN's direct conv), and blocks shorten that sum. Measured, batch 8, relative error
+// against float64 before -> after: own GEMMs (block 32) 0.90e-6 -> 0.69e-6 at 64x56x56,
+// 1.23e-6 -> 0.72e-6 at 128x28x28, 2.5-3% more time (block 16: 0.58e-6, 0.63e-6 for 4-11%);
+// MKL's bmm (block 64) 1.18e-6 -> 0.88e-6 at 256x14x14, 1.36e-6 -> 0.91e-6 at 512x7x7,
+// 2-5% more time. oneDNN's direct conv: 0.31, 0.42, 0.58, 0.78e-6.
+constexpr int64_t kChannelBlock = 32;
+constexpr int64_t kBmmChannelBlock = 64;
 
 #if RESNET_FUSED_AVX2
 RESNET_FUSED_AVX2_BEGIN
@@ -185,8 +199,10 @@ static bool output_transform(const float* m, int64_t m_stride, const Grid& g, in
 }
 
 // Stage 2 for one block of `rows` tiles (a multiple of 6) held by one thread:
-// M[p] (rows x K) = V[p] (rows x C) @ U[p] (C x K) for the 36 p.
+// M[p] (rows x K) = V[p] (rows x C) @ U[p] (C x K) for the 36 p, each sum over the
+// channels taken in blocks of kChannelBlock.
 static void block_gemms(const float* v, const float* u, float* m, int64_t rows, int64_t c, int64_t k) {
+  constexpr int64_t cb = kChannelBlock;
   for (int p = 0; p < 36; ++p) {
     const float* vp = v + p * rows * c;
     const float* up = u + p * c * k;
@@ -194,12 +210,16 @@ static void block_gemms(const float* v, const float* u, float* m, int64_t rows, 
     int64_t k0 = 0;
     for (; k0 + 16 <= k; k0 += 16) {
       for (int64_t t0 = 0; t0 < rows; t0 += 6) {
-        gemm_6x16(vp + t0 * c, c, up + k0, k, mp + t0 * k + k0, k, c);
+        for (int64_t c0 = 0; c0 < c; c0 += cb) {
+          gemm_6x16(vp + t0 * c + c0, c, up + c0 * k + k0, k, mp + t0 * k + k0, k, std::min(cb, c - c0), c0 > 0);
+        }
       }
     }
     if (k0 < k) {  // K % 16 == 8
       for (int64_t t0 = 0; t0 < rows; t0 += 6) {
-        gemm_6x8(vp + t0 * c, c, up + k0, k, mp + t0 * k + k0, k, c);
+        for (int64_t c0 = 0; c0 < c; c0 += cb) {
+          gemm_6x8(vp + t0 * c + c0, c, up + c0 * k + k0, k, mp + t0 * k + k0, k, std::min(cb, c - c0), c0 > 0);
+        }
       }
     }
   }
@@ -372,7 +392,15 @@ std::optional<at::Tensor> conv_bias_act(const at::Tensor& x, const at::Tensor& u
       return std::nullopt;
     }
     at::Tensor m_view = at::from_blob(m, {36, count, k}, f32);
-    at::bmm_out(m_view, at::from_blob(v, {36, count, grid.c}, f32), u);
+    const at::Tensor v_view = at::from_blob(v, {36, count, grid.c}, f32);
+    for (int64_t c0 = 0; c0 < grid.c; c0 += kBmmChannelBlock) {
+      const int64_t len = std::min(kBmmChannelBlock, grid.c - c0);
+      if (c0 == 0) {
+        at::bmm_out(m_view, v_view.narrow(2, c0, len), u.narrow(1, c0, len));
+      } else {
+        m_view.baddbmm_(v_view.narrow(2, c0, len), u.narrow(1, c0, len));
+      }
+    }
     at::parallel_for(start, start + count, 1, [&](int64_t begin, int64_t end) {
       if (!output_transform(m, count * k, grid, begin, end, start, b_ptr, r_ptr, relu, y_ptr)) {
         finite = false;
