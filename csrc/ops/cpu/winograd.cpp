@@ -26,7 +26,8 @@
 // Precision: relative error 0.7-0.9e-6 against float64 on ResNet-50's shapes at batch 8
 // (measured; oneDNN's direct conv 0.3-0.8e-6), inside DESIGN.md's float32 bound of 1e-5,
 // with the GEMMs summing the channels in blocks (kChannelBlock below); over a whole
-// network 1.0-1.6x torchvision's own float32 error (benchmarks/NOTES.md).
+// network 1.1-1.7x torchvision's own float32 error at 64 px, up to 2.1x on an
+// ill-conditioned ResNet-50 at 32 px (benchmarks/NOTES.md, CPU version 7).
 //
 // Non-finite values: Winograd mixes a 6x6 patch into every output of a tile, so one
 // NaN/Inf in x would spread over whole tiles, and an overflow inside a transform could
