@@ -198,11 +198,19 @@ def _conv_bias_act_out_fake(x, weight, bias, residual, stride, padding, dilation
     check_conv_bias_act_args(x, weight, bias, residual, stride, padding, dilation, groups)
 
 
+def _byte_span(t: Tensor) -> tuple[int, int]:
+    """[first, last + 1) of the addresses a non-empty tensor's elements occupy (strides are
+    never negative in torch; a gap inside the span counts as shared, conservatively)."""
+    last = sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
+    return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
+
+
 def check_out(out: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor],
               shape: tuple[int, int, int, int]) -> None:
     """Validate ``out=``: the output's shape, x's dtype and device, dense in the output's
     layout (x's), no memory shared with x, weight or bias; the residual itself is allowed
-    (its buffer then takes the output), a partial overlap with it is not."""
+    (its buffer then takes the output), a partial overlap with it is not. Other parts of
+    the same buffer (disjoint slices) are fine."""
     if not isinstance(out, Tensor):
         raise TypeError(f"out should be a Tensor or None, got {type(out).__name__}")
     if tuple(out.shape) != tuple(shape):
@@ -217,9 +225,9 @@ def check_out(out: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], re
     if torch.compiler.is_compiling() or any(type(t) is not Tensor for t in (x, out)) or out.numel() == 0:
         return  # fake tensors have no storage to compare (the kernels' own check runs eagerly); empty ones share none
 
-    def shares(t: Optional[Tensor]) -> bool:
-        return t is not None and t.device.type != "meta" and \
-            t.untyped_storage().data_ptr() == out.untyped_storage().data_ptr()
+    def shares(t: Optional[Tensor]) -> bool:  # memory in common: the bytes each spans meet
+        return t is not None and t.device.type != "meta" and t.numel() > 0 and \
+            _byte_span(t)[0] < _byte_span(out)[1] and _byte_span(out)[0] < _byte_span(t)[1]
 
     if shares(x) or shares(weight) or shares(bias):
         raise ValueError("out should not share memory with x, weight or bias")
@@ -296,7 +304,8 @@ def conv_bias_act(
             device and dtype; "torch", "triton" or "native" name one. A backend that
             cannot take the call falls back to the next; :func:`explain` says why.
         out: write the output here and return it (the output's shape, dtype and
-            layout; sharing no memory with x, weight or bias). It may be ``residual``
+            layout; sharing no memory with x, weight or bias, though other slices of
+            their buffers are fine). It may be ``residual``
             itself: a residual block's output can take its identity's buffer, which is
             dead after the add, and the native CPU kernels then write it in place
             (no new 25 MB output to fault in at ResNet-50's layer1, batch 8). Like

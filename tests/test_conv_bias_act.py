@@ -200,6 +200,27 @@ def test_bad_out_is_named_in_the_error(gen, case):
             fn(x, w, None, res, out=out)
 
 
+@pytest.mark.parametrize("backend", ["torch", "native"])
+@pytest.mark.parametrize("r", [1, 3], ids=["1x1", "3x3"])
+def test_out_in_disjoint_slices_of_one_buffer(gen, backend, r):
+    """x, the residual and out as three slices of one buffer: no memory in common, so no
+    error, and x and the residual come out as they went in."""
+    if backend not in resnet_fused.available_backends("cpu"):
+        pytest.skip(f"{backend} does not run on the CPU here")
+    n_x, n_out = 2 * 8 * 6 * 6, 2 * 16 * 6 * 6
+    buf = torch.randn(n_x + 2 * n_out, generator=gen)
+    x = buf[:n_x].view(2, 8, 6, 6)
+    res = buf[n_x:n_x + n_out].view(2, 16, 6, 6)
+    out = buf[n_x + n_out:].view(2, 16, 6, 6)
+    weight = torch.randn(16, 8, r, r, generator=gen) / (8 * r * r) ** 0.5
+    bias = torch.randn(16, generator=gen)
+    x_before, res_before = x.clone(), res.clone()
+    expected = reference_conv_bias_act(x, weight, bias, res, 1, r // 2)
+    ret = ops.conv_bias_act(x, weight, bias, res, padding=r // 2, backend=backend, out=out)
+    assert ret is out and relative_error(out, expected) <= TOLERANCES[torch.float32]
+    assert torch.equal(x, x_before) and torch.equal(res, res_before)
+
+
 def test_out_refuses_autograd(gen):
     x, weight, bias, res = make_case(gen, 1, 4, 5, 5, 4, 3, 1, 1, 1, 1, torch.float32, True)
     weight.requires_grad_(True)

@@ -613,6 +613,34 @@ def test_cpu_out_into_the_residual_keeps_non_finite_values(gen, r, s, poison):
 
 
 @needs_extension
+@pytest.mark.parametrize("where, error", [
+    ("disjoint", None),
+    ("x_overlaps", "out should not share memory with x, weight or bias"),
+    ("residual_shifted", "out may be the residual itself but should not partly overlap it"),
+])
+def test_cpu_out_checks_memory_by_bytes_spanned(gen, where, error):
+    """The extension's own check of out= (the op called directly, past the Python one):
+    slices of one buffer that do not meet are fine; ones that do are refused."""
+    n_x, n_out = 2 * 8 * 5 * 5, 2 * 8 * 5 * 5
+    buf = torch.randn(n_x + 2 * n_out + 1, generator=gen)
+    x = buf[:n_x].view(2, 8, 5, 5)
+    res = buf[n_x:n_x + n_out].view(2, 8, 5, 5)
+    start = {"disjoint": n_x + n_out, "x_overlaps": n_x - 1, "residual_shifted": n_x + 1}[where]
+    out = buf[start:start + n_out].view(2, 8, 5, 5)
+    weight = torch.randn(8, 8, 3, 3, generator=gen) / 72 ** 0.5
+    bias = torch.randn(8, generator=gen)
+    expected = reference_conv_bias_act(x, weight, bias, res, 1, 1)
+    call = lambda: torch.ops.resnet_fused.native_conv_bias_act.out(  # noqa: E731
+        x, weight, bias, res, [1, 1], [1, 1], [1, 1], 1, True, out=out)
+    if error is None:
+        call()
+        assert relative_error(out, expected) <= TOLERANCES[torch.float32]
+    else:
+        with pytest.raises(RuntimeError, match=re.escape(error)):
+            call()
+
+
+@needs_extension
 @pytest.mark.parametrize("r, s", [(1, 1), (3, 2), (3, 1)], ids=["conv1x1", "onednn_sum", "winograd"])
 def test_cpu_out_opcheck(gen, r, s):
     x, weight, b, res = make_case(gen, 2, 8, 7, 7, 16, r, s, r // 2, 1, 1, torch.float32, True, True)

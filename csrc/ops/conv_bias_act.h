@@ -13,6 +13,7 @@
 #include <array>
 #include <optional>
 #include <string>
+#include <utility>
 
 namespace resnet_fused {
 namespace ops {
@@ -97,7 +98,8 @@ inline at::MemoryFormat output_memory_format(const at::Tensor& x) {
 // Validates the out= tensor of native_conv_bias_act.out: the output's shape, x's dtype and
 // device, dense in the output's memory format, and sharing no memory with x, weight or
 // bias. It may be the residual itself (its buffer then takes the output: the kernels
-// read each residual element before writing that element), but not a partial overlap.
+// read each residual element before writing that element), but not a partial overlap;
+// disjoint slices of one buffer are fine.
 // Returns true when out is the residual.
 inline bool check_out(const at::Tensor& out, const at::Tensor& x, const at::Tensor& weight,
                       const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
@@ -110,7 +112,23 @@ inline bool check_out(const at::Tensor& out, const at::Tensor& x, const at::Tens
   TORCH_CHECK(out.is_contiguous(fmt), "out should be dense in the output's memory format (",
               fmt == at::MemoryFormat::ChannelsLast ? "channels_last" : "contiguous", ", that of x), got strides ",
               out.strides());
-  const auto shares = [&out](const at::Tensor& t) { return t.is_alias_of(out); };
+  // Memory in common: the bytes each spans meet (a gap inside a span counts, conservatively);
+  // other parts of the same buffer are fine.
+  const auto span = [](const at::Tensor& t) {
+    int64_t last = 0;
+    for (int64_t d = 0; d < t.dim(); ++d) {
+      last += (t.size(d) - 1) * t.stride(d);
+    }
+    const auto* first = static_cast<const char*>(t.data_ptr());
+    return std::make_pair(first, first + (last + 1) * t.element_size());
+  };
+  const auto shares = [&](const at::Tensor& t) {
+    if (t.numel() == 0 || out.numel() == 0) {
+      return false;
+    }
+    const auto a = span(t), b = span(out);
+    return a.first < b.second && b.first < a.second;
+  };
   TORCH_CHECK(!shares(x) && !shares(weight) && !(bias.has_value() && shares(*bias)),
               "out should not share memory with x, weight or bias");
   if (!residual.has_value() || !shares(*residual)) {
