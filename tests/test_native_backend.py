@@ -165,8 +165,10 @@ def test_cpu_random_shapes_match_reference(n, c_per_group, k_per_group, groups, 
 @needs_extension
 def test_cpu_paths_are_explained(gen):
     x, weight, _, res = make_case(gen, 2, 8, 6, 6, 8, 3, 1, 1, 1, 1, torch.float32, True)
-    assert "oneDNN conv with the bias as a post-op (weight pre-packed), then the residual add and ReLU in place" \
-        in ops.explain(x, weight, None, res, padding=1)
+    assert "oneDNN conv with the bias as a post-op (weight pre-packed), then the residual add and ReLU (where " \
+        "asked) in place" in ops.explain(x, weight, None, res, padding=1)
+    text = ops.explain(x, weight, None, None, padding=1)
+    assert "(weight pre-packed), then ReLU (where asked) in place" in text and "residual" not in text
     x64, w64 = x.double(), weight.double()
     assert "conv then one epilogue pass: oneDNN has no Double convolution" in ops.explain(x64, w64, padding=1)
     text = ops.explain(x.bfloat16(), weight.bfloat16(), padding=1, backend="native")

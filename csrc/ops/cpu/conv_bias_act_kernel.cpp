@@ -92,7 +92,13 @@ bool onednn_has_dtype(at::ScalarType dtype) {
   }
 }
 
-std::pair<CpuPath, std::string> choose_path(const at::Tensor& x, const at::Tensor& weight, const ConvGeometry& g) {
+// What runs after oneDNN's conv, in the words of explain() (which is not told relu).
+std::string in_place_tail(bool residual) {
+  return residual ? "the residual add and ReLU (where asked) in place" : "ReLU (where asked) in place";
+}
+
+std::pair<CpuPath, std::string> choose_path(const at::Tensor& x, const at::Tensor& weight, const ConvGeometry& g,
+                                            bool residual) {
   const auto& ops = onednn_ops();
   if (!ops.unary) {
     return {CpuPath::kConvThenEpilogue,
@@ -123,13 +129,12 @@ std::pair<CpuPath, std::string> choose_path(const at::Tensor& x, const at::Tenso
   const auto dtype = x.scalar_type();
   if (onednn_has_dtype(dtype)) {
     return {CpuPath::kOneDnn,
-            "oneDNN conv with the bias as a post-op (weight pre-packed), then the residual add and ReLU in place" +
-                aside};
+            "oneDNN conv with the bias as a post-op (weight pre-packed), then " + in_place_tail(residual) + aside};
   }
   if (dtype == at::kBFloat16 || dtype == at::kHalf) {
     return {CpuPath::kOneDnnFloat32,
             std::string("oneDNN conv with the bias as a post-op in float32 (this CPU has no ") +
-                c10::toString(dtype) + " oneDNN kernels), then the residual add and ReLU in place, cast back to " +
+                c10::toString(dtype) + " oneDNN kernels), then " + in_place_tail(residual) + ", cast back to " +
                 c10::toString(dtype)};
   }
   return {CpuPath::kConvThenEpilogue,
@@ -329,7 +334,7 @@ at::Tensor native_conv_bias_act_cpu(const at::Tensor& x, const at::Tensor& weigh
   const auto [g, out] = check_conv_bias_act_args(x, weight, bias, residual, stride, padding, dilation, groups);
   (void)out;
   const at::MemoryFormat fmt = output_memory_format(x);
-  switch (choose_path(x, weight, g).first) {
+  switch (choose_path(x, weight, g, residual.has_value()).first) {
     case CpuPath::kWinograd: {
       const at::Tensor u = packed_weights().get(weight, Packing::kWinograd, at::kFloat, g, {});
       if (auto y = winograd::conv_bias_act(x, u, weight.size(0), bias, residual, g, relu)) {
@@ -363,7 +368,7 @@ void native_conv_bias_act_out_cpu(const at::Tensor& x, const at::Tensor& weight,
   const bool into_residual = check_out(out, x, weight, bias, residual, shape);
   const at::MemoryFormat fmt = output_memory_format(x);
   at::Tensor y;
-  switch (choose_path(x, weight, g).first) {
+  switch (choose_path(x, weight, g, residual.has_value()).first) {
     case CpuPath::kConv1x1:
       conv1x1::conv_bias_act(x, packed_weights().get(weight, Packing::kConv1x1, at::kFloat, g, {}), bias, residual,
                              relu, &out);
@@ -389,7 +394,7 @@ bool native_conv_bias_act_in_place_cpu(const at::Tensor& x, const at::Tensor& we
                                        at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
   const ConvGeometry g =
       check_conv_bias_act_args(x, weight, std::nullopt, residual, stride, padding, dilation, groups).first;
-  switch (choose_path(x, weight, g).first) {
+  switch (choose_path(x, weight, g, residual.has_value()).first) {
     case CpuPath::kConv1x1:
       return true;
     case CpuPath::kOneDnn:  // the conditions under which onednn_conv_bias_act accumulates into the residual
@@ -405,7 +410,7 @@ std::string native_conv_bias_act_path_cpu(const at::Tensor& x, const at::Tensor&
                                           at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
   const ConvGeometry g =
       check_conv_bias_act_args(x, weight, std::nullopt, residual, stride, padding, dilation, groups).first;
-  return choose_path(x, weight, g).second;
+  return choose_path(x, weight, g, residual.has_value()).second;
 }
 
 }  // namespace
