@@ -225,9 +225,17 @@ def check_out(out: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], re
     if torch.compiler.is_compiling() or any(type(t) is not Tensor for t in (x, out)) or out.numel() == 0:
         return  # fake tensors have no storage to compare (the kernels' own check runs eagerly); empty ones share none
 
+    out_storage = out.untyped_storage().data_ptr()
+
     def shares(t: Optional[Tensor]) -> bool:  # memory in common: the bytes each spans meet
-        return t is not None and t.device.type != "meta" and t.numel() > 0 and \
-            _byte_span(t)[0] < _byte_span(out)[1] and _byte_span(out)[0] < _byte_span(t)[1]
+        if t is None or t.device.type == "meta" or t.numel() == 0:
+            return False
+        if t is out:
+            return True
+        if t.untyped_storage().data_ptr() != out_storage:
+            return False  # another allocation (the common case, and the cheap test)
+        (first, end), (out_first, out_end) = _byte_span(t), _byte_span(out)
+        return first < out_end and out_first < end
 
     if shares(x) or shares(weight) or shares(bias):
         raise ValueError("out should not share memory with x, weight or bias")
