@@ -109,9 +109,10 @@ std::pair<CpuPath, std::string> choose_path(const at::Tensor& x, const at::Tenso
   }
   const std::string not_winograd = winograd::refusal(x, weight, g);
   if (not_winograd.empty()) {
-    return {CpuPath::kWinograd,
-            "Winograd F(4x4,3x3) with bias, residual and ReLU fused in the output transform (weight transformed "
-            "once); oneDNN for a call that meets a non-finite value"};
+    const std::string tile = std::to_string(winograd::tile_size());
+    return {CpuPath::kWinograd, "Winograd F(" + tile + "x" + tile +
+                                    ",3x3) with bias, residual and ReLU fused in the output transform (weight "
+                                    "transformed once); oneDNN for a call that meets a non-finite value"};
   }
   const std::string not_1x1 = conv1x1::refusal(x, weight, g);
   if (not_1x1.empty()) {
@@ -155,7 +156,7 @@ std::pair<CpuPath, std::string> choose_path(const at::Tensor& x, const at::Tenso
 // On a miss, the weight's older entries and those of freed weights are dropped, so the
 // cache holds about one packed copy per live weight and input shape.
 
-enum class Packing : int64_t { kOneDnn, kWinograd, kConv1x1 };
+enum class Packing : int64_t { kOneDnn, kWinograd, kWinograd2x2, kConv1x1 };
 
 using WeakTensorImpl = c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>;
 
@@ -210,8 +211,8 @@ class PackedWeightCache {
 
  private:
   static at::Tensor pack(const at::Tensor& weight, Packing packing, const ConvGeometry& g, at::IntArrayRef x_sizes) {
-    if (packing == Packing::kWinograd) {
-      return winograd::transform_weight(weight);
+    if (packing == Packing::kWinograd || packing == Packing::kWinograd2x2) {
+      return winograd::transform_weight(weight, packing == Packing::kWinograd ? 4 : 2);
     }
     if (packing == Packing::kConv1x1) {
       return conv1x1::pack_weight(weight);
@@ -336,7 +337,8 @@ at::Tensor native_conv_bias_act_cpu(const at::Tensor& x, const at::Tensor& weigh
   const at::MemoryFormat fmt = output_memory_format(x);
   switch (choose_path(x, weight, g, residual.has_value()).first) {
     case CpuPath::kWinograd: {
-      const at::Tensor u = packed_weights().get(weight, Packing::kWinograd, at::kFloat, g, {});
+      const Packing packing = winograd::tile_size() == 4 ? Packing::kWinograd : Packing::kWinograd2x2;
+      const at::Tensor u = packed_weights().get(weight, packing, at::kFloat, g, {});
       if (auto y = winograd::conv_bias_act(x, u, weight.size(0), bias, residual, g, relu)) {
         return *y;
       }

@@ -82,7 +82,7 @@ RESNET_FUSED_AVX2_BEGIN
 // o = B^T d for one 6-vector of 8-channel lanes (the rows of B^T are
 // [1 -3/2 -2 3/2 1 0], [0 -1 1/2 5/2 1 0], [0 1 -5/2 1/2 1 0], [0 -2 -1 2 1 0],
 // [0 1/2 -1 -1/2 1 0], [0 1 -3/2 -2 3/2 1]).
-static inline void input_1d(const __m256 d[6], __m256 o[6]) {
+static inline void input_1d_4x4(const __m256 d[6], __m256 o[6]) {
   const __m256 half = _mm256_set1_ps(0.5f), one_half = _mm256_set1_ps(1.5f), two = _mm256_set1_ps(2.f),
                two_half = _mm256_set1_ps(2.5f);
   const __m256 d31 = _mm256_sub_ps(d[3], d[1]), d42 = _mm256_sub_ps(d[4], d[2]);
@@ -95,7 +95,7 @@ static inline void input_1d(const __m256 d[6], __m256 o[6]) {
 }
 
 // o = A^T m (rows [1 1 1 1 1 0], [0 1 -1 1/2 -2 0], [0 1 1 1/4 4 0], [0 1 -1 1/8 -8 1]).
-static inline void output_1d(const __m256 m[6], __m256 o[4]) {
+static inline void output_1d_4x4(const __m256 m[6], __m256 o[4]) {
   const __m256 eighth = _mm256_set1_ps(0.125f), quarter = _mm256_set1_ps(0.25f), half = _mm256_set1_ps(0.5f),
                two = _mm256_set1_ps(2.f), four = _mm256_set1_ps(4.f), eight = _mm256_set1_ps(8.f);
   const __m256 s12 = _mm256_add_ps(m[1], m[2]), d12 = _mm256_sub_ps(m[1], m[2]);
@@ -104,6 +104,40 @@ static inline void output_1d(const __m256 m[6], __m256 o[4]) {
   o[2] = _mm256_fmadd_ps(four, m[4], _mm256_fmadd_ps(quarter, m[3], s12));
   o[3] = _mm256_add_ps(_mm256_fnmadd_ps(eight, m[4], _mm256_fmadd_ps(eighth, m[3], d12)), m[5]);
 }
+
+// F(2x2, 3x3), the precise tile (points 0, 1, -1 and infinity): o = B^T d with rows
+// [1 0 -1 0], [0 1 1 0], [0 -1 1 0], [0 1 0 -1]; o = A^T m with rows [1 1 1 0], [0 1 -1 -1].
+static inline void input_1d_2x2(const __m256 d[4], __m256 o[4]) {
+  o[0] = _mm256_sub_ps(d[0], d[2]);
+  o[1] = _mm256_add_ps(d[1], d[2]);
+  o[2] = _mm256_sub_ps(d[2], d[1]);
+  o[3] = _mm256_sub_ps(d[1], d[3]);
+}
+
+static inline void output_1d_2x2(const __m256 m[4], __m256 o[2]) {
+  o[0] = _mm256_add_ps(_mm256_add_ps(m[0], m[1]), m[2]);
+  o[1] = _mm256_sub_ps(_mm256_sub_ps(m[1], m[2]), m[3]);
+}
+
+// The transforms of an M x M output tile (M = 4 or 2) over its (M + 2)^2 points.
+template <int M>
+struct Tile {
+  static constexpr int kAlpha = M + 2, kPoints = kAlpha * kAlpha;
+  static void input_1d(const __m256 d[kAlpha], __m256 o[kAlpha]) {
+    if constexpr (M == 4) {
+      input_1d_4x4(d, o);
+    } else {
+      input_1d_2x2(d, o);
+    }
+  }
+  static void output_1d(const __m256 m[kAlpha], __m256 o[M]) {
+    if constexpr (M == 4) {
+      output_1d_4x4(m, o);
+    } else {
+      output_1d_2x2(m, o);
+    }
+  }
+};
 
 // acc stays finite while every v added is: v * 0 is NaN exactly for NaN and +-Inf.
 static inline __m256 track(__m256 acc, __m256 v) {
@@ -116,35 +150,39 @@ static inline bool all_finite(__m256 acc) {
 
 // Stage 1 for tiles [t_begin, t_end) of a block starting at tile t_base:
 // v[p * v_stride + (t - t_base) * C + c]. False if a value was not finite.
+template <int M>
 static bool input_transform(const float* x, const Grid& g, int64_t t_begin, int64_t t_end, int64_t t_base, float* v,
                             int64_t v_stride) {
+  constexpr int A = Tile<M>::kAlpha;
   const __m256 zero = _mm256_setzero_ps();
   __m256 acc = zero;
   for (int64_t t = t_begin; t < t_end; ++t) {
     const int64_t n = t / (g.tiles_h * g.tiles_w), i = (t / g.tiles_w) % g.tiles_h, j = t % g.tiles_w;
-    const float* pixel[6][6];  // the patch's pixels, nullptr in the zero padding
-    for (int r = 0; r < 6; ++r) {
-      for (int s = 0; s < 6; ++s) {
-        const int64_t h = i * 4 - g.pad_h + r, w = j * 4 - g.pad_w + s;
+    const float* pixel[A][A];  // the patch's pixels, nullptr in the zero padding
+    for (int r = 0; r < A; ++r) {
+      for (int s = 0; s < A; ++s) {
+        const int64_t h = i * M - g.pad_h + r, w = j * M - g.pad_w + s;
         pixel[r][s] = (h >= 0 && h < g.h && w >= 0 && w < g.w) ? x + ((n * g.h + h) * g.w + w) * g.c : nullptr;
       }
     }
     float* out = v + (t - t_base) * g.c;
     for (int64_t c = 0; c < g.c; c += 8) {
-      __m256 rows[6][6];  // rows[r] = B^T applied along the patch's row r
-      for (int r = 0; r < 6; ++r) {
-        __m256 d[6];
-        for (int s = 0; s < 6; ++s) {
+      __m256 rows[A][A];  // rows[r] = B^T applied along the patch's row r
+      for (int r = 0; r < A; ++r) {
+        __m256 d[A];
+        for (int s = 0; s < A; ++s) {
           d[s] = pixel[r][s] ? _mm256_loadu_ps(pixel[r][s] + c) : zero;
         }
-        input_1d(d, rows[r]);
+        Tile<M>::input_1d(d, rows[r]);
       }
-      for (int b = 0; b < 6; ++b) {
-        const __m256 column[6] = {rows[0][b], rows[1][b], rows[2][b], rows[3][b], rows[4][b], rows[5][b]};
-        __m256 o[6];
-        input_1d(column, o);
-        for (int a = 0; a < 6; ++a) {
-          _mm256_storeu_ps(out + (a * 6 + b) * v_stride + c, o[a]);
+      for (int b = 0; b < A; ++b) {
+        __m256 column[A], o[A];
+        for (int r = 0; r < A; ++r) {
+          column[r] = rows[r][b];
+        }
+        Tile<M>::input_1d(column, o);
+        for (int a = 0; a < A; ++a) {
+          _mm256_storeu_ps(out + (a * A + b) * v_stride + c, o[a]);
           acc = track(acc, o[a]);
         }
       }
@@ -155,30 +193,34 @@ static bool input_transform(const float* x, const Grid& g, int64_t t_begin, int6
 
 // Stage 3 for tiles [t_begin, t_end): y = relu?(A^T M A + bias + residual). ReLU is
 // max(0, v) with v second, which returns v when v is NaN (as torch.relu keeps NaN).
+template <int M>
 static bool output_transform(const float* m, int64_t m_stride, const Grid& g, int64_t t_begin, int64_t t_end,
                              int64_t t_base, const float* bias, const float* residual, bool relu, float* y) {
+  constexpr int A = Tile<M>::kAlpha;
   const __m256 zero = _mm256_setzero_ps();
   __m256 acc = zero;
   for (int64_t t = t_begin; t < t_end; ++t) {
     const int64_t n = t / (g.tiles_h * g.tiles_w), i = (t / g.tiles_w) % g.tiles_h, j = t % g.tiles_w;
     const float* in = m + (t - t_base) * g.k;
     for (int64_t k = 0; k < g.k; k += 8) {
-      __m256 rows[6][4];  // rows[a] = A^T applied along row a of the 6x6 tile of M
-      for (int a = 0; a < 6; ++a) {
-        __m256 row[6];
-        for (int b = 0; b < 6; ++b) {
-          row[b] = _mm256_loadu_ps(in + (a * 6 + b) * m_stride + k);
+      __m256 rows[A][M];  // rows[a] = A^T applied along row a of the tile of M
+      for (int a = 0; a < A; ++a) {
+        __m256 row[A];
+        for (int b = 0; b < A; ++b) {
+          row[b] = _mm256_loadu_ps(in + (a * A + b) * m_stride + k);
         }
-        output_1d(row, rows[a]);
+        Tile<M>::output_1d(row, rows[a]);
       }
       const __m256 bias_k = bias ? _mm256_loadu_ps(bias + k) : zero;
-      for (int q = 0; q < 4; ++q) {
-        const __m256 column[6] = {rows[0][q], rows[1][q], rows[2][q], rows[3][q], rows[4][q], rows[5][q]};
-        __m256 o[4];
-        output_1d(column, o);
-        const int64_t w = j * 4 + q;
-        for (int p = 0; p < 4; ++p) {
-          const int64_t h = i * 4 + p;
+      for (int q = 0; q < M; ++q) {
+        __m256 column[A], o[M];
+        for (int a = 0; a < A; ++a) {
+          column[a] = rows[a][q];
+        }
+        Tile<M>::output_1d(column, o);
+        const int64_t w = j * M + q;
+        for (int p = 0; p < M; ++p) {
+          const int64_t h = i * M + p;
           if (h >= g.out_h || w >= g.out_w) {
             continue;
           }
@@ -200,11 +242,11 @@ static bool output_transform(const float* m, int64_t m_stride, const Grid& g, in
 }
 
 // Stage 2 for one block of `rows` tiles (a multiple of 6) held by one thread:
-// M[p] (rows x K) = V[p] (rows x C) @ U[p] (C x K) for the 36 p, each sum over the
+// M[p] (rows x K) = V[p] (rows x C) @ U[p] (C x K) for the `points` p, each sum over the
 // channels taken in blocks of kChannelBlock.
-static void block_gemms(const float* v, const float* u, float* m, int64_t rows, int64_t c, int64_t k) {
+static void block_gemms(const float* v, const float* u, float* m, int points, int64_t rows, int64_t c, int64_t k) {
   constexpr int64_t cb = kChannelBlock;
-  for (int p = 0; p < 36; ++p) {
+  for (int p = 0; p < points; ++p) {
     const float* vp = v + p * rows * c;
     const float* up = u + p * c * k;
     float* mp = m + p * rows * k;
@@ -267,10 +309,20 @@ constexpr int64_t kMinBlock = 32;
 
 }  // namespace
 
+int tile_size() {
+  const char* value = std::getenv("RESNET_FUSED_CPU_WINOGRAD_TILE");
+  const std::string setting = value ? value : "";
+  TORCH_CHECK(setting.empty() || setting == "4" || setting == "2",
+              "RESNET_FUSED_CPU_WINOGRAD_TILE should be 4 (F(4x4,3x3), the default) or 2 (F(2x2,3x3), more "
+              "precise), got '", setting, "'");
+  return setting == "2" ? 2 : 4;
+}
+
 std::string refusal(const at::Tensor& x, const at::Tensor& weight, const ConvGeometry& g) {
   if (switched_off("RESNET_FUSED_CPU_WINOGRAD")) {
     return "RESNET_FUSED_CPU_WINOGRAD=0";
   }
+  const int m = tile_size();
   if (x.scalar_type() != at::kFloat) {
     return std::string("dtype ") + c10::toString(x.scalar_type()) + " (Winograd runs float32 only)";
   }
@@ -293,12 +345,15 @@ std::string refusal(const at::Tensor& x, const at::Tensor& weight, const ConvGeo
   // bandwidth: 512 -> 512 channels at 7x7 took 2.3x oneDNN's time at batch 1 (4 tiles,
   // 9.4 MB of U a tile), 1.15x at batch 2, 0.94x at batch 4 and 0.66x at batch 8; at
   // 256 -> 256 channels, 14x14, batch 1 (0.6 MB a tile) it took 0.6x.
+  // The same bound per output pixel for F(2x2): 512 KiB a tile.
   const int64_t out_h = x.size(2) + 2 * g.padding[0] - 2, out_w = x.size(3) + 2 * g.padding[1] - 2;
-  const int64_t tiles = x.size(0) * ((out_h + 3) / 4) * ((out_w + 3) / 4);
-  const int64_t u_bytes = 36 * x.size(1) * weight.size(0) * int64_t(sizeof(float));
-  if (tiles > 0 && u_bytes / tiles > kMaxUBytesPerTile) {
-    return std::to_string(tiles) + " tiles of 4x4 outputs for " + std::to_string(u_bytes >> 10) +
-           " KiB of transformed weight (needs at most " + std::to_string(kMaxUBytesPerTile >> 10) +
+  const int64_t tiles = x.size(0) * ((out_h + m - 1) / m) * ((out_w + m - 1) / m);
+  const int64_t u_bytes = (m + 2) * (m + 2) * x.size(1) * weight.size(0) * int64_t(sizeof(float));
+  const int64_t max_per_tile = kMaxUBytesPerTile / 16 * m * m;
+  if (tiles > 0 && u_bytes / tiles > max_per_tile) {
+    const std::string tile = std::to_string(m) + "x" + std::to_string(m);
+    return std::to_string(tiles) + " tiles of " + tile + " outputs for " + std::to_string(u_bytes >> 10) +
+           " KiB of transformed weight (needs at most " + std::to_string(max_per_tile >> 10) +
            " KiB a tile: with fewer tiles the direct conv is faster)";
   }
   if (output_memory_format(x) != at::MemoryFormat::ChannelsLast) {
@@ -310,27 +365,35 @@ std::string refusal(const at::Tensor& x, const at::Tensor& weight, const ConvGeo
   return "";
 }
 
-at::Tensor transform_weight(const at::Tensor& weight) {
-  // Row j of G is (1, a, a^2) / prod_{l != j} (a - a_l) for point a = a_j; the last is infinity's.
-  const at::Tensor G = at::tensor({1., 0., 0., 1 / 3., 1 / 3., 1 / 3., -1 / 3., 1 / 3., -1 / 3., -16 / 15., -8 / 15.,
-                                   -4 / 15., 1 / 15., -2 / 15., 4 / 15., 0., 0., 1.},
-                                  at::TensorOptions().dtype(at::kDouble))
-                           .view({6, 3});
+at::Tensor transform_weight(const at::Tensor& weight, int tile) {
+  TORCH_CHECK(tile == 4 || tile == 2, "Winograd's output tile should be 4 or 2, got ", tile);
+  const auto f64 = at::TensorOptions().dtype(at::kDouble);
+  // F(4x4): row j of G is (1, a, a^2) / prod_{l != j} (a - a_l) for point a = a_j; the
+  // last is infinity's. F(2x2): Lavin & Gray's G for the points 0, 1, -1, infinity.
+  const at::Tensor G =
+      tile == 4 ? at::tensor({1., 0., 0., 1 / 3., 1 / 3., 1 / 3., -1 / 3., 1 / 3., -1 / 3., -16 / 15., -8 / 15.,
+                              -4 / 15., 1 / 15., -2 / 15., 4 / 15., 0., 0., 1.},
+                             f64)
+                      .view({6, 3})
+                : at::tensor({1., 0., 0., .5, .5, .5, .5, -.5, .5, 0., 0., 1.}, f64).view({4, 3});
   const at::Tensor w = weight.detach().to(at::kDouble);
-  const at::Tensor u = at::einsum("ai,kcij,bj->abck", {G, w, G});  // (6, 6, C, K)
-  return u.reshape({36, weight.size(1), weight.size(0)}).to(at::kFloat).contiguous();
+  const at::Tensor u = at::einsum("ai,kcij,bj->abck", {G, w, G});  // (A, A, C, K)
+  return u.reshape({(tile + 2) * (tile + 2), weight.size(1), weight.size(0)}).to(at::kFloat).contiguous();
 }
 
-std::optional<at::Tensor> conv_bias_act(const at::Tensor& x, const at::Tensor& u, int64_t k,
-                                        const std::optional<at::Tensor>& bias,
-                                        const std::optional<at::Tensor>& residual, const ConvGeometry& g, bool relu) {
 #if RESNET_FUSED_AVX2
+namespace {
+
+template <int M>
+std::optional<at::Tensor> run(const at::Tensor& x, const at::Tensor& u, int64_t k, const std::optional<at::Tensor>& bias,
+                              const std::optional<at::Tensor>& residual, const ConvGeometry& g, bool relu) {
+  constexpr int P = Tile<M>::kPoints;
   const at::Tensor xc = x.contiguous(at::MemoryFormat::ChannelsLast);
   Grid grid{x.size(0), x.size(2), x.size(3), x.size(1), k, g.padding[0], g.padding[1], 0, 0, 0, 0};
   grid.out_h = grid.h + 2 * grid.pad_h - 2;
   grid.out_w = grid.w + 2 * grid.pad_w - 2;
-  grid.tiles_h = (grid.out_h + 3) / 4;
-  grid.tiles_w = (grid.out_w + 3) / 4;
+  grid.tiles_h = (grid.out_h + M - 1) / M;
+  grid.tiles_w = (grid.out_w + M - 1) / M;
   at::Tensor y = at::empty({grid.n, k, grid.out_h, grid.out_w},
                            x.options().memory_format(at::MemoryFormat::ChannelsLast));
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
@@ -341,9 +404,9 @@ std::optional<at::Tensor> conv_bias_act(const at::Tensor& x, const at::Tensor& u
   float* y_ptr = y.mutable_data_ptr<float>();
 
   const int64_t tiles = grid.n * grid.tiles_h * grid.tiles_w;
-  const int64_t per_tile = 36 * (grid.c + k);
+  const int64_t per_tile = P * (grid.c + k);
   std::atomic<bool> finite{true};
-  if (36 * grid.c * k * int64_t(sizeof(float)) <= kOwnBlocksMaxU) {
+  if (P * grid.c * k * int64_t(sizeof(float)) <= kOwnBlocksMaxU) {
     // Each thread runs the three stages over its own blocks of tiles, V and M in its L2.
     const int64_t by_cache = kOwnBlockBytes / (per_tile * int64_t(sizeof(float)));
     const int64_t by_balance = (tiles + 4 * at::get_num_threads() - 1) / (4 * at::get_num_threads());
@@ -353,18 +416,18 @@ std::optional<at::Tensor> conv_bias_act(const at::Tensor& x, const at::Tensor& u
     at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
       static thread_local Workspace local;
       float* v_local = local.get(rows * per_tile);
-      float* m_local = v_local + 36 * rows * grid.c;
+      float* m_local = v_local + P * rows * grid.c;
       for (int64_t blk = begin; blk < end && finite; ++blk) {
         const int64_t start = blk * rows, count = std::min(rows, tiles - start);
         if (count < rows) {  // the GEMMs run whole groups of 6 rows: zero the rows past the end
-          for (int p = 0; p < 36; ++p) {
+          for (int p = 0; p < P; ++p) {
             std::fill(v_local + (p * rows + count) * grid.c, v_local + (p + 1) * rows * grid.c, 0.f);
           }
         }
-        bool ok = input_transform(x_ptr, grid, start, start + count, start, v_local, rows * grid.c);
+        bool ok = input_transform<M>(x_ptr, grid, start, start + count, start, v_local, rows * grid.c);
         if (ok) {
-          block_gemms(v_local, u_ptr, m_local, rows, grid.c, k);
-          ok = output_transform(m_local, rows * k, grid, start, start + count, start, b_ptr, r_ptr, relu, y_ptr);
+          block_gemms(v_local, u_ptr, m_local, P, rows, grid.c, k);
+          ok = output_transform<M>(m_local, rows * k, grid, start, start + count, start, b_ptr, r_ptr, relu, y_ptr);
         }
         if (!ok) {
           finite = false;
@@ -383,17 +446,17 @@ std::optional<at::Tensor> conv_bias_act(const at::Tensor& x, const at::Tensor& u
   const auto f32 = at::TensorOptions().dtype(at::kFloat);
   for (int64_t start = 0; start < tiles; start += block) {
     const int64_t count = std::min(block, tiles - start);
-    float* m = v + 36 * count * grid.c;
+    float* m = v + P * count * grid.c;
     at::parallel_for(start, start + count, 1, [&](int64_t begin, int64_t end) {
-      if (!input_transform(x_ptr, grid, begin, end, start, v, count * grid.c)) {
+      if (!input_transform<M>(x_ptr, grid, begin, end, start, v, count * grid.c)) {
         finite = false;
       }
     });
     if (!finite) {
       return std::nullopt;
     }
-    at::Tensor m_view = at::from_blob(m, {36, count, k}, f32);
-    const at::Tensor v_view = at::from_blob(v, {36, count, grid.c}, f32);
+    at::Tensor m_view = at::from_blob(m, {P, count, k}, f32);
+    const at::Tensor v_view = at::from_blob(v, {P, count, grid.c}, f32);
     for (int64_t c0 = 0; c0 < grid.c; c0 += kBmmChannelBlock) {
       const int64_t len = std::min(kBmmChannelBlock, grid.c - c0);
       if (c0 == 0) {
@@ -403,7 +466,7 @@ std::optional<at::Tensor> conv_bias_act(const at::Tensor& x, const at::Tensor& u
       }
     }
     at::parallel_for(start, start + count, 1, [&](int64_t begin, int64_t end) {
-      if (!output_transform(m, count * k, grid, begin, end, start, b_ptr, r_ptr, relu, y_ptr)) {
+      if (!output_transform<M>(m, count * k, grid, begin, end, start, b_ptr, r_ptr, relu, y_ptr)) {
         finite = false;
       }
     });
@@ -412,6 +475,18 @@ std::optional<at::Tensor> conv_bias_act(const at::Tensor& x, const at::Tensor& u
     }
   }
   return y;
+}
+
+}  // namespace
+#endif  // RESNET_FUSED_AVX2
+
+std::optional<at::Tensor> conv_bias_act(const at::Tensor& x, const at::Tensor& u, int64_t k,
+                                        const std::optional<at::Tensor>& bias,
+                                        const std::optional<at::Tensor>& residual, const ConvGeometry& g, bool relu) {
+#if RESNET_FUSED_AVX2
+  TORCH_CHECK(u.dim() == 3 && (u.size(0) == 36 || u.size(0) == 16),
+              "Winograd's transformed weight should be (36 or 16, C, K), got ", u.sizes());
+  return u.size(0) == 36 ? run<4>(x, u, k, bias, residual, g, relu) : run<2>(x, u, k, bias, residual, g, relu);
 #else
   TORCH_CHECK(false, "resnet_fused: the Winograd path was not built for this CPU");
 #endif
