@@ -1,4 +1,5 @@
-// Winograd F(4x4, 3x3) convolution for the CPU kernel (float32, NHWC, stride 1).
+// Winograd F(4x4, 3x3) convolution for the CPU kernel (float32, NHWC, stride 1), and
+// F(2x2, 3x3) where RESNET_FUSED_CPU_WINOGRAD_TILE=2 asks for it (below).
 //
 // Each 4x4 tile of output pixels comes from the 6x6 patch of input pixels under it:
 //
@@ -28,6 +29,12 @@
 // with the GEMMs summing the channels in blocks (kChannelBlock below); over a whole
 // network 1.1-1.7x torchvision's own float32 error at 64 px, up to 2.1x on an
 // ill-conditioned ResNet-50 at 32 px (benchmarks/NOTES.md, CPU version 7).
+//
+// F(2x2, 3x3): the same three stages over 2x2 output tiles, 4x4 patches and 16 points
+// (0, 1, -1, infinity), so 16 multiply-adds per channel pair for 4 outputs instead of 36
+// for 16: 2.25x fewer than a direct conv instead of 4x, but transforms of sums and halves
+// only. Measured, batch 8: 0.24-0.47x oneDNN's float32 error, 1.26-1.58x its speed,
+// 1.27-1.67x F(4x4)'s time. The opt-in for precision (CPU version 8 in the NOTES).
 //
 // Non-finite values: Winograd mixes a 6x6 patch into every output of a tile, so one
 // NaN/Inf in x would spread over whole tiles, and an overflow inside a transform could
