@@ -1,6 +1,7 @@
-// Winograd F(4x4, 3x3) (or F(2x2, 3x3)) for the CPU kernel of resnet_fused::native_conv_bias_act: the
-// stride-1 3x3 convolutions of a ResNet in float32, NHWC, with bias, residual and ReLU
-// fused into the output transform. See winograd.cpp for the algorithm and its limits.
+// Winograd F(4x4, 3x3) (or F(2x2, 3x3)) for the CPU kernel of
+// resnet_fused::native_conv_bias_act: the stride-1 3x3 convolutions of a ResNet in float32,
+// NHWC, with bias, residual and ReLU fused into the output transform. See winograd.cpp for
+// the algorithm and its limits.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -30,10 +31,10 @@ std::string refusal(const at::Tensor& x, const at::Tensor& weight, const ConvGeo
 at::Tensor transform_weight(const at::Tensor& weight, int tile);
 
 // relu?(conv3x3(x, w) + bias + residual) with x NHWC float32 and ``u`` from
-// transform_weight (its first dimension says the tile). Returns nullopt when a value met on the way was not finite (a NaN
-// or Inf in x or w, or an overflow inside a transform): Winograd would spread it over
-// whole 4x4 output tiles, so the caller recomputes such a call directly and NaN/Inf
-// land exactly where a direct convolution puts them.
+// transform_weight (its first dimension says the tile). Returns nullopt when a value met
+// on the way was not finite (a NaN or Inf in x or w, or an overflow inside a transform):
+// Winograd would spread it over whole output tiles, so the caller recomputes such a call
+// directly and NaN/Inf land exactly where a direct convolution puts them.
 std::optional<at::Tensor> conv_bias_act(const at::Tensor& x, const at::Tensor& u, int64_t k,
                                         const std::optional<at::Tensor>& bias,
                                         const std::optional<at::Tensor>& residual, const ConvGeometry& g, bool relu);
