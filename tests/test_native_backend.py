@@ -169,6 +169,13 @@ def test_cpu_paths_are_explained(gen):
         "asked) in place" in ops.explain(x, weight, None, res, padding=1)
     text = ops.explain(x, weight, None, None, padding=1)
     assert "(weight pre-packed), then ReLU (where asked) in place" in text and "residual" not in text
+    if WINOGRAD_CPU:  # our kernels name the residual only where the call has one
+        xl, w1 = x.contiguous(memory_format=torch.channels_last), weight[:, :, :1, :1].contiguous()
+        for w in (weight, w1):
+            with_res = ops.explain(xl, w, None, res, padding=w.shape[-1] // 2, backend="native")
+            without = ops.explain(xl, w, None, None, padding=w.shape[-1] // 2, backend="native")
+            assert "with bias, residual and ReLU (where asked)" in with_res, with_res
+            assert "with bias and ReLU (where asked)" in without and "residual" not in without, without
     x64, w64 = x.double(), weight.double()
     assert "conv then one epilogue pass: oneDNN has no Double convolution" in ops.explain(x64, w64, padding=1)
     text = ops.explain(x.bfloat16(), weight.bfloat16(), padding=1, backend="native")
@@ -406,8 +413,10 @@ def test_cpu_winograd_knob_rejects_unknown_values(gen, monkeypatch):
     monkeypatch.setenv("RESNET_FUSED_CPU_WINOGRAD", "1")
     assert WINOGRAD in ops.explain(x, weight, None, res, padding=1, backend="native")
     monkeypatch.setenv("RESNET_FUSED_CPU_WINOGRAD_TILE", "3")
-    with pytest.raises(RuntimeError, match=r"RESNET_FUSED_CPU_WINOGRAD_TILE should be 4 .* or 2 .* got '3'"):
-        ops.conv_bias_act(x, weight, b, res, padding=1, backend="native")
+    for switch in ("1", "0"):  # a bad tile is an error whether or not Winograd is on
+        monkeypatch.setenv("RESNET_FUSED_CPU_WINOGRAD", switch)
+        with pytest.raises(RuntimeError, match=r"RESNET_FUSED_CPU_WINOGRAD_TILE should be 4 .* or 2 .* got '3'"):
+            ops.conv_bias_act(x, weight, b, res, padding=1, backend="native")
 
 
 @needs_extension

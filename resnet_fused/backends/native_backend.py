@@ -6,9 +6,10 @@ csrc/ops/conv_bias_act.cpp and one kernel per device type:
 * CPU (csrc/ops/cpu/): stride-1 3x3 float32 NHWC convs as Winograd F(4x4, 3x3) (or the
   more precise F(2x2, 3x3): ``RESNET_FUSED_CPU_WINOGRAD_TILE=2``) with bias, residual
   and ReLU in its output transform (AVX2; the weight transformed once per fold); the
-  stride-1 1x1 convs of ResNet-50's layer1 as our GEMM with the same epilogue; the others as oneDNN's convolution with the bias as a post-op (the weight
-  packed once per fold), then the residual add and ReLU as ATen's in-place passes; a
-  conv + one epilogue pass of ours where oneDNN has no kernel for the dtype.
+  stride-1 1x1 convs of ResNet-50's layer1 as our GEMM with the same epilogue; the
+  others as oneDNN's convolution with the bias as a post-op (the weight packed once per
+  fold), then the residual add and ReLU as ATen's in-place passes; a conv + one
+  epilogue pass of ours where oneDNN has no kernel for the dtype.
 * CUDA (csrc/ops/cuda/, csrc/cutlass/): a CUTLASS implicit GEMM with the epilogue
   fused for fp16/bf16 NHWC; what it refuses (the 3-channel stem, groups, float32,
   NCHW) takes cuDNN's fused conv ops.

@@ -92,9 +92,14 @@ bool onednn_has_dtype(at::ScalarType dtype) {
   }
 }
 
-// What runs after oneDNN's conv, in the words of explain() (which is not told relu).
+// What runs after oneDNN's conv, and what our kernels fuse, in the words of explain()
+// (which is not told relu).
 std::string in_place_tail(bool residual) {
   return residual ? "the residual add and ReLU (where asked) in place" : "ReLU (where asked) in place";
+}
+
+std::string fused_epilogue(bool residual) {
+  return residual ? "bias, residual and ReLU (where asked)" : "bias and ReLU (where asked)";
 }
 
 std::pair<CpuPath, std::string> choose_path(const at::Tensor& x, const at::Tensor& weight, const ConvGeometry& g,
@@ -110,15 +115,15 @@ std::pair<CpuPath, std::string> choose_path(const at::Tensor& x, const at::Tenso
   const std::string not_winograd = winograd::refusal(x, weight, g);
   if (not_winograd.empty()) {
     const std::string tile = std::to_string(winograd::tile_size());
-    return {CpuPath::kWinograd, "Winograd F(" + tile + "x" + tile +
-                                    ",3x3) with bias, residual and ReLU fused in the output transform (weight "
-                                    "transformed once); oneDNN for a call that meets a non-finite value"};
+    return {CpuPath::kWinograd, "Winograd F(" + tile + "x" + tile + ",3x3) with " + fused_epilogue(residual) +
+                                    " fused in the output transform (weight transformed once); oneDNN for a call "
+                                    "that meets a non-finite value"};
   }
   const std::string not_1x1 = conv1x1::refusal(x, weight, g);
   if (not_1x1.empty()) {
     return {CpuPath::kConv1x1,
-            "1x1 conv as one GEMM over the pixels (AVX2 6x16 register tiles) with bias, residual and ReLU applied "
-            "to each tile before its store"};
+            "1x1 conv as one GEMM over the pixels (AVX2 6x16 register tiles) with " + fused_epilogue(residual) +
+                " applied to each tile before its store"};
   }
   // Say why a float32 3x3 or 1x1 conv took neither only where the answer is not obvious.
   std::string aside;

@@ -298,11 +298,13 @@ class Workspace {
 
 // Winograd only where there are enough tiles to pay for reading U: see refusal().
 constexpr int64_t kMaxUBytesPerTile = int64_t(2) << 20;
-// Up to this size of U (C x K up to 128 x 128), each thread takes its own blocks of tiles
-// through all three stages, with our GEMM kernel; V and M of a block in about
-// kOwnBlockBytes, inside the thread's L2 (512 KiB here). Measured against shared blocks
-// at batch 8: 0.79x the time at 64x56x56, 0.71x at 128x28x28, parity at 256x14x14
-// (where U is 9.4 MB and each block of a few tiles reads all of it).
+// Up to this size of U (C x K up to 128 x 128 for F(4x4), 256 x 256 for F(2x2)), each
+// thread takes its own blocks of tiles through all three stages, with our GEMM kernel;
+// V and M of a block in about kOwnBlockBytes, inside the thread's L2 (512 KiB here).
+// Measured for F(4x4) against shared blocks at batch 8: 0.79x the time at 64x56x56,
+// 0.71x at 128x28x28, parity at 256x14x14 (where U is 9.4 MB and each block of a few
+// tiles reads all of it). F(2x2) at 256x14x14 (U 4 MiB, own blocks): 0.63x the direct
+// conv's time.
 constexpr int64_t kOwnBlocksMaxU = int64_t(4) << 20;
 constexpr int64_t kOwnBlockBytes = int64_t(384) << 10;
 // Shared blocks: V and M of a block in at most about kBlockBytes (a workspace kept by
@@ -326,10 +328,10 @@ int tile_size() {
 }
 
 std::string refusal(const at::Tensor& x, const at::Tensor& weight, const ConvGeometry& g) {
+  const int m = tile_size();  // first: a bad value is an error on every call, as for the switch
   if (switched_off("RESNET_FUSED_CPU_WINOGRAD")) {
     return "RESNET_FUSED_CPU_WINOGRAD=0";
   }
-  const int m = tile_size();
   if (x.scalar_type() != at::kFloat) {
     return std::string("dtype ") + c10::toString(x.scalar_type()) + " (Winograd runs float32 only)";
   }
