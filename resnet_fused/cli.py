@@ -160,7 +160,7 @@ def _fmt(value: Optional[float]) -> str:
 def _cmd_validate(args, parser) -> int:
     from rich.table import Table
 
-    from .validate import default_devices, plan, run_validation
+    from .validate import default_devices, plan, run_validation, winograd_hint
 
     for option in ("arch", "backend", "device", "dtype"):
         _no_repeats(parser, f"--{option}", getattr(args, option))
@@ -197,6 +197,9 @@ def _cmd_validate(args, parser) -> int:
     failed = [r for r in results if r.status == "FAIL"]
     passed = sum(r.status == "PASS" for r in results)
     console.print(f"{passed} passed, {len(failed)} failed, {len(results) - passed - len(failed)} skipped")
+    hint = winograd_hint(results)
+    if hint:
+        console.print(f"[yellow]{hint}[/]")
     if not passed and not failed:
         console.print("[bold red]nothing was validated[/]: every row was skipped (the reasons are in the table)")
     if args.json is not None:

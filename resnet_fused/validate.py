@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import os
 import time
 from typing import Callable, Iterable, Optional
 
@@ -47,6 +48,19 @@ class Result:
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def winograd_hint(results: Iterable[Result]) -> Optional[str]:
+    """What to try where a native CPU float32 row failed while its stride-1 3x3 convs ran
+    as Winograd F(4x4,3x3) (the default), else None."""
+    if os.environ.get("RESNET_FUSED_CPU_WINOGRAD") == "0" or os.environ.get("RESNET_FUSED_CPU_WINOGRAD_TILE") == "2":
+        return None
+    if not any(r.status == "FAIL" and (r.backend, r.device, r.dtype) == ("native", "cpu", "float32") for r in results):
+        return None
+    return ("native on cpu runs float32 stride-1 3x3 convs as Winograd F(4x4,3x3), about twice the direct conv's "
+            "float32 error a conv, which an ill-conditioned model can carry past the bound: "
+            "RESNET_FUSED_CPU_WINOGRAD_TILE=2 runs F(2x2,3x3), more precise than the direct conv (a ResNet-50 "
+            "forward ~6% slower), RESNET_FUSED_CPU_WINOGRAD=0 the direct conv")
 
 
 def default_devices() -> list[str]:

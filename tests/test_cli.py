@@ -40,6 +40,21 @@ def test_validate_exits_nonzero_on_failure(monkeypatch, capsys):
     assert "FAIL" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("tile", [None, "2"], ids=["f4x4", "f2x2"])
+def test_validate_names_the_precise_winograd_tile_when_native_cpu_fails(monkeypatch, capsys, tile):
+    import resnet_fused.validate as validate
+
+    if "native" not in resnet_fused.available_backends("cpu"):
+        pytest.skip("the native backend is not built here")
+    if tile is not None:
+        monkeypatch.setenv("RESNET_FUSED_CPU_WINOGRAD_TILE", tile)
+    monkeypatch.setattr(validate, "tolerance", lambda dtype, device: 0.0)  # nothing can pass a zero bound
+    code = cli.main(["validate", "--arch", "resnet18", "--backend", "native", "--image-size", "32", "--no-progress"])
+    out = " ".join(capsys.readouterr().out.split())  # rich wraps long lines
+    assert code == 1 and "FAIL" in out
+    assert ("RESNET_FUSED_CPU_WINOGRAD_TILE=2 runs F(2x2,3x3)" in out) == (tile is None), out
+
+
 def test_validate_bfloat16_on_cpu_reports_torchs_own_error(capsys):
     code = cli.main(["validate", "--arch", "resnet18", "--dtype", "bf16", "--image-size", "32", "--no-progress"])
     out = capsys.readouterr().out
