@@ -19,6 +19,7 @@ import copy
 from collections import OrderedDict
 
 from torch import nn
+from torch.nn.modules.batchnorm import _NormBase
 from torchvision.models import resnet as tv_resnet
 from torchvision.models._utils import IntermediateLayerGetter
 
@@ -173,6 +174,7 @@ def _unfused_keys_in(container, state_dict, prefix, local_metadata, strict, miss
                      error_msgs) -> None:
     renames = _renames(container, prefix)
     container.__dict__["_resnet_fused_load_renames"] = renames  # for the report after loading
+    _note_missing_batch_counts(container, state_dict, prefix)
     regrouped = {new: old for old, new in renames.items()}
     for key in list(state_dict):
         # every key under the BatchNorm's (or the act's) old name goes to it (also those it
@@ -184,6 +186,24 @@ def _unfused_keys_in(container, state_dict, prefix, local_metadata, strict, miss
             if key.startswith(new):
                 state_dict[old + key[len(new):]] = state_dict.pop(key)
                 break
+
+
+def _note_missing_batch_counts(container, state_dict, prefix: str) -> None:
+    """Tell the marker in each absorbed BatchNorm's place the key to report missing where
+    the checkpoint lacks that BatchNorm's ``num_batches_tracked``: the marker receives the
+    BatchNorm's metadata and reports it when that says version 2, as BatchNorm itself
+    would (an older or unversioned checkpoint keeps the count it has, silently)."""
+    for name, child in container._modules.items():
+        bn_name = getattr(child, "_bn_name", None) if isinstance(child, FusedConvBNAct) else None
+        marker = container._modules.get(bn_name) if bn_name else None
+        if not isinstance(marker, FoldedAway):
+            continue
+        marker.__dict__.pop("_missing_unless_old", None)
+        bn = child.bn
+        if isinstance(bn, _NormBase) and bn.track_running_stats:
+            key = f"{prefix}{bn_name}.num_batches_tracked"
+            if key not in state_dict and f"{prefix}{name}.bn.num_batches_tracked" not in state_dict:
+                marker._missing_unless_old = key
 
 
 def _unfused_key_report(container, incompatible_keys) -> None:

@@ -142,7 +142,21 @@ class FusedConvBNAct(nn.Module):
 
 
 class FoldedAway(nn.Identity):
-    """Marks the place of a module that a :class:`FusedConvBNAct` before it absorbed."""
+    """Marks the place of a module that a :class:`FusedConvBNAct` before it absorbed.
+
+    While a checkpoint loads, the metadata saved under the absorbed BatchNorm's name (its
+    version) comes here, not to the BatchNorm, which now loads under another name. So the
+    one thing that metadata decides is checked here: a version-2 BatchNorm's checkpoint
+    must hold ``num_batches_tracked`` (the container's load hook says when it did not).
+    """
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        missing = self.__dict__.pop("_missing_unless_old", None)
+        if missing is not None and (local_metadata.get("version") or 0) >= 2:
+            missing_keys.append(missing)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
 
 class _FusedBlock(nn.Module):

@@ -1,5 +1,6 @@
 """fuse()/unfuse() on torchvision models, detection/segmentation backbones and plain containers."""
 import copy
+import re
 
 import pytest
 import torch
@@ -307,6 +308,42 @@ def test_torch_compile_fullgraph_over_fused_resnet18(gen):
         out = compiled(x)
         ref = copy.deepcopy(tv_model).double()(x.double())
     assert relative_error(out, ref) <= FP32
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_a_missing_batch_count_is_reported_as_the_unfused_model_reports_it(nested):
+    """BatchNorm's checkpoint version decides whether a missing num_batches_tracked is a
+    missing key (version 2) or silently kept (older or no metadata). After fuse() that
+    metadata is saved under the BatchNorm's old name, which no longer loads it: the fused
+    container must still report the key exactly where the unfused one does, also nested
+    (where its load hook does not see the checkpoint's metadata)."""
+    def build():
+        torch.manual_seed(0)
+        run = nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                            nn.Conv2d(8, 4, 1), nn.BatchNorm2d(4, track_running_stats=False))
+        return nn.Sequential(run) if nested else run
+
+    model = build().eval()
+    randomize_batchnorm_(model, seed=3, calibration_size=8)
+    fused = resnet_fused.fuse(build().eval())
+    outer = "0." if nested else ""
+    key, fused_key = f"{outer}1.num_batches_tracked", f"{outer}0.bn.num_batches_tracked"
+    full = model.state_dict()
+    without = copy.copy(full)  # (keeps the metadata: versions 2)
+    del without[key]
+    old = copy.copy(without)
+    old._metadata = copy.deepcopy(full._metadata)
+    old._metadata[key.rsplit(".", 1)[0]]["version"] = 1
+    for m, buffer in ((model, key), (fused, fused_key)):
+        m.load_state_dict(full, strict=True)
+        assert m.load_state_dict(without, strict=False).missing_keys == [key]
+        with pytest.raises(RuntimeError, match=rf'Missing key\(s\) in state_dict: "{re.escape(key)}"'):
+            m.load_state_dict(without, strict=True)
+        assert str(m.load_state_dict(dict(without), strict=True)) == "<All keys matched successfully>"  # no metadata
+        assert str(m.load_state_dict(old, strict=True)) == "<All keys matched successfully>"
+        assert torch.equal(m.get_buffer(buffer), full[key])  # the count it had is kept
+        assert str(m.load_state_dict(full, strict=True)) == "<All keys matched successfully>"  # nothing left over
+    assert_same_tensors(fused, model)
 
 
 def test_frozen_batchnorm_runs_load_what_they_load_unfused(gen):
