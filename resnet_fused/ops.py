@@ -225,15 +225,20 @@ def check_out(out: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], re
     if torch.compiler.is_compiling() or any(type(t) is not Tensor for t in (x, out)) or out.numel() == 0:
         return  # fake tensors have no storage to compare (the kernels' own check runs eagerly); empty ones share none
 
-    out_storage = out.untyped_storage().data_ptr()
+    out_storage = out.untyped_storage()
+    out_low = out_storage.data_ptr()
+    out_high = out_low + out_storage.nbytes()
 
     def shares(t: Optional[Tensor]) -> bool:  # memory in common: the bytes each spans meet
         if t is None or t.device.type == "meta" or t.numel() == 0:
             return False
         if t is out:
             return True
-        if t.untyped_storage().data_ptr() != out_storage:
-            return False  # another allocation (the common case, and the cheap test)
+        storage = t.untyped_storage()
+        low = storage.data_ptr()
+        if low >= out_high or low + storage.nbytes() <= out_low:
+            return False  # the storages' memory apart (the common case, and the cheap test); two
+            # storages may share memory (two from_numpy or from_dlpack views of one array)
         (first, end), (out_first, out_end) = _byte_span(t), _byte_span(out)
         return first < out_end and out_first < end
 

@@ -221,6 +221,30 @@ def test_out_in_disjoint_slices_of_one_buffer(gen, backend, r):
     assert torch.equal(x, x_before) and torch.equal(res, res_before)
 
 
+def test_out_overlap_is_found_across_storages(gen):
+    """Two storages can hold the same memory (two from_numpy views of one array, or two
+    from_dlpack ones): an out= that overlaps x or a residual that way is refused too, and
+    out in the same array's memory but apart from both is taken."""
+    np = pytest.importorskip("numpy")
+    n_x, n_out = 2 * 4 * 6 * 6, 2 * 8 * 6 * 6
+    array = torch.randn(n_x + 3 * n_out, generator=gen).numpy()
+    x = torch.from_numpy(array[:n_x]).view(2, 4, 6, 6)
+    res = torch.from_numpy(array[n_x:n_x + n_out]).view(2, 8, 6, 6)
+    weight = torch.randn(8, 4, 3, 3, generator=gen) / 6
+    for start, pattern in ((n_x - 8, "out should not share memory with x"),
+                           (n_x + 4, "out may be the residual itself but should not partly overlap it")):
+        out = torch.from_numpy(array[start:start + n_out]).view(2, 8, 6, 6)
+        assert out.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
+        for fn in (ops.conv_bias_act, ops.explain):
+            with pytest.raises(ValueError, match=pattern):
+                fn(x, weight, None, res, padding=1, out=out)
+    out = torch.from_numpy(array[n_x + 2 * n_out:]).view(2, 8, 6, 6)
+    expected = reference_conv_bias_act(x, weight, None, res, 1, 1)
+    ops.conv_bias_act(x, weight, None, res, padding=1, backend="torch", out=out)
+    assert relative_error(out, expected) <= TOLERANCES[torch.float32]
+    assert np.shares_memory(out.numpy(), array)
+
+
 def test_out_refuses_autograd(gen):
     x, weight, bias, res = make_case(gen, 1, 4, 5, 5, 4, 3, 1, 1, 1, 1, torch.float32, True)
     weight.requires_grad_(True)
