@@ -23,7 +23,7 @@ from torchvision.models import resnet as tv_resnet
 
 from . import backends
 from .fold import FoldCache, fold_modules, foldable_batchnorm, uses_batch_statistics
-from ._layout import output_memory_format
+from ._layout import output_memory_format, strides_read_as_channels_last
 from .ops import conv_bias_act
 
 __all__ = ["FusedConvBNAct", "FusedBasicBlock", "FusedBottleneck", "conv_bn_act"]
@@ -102,7 +102,7 @@ def _conv_bn_act(conv, bn, fold, x, relu, residual=None, backend="auto", out=Non
         # that the traced module's load_state_dict could not reach)
         weight, bias = fold_modules(conv, bn)
     else:
-        weight, bias = fold.get(conv, bn, channels_last=x.is_cuda)
+        weight, bias = fold.get(conv, bn, channels_last=x.is_cuda or strides_read_as_channels_last(x))
     return conv_bias_act(
         x, weight, bias, residual, conv.stride, conv.padding, conv.dilation, conv.groups, relu, backend, out=out
     )
