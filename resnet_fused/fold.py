@@ -81,6 +81,25 @@ def _bn_tensors(conv: nn.Conv2d, bn: nn.Module) -> tuple:
     return (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
 
 
+_NONE = object()
+
+
+def _tensor(module: nn.Module, name: str):
+    """``getattr(module, name, None)`` for a parameter or buffer, read from the module's own
+    tables first (nn.Module's ``__getattr__`` fallback costs ~0.6 us, paid 7 times a call)."""
+    d = module.__dict__
+    t = d["_parameters"].get(name, _NONE)
+    if t is _NONE:
+        t = d["_buffers"].get(name, _NONE)
+    return getattr(module, name, None) if t is _NONE else t
+
+
+def _fold_state(conv: nn.Conv2d, bn: nn.Module) -> tuple:
+    """What a fold reads: :func:`_bn_tensors` and ``num_batches_tracked`` (see FoldCache)."""
+    return (_tensor(conv, "weight"), _tensor(conv, "bias"), _tensor(bn, "weight"), _tensor(bn, "bias"),
+            _tensor(bn, "running_mean"), _tensor(bn, "running_var"), _tensor(bn, "num_batches_tracked"))
+
+
 def fold_modules(conv: nn.Conv2d, bn: nn.Module) -> tuple[Tensor, Tensor]:
     """:func:`fold_batchnorm` on the tensors of a conv and its BatchNorm module."""
     return fold_batchnorm(*_bn_tensors(conv, bn), bn.eps)
@@ -148,7 +167,7 @@ class FoldCache:
         return checked[3]
 
     def get(self, conv: nn.Conv2d, bn: nn.Module, channels_last: bool) -> tuple[Tensor, Tensor]:
-        tensors = _bn_tensors(conv, bn) + (getattr(bn, "num_batches_tracked", None),)
+        tensors = _fold_state(conv, bn)
         key = _state_key(tensors, bn.eps, channels_last)
         entry = self._entry
         if key is not None and entry is not None and key == entry[0]:
@@ -174,16 +193,14 @@ class FoldCache:
 
 
 def _state_key(tensors, eps: float, channels_last: bool):
-    key = [eps, channels_last, _optimizer_steps]
-    for t in tensors:
-        if t is None:
-            key.append(None)
-            continue
-        try:
-            version = t._version
-        except RuntimeError:  # inference tensors keep no version counter: never cache
-            return None
-        key.append((t.data_ptr(), version, t.dtype, t.device, tuple(t.shape)))
+    # (a new tensor has a new address: the entry holds the tensors it folded, so no other
+    # can take theirs; the device, of the weight only, for address spaces that could meet)
+    key = [eps, channels_last, _optimizer_steps, tensors[0].device]
+    try:
+        for t in tensors:
+            key.append(None if t is None else (t.data_ptr(), t._version, t.dtype, t.shape))
+    except RuntimeError:  # inference tensors keep no version counter: never cache
+        return None
     return tuple(key)
 
 

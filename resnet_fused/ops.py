@@ -57,6 +57,8 @@ def _groups(value):
 
 
 def _pair(value: IntOrPair, name: str) -> list[int]:
+    if type(value) is tuple and len(value) == 2 and type(value[0]) is int and type(value[1]) is int:
+        return list(value)  # (a conv module's own attributes: the common case, 5x faster)
     one = _as_int(value)
     if one is not None:
         return [one, one]
@@ -65,14 +67,6 @@ def _pair(value: IntOrPair, name: str) -> list[int]:
         if None not in pair:
             return pair
     raise TypeError(f"{name} should be an int or a pair of ints, got {_shown(value)}")
-
-
-def _output_hw(x: Tensor, weight: Tensor, stride, padding, dilation) -> tuple[int, int]:
-    out = []
-    for i in range(2):
-        size, k = x.shape[2 + i], weight.shape[2 + i]
-        out.append((size + 2 * padding[i] - dilation[i] * (k - 1) - 1) // stride[i] + 1)
-    return out[0], out[1]
 
 
 #: the dtypes the op computes in (conv2d's floating-point ones; no float8)
@@ -94,61 +88,67 @@ def check_conv_bias_act_args(
     Raises TypeError for non-tensors and ValueError naming what was expected and
     what came for anything else. Shared by the Python front and the fake kernel.
     """
-    for name, t in (("x", x), ("weight", weight)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} should be a Tensor, got {type(t).__name__}")
-    for name, t in (("bias", bias), ("residual", residual)):
-        if t is not None and not isinstance(t, Tensor):
-            raise TypeError(f"{name} should be a Tensor or None, got {type(t).__name__}")
+    if not isinstance(x, Tensor) or not isinstance(weight, Tensor):
+        name, t = ("x", x) if not isinstance(x, Tensor) else ("weight", weight)
+        raise TypeError(f"{name} should be a Tensor, got {type(t).__name__}")
+    if (bias is not None and not isinstance(bias, Tensor)) or (residual is not None and not isinstance(residual, Tensor)):
+        name, t = ("bias", bias) if bias is not None and not isinstance(bias, Tensor) else ("residual", residual)
+        raise TypeError(f"{name} should be a Tensor or None, got {type(t).__name__}")
+    strided = torch.strided
     for name, t in (("x", x), ("weight", weight), ("bias", bias), ("residual", residual)):
-        if t is not None and t.layout != torch.strided:
+        if t is not None and t.layout != strided:
             raise ValueError(f"{name} should be a dense (strided) tensor, got layout {t.layout}")
-    if x.dim() != 4:
-        raise ValueError(f"x should be 4-D (N, C, H, W), got {x.dim()}-D with shape {tuple(x.shape)}")
-    if weight.dim() != 4:
-        raise ValueError(f"weight should be 4-D (K, C/groups, R, S), got {weight.dim()}-D with shape {tuple(weight.shape)}")
-    if x.dtype not in _DTYPES:
-        raise ValueError(f"x should be a floating-point tensor (float32, float16, bfloat16, float64), got {x.dtype}")
-    if weight.dtype != x.dtype:
-        raise ValueError(f"weight dtype should match x ({x.dtype}), got {weight.dtype}")
-    if weight.device != x.device:
-        raise ValueError(f"weight should be on x's device ({x.device}), got {weight.device}")
-    for name, v, low in (("stride", stride, 1), ("padding", padding, 0), ("dilation", dilation, 1)):
-        if len(v) != 2 or any(e < low for e in v):
-            raise ValueError(f"{name} should be two ints >= {low}, got {list(v)}")
+    x_shape, w_shape = x.shape, weight.shape
+    if len(x_shape) != 4:
+        raise ValueError(f"x should be 4-D (N, C, H, W), got {len(x_shape)}-D with shape {tuple(x_shape)}")
+    if len(w_shape) != 4:
+        raise ValueError(f"weight should be 4-D (K, C/groups, R, S), got {len(w_shape)}-D with shape {tuple(w_shape)}")
+    dtype, device = x.dtype, x.device
+    if dtype not in _DTYPES:
+        raise ValueError(f"x should be a floating-point tensor (float32, float16, bfloat16, float64), got {dtype}")
+    if weight.dtype != dtype:
+        raise ValueError(f"weight dtype should match x ({dtype}), got {weight.dtype}")
+    if weight.device != device:
+        raise ValueError(f"weight should be on x's device ({device}), got {weight.device}")
+    if len(stride) != 2 or len(padding) != 2 or len(dilation) != 2 or stride[0] < 1 or stride[1] < 1 or \
+            padding[0] < 0 or padding[1] < 0 or dilation[0] < 1 or dilation[1] < 1:
+        for name, v, low in (("stride", stride, 1), ("padding", padding, 0), ("dilation", dilation, 1)):
+            if len(v) != 2 or any(e < low for e in v):
+                raise ValueError(f"{name} should be two ints >= {low}, got {list(v)}")
     if isinstance(groups, bool) or not isinstance(groups, (int, torch.SymInt)) or groups < 1:
         raise ValueError(f"groups should be a positive int, got {groups!r}")
-    n, c = x.shape[0], x.shape[1]
-    k, c_per_group = weight.shape[0], weight.shape[1]
+    n, c, h, w = x_shape
+    k, c_per_group, r, s = w_shape
     if k < 1 or c_per_group < 1:
         raise ValueError(f"weight should have at least one output and one input channel, got shape "
-                         f"{tuple(weight.shape)}")
-    if weight.shape[2] < 1 or weight.shape[3] < 1:
-        raise ValueError(f"weight's kernel should be at least 1x1, got shape {tuple(weight.shape)}")
+                         f"{tuple(w_shape)}")
+    if r < 1 or s < 1:
+        raise ValueError(f"weight's kernel should be at least 1x1, got shape {tuple(w_shape)}")
     if k % groups != 0:
         raise ValueError(f"weight's output channels ({k}) should be divisible by groups ({groups})")
     if c != c_per_group * groups:
         raise ValueError(
-            f"x should have {c_per_group * groups} channels (weight {tuple(weight.shape)} with groups={groups}), "
-            f"got {c} channels in x of shape {tuple(x.shape)}"
+            f"x should have {c_per_group * groups} channels (weight {tuple(w_shape)} with groups={groups}), "
+            f"got {c} channels in x of shape {tuple(x_shape)}"
         )
-    p, q = _output_hw(x, weight, stride, padding, dilation)
+    p = (h + 2 * padding[0] - dilation[0] * (r - 1) - 1) // stride[0] + 1
+    q = (w + 2 * padding[1] - dilation[1] * (s - 1) - 1) // stride[1] + 1
     if p < 1 or q < 1:
         raise ValueError(
-            f"the convolution output would be empty ({p}x{q}): input {tuple(x.shape[2:])}, kernel "
-            f"{tuple(weight.shape[2:])}, stride {list(stride)}, padding {list(padding)}, dilation {list(dilation)}"
+            f"the convolution output would be empty ({p}x{q}): input {tuple(x_shape[2:])}, kernel "
+            f"{tuple(w_shape[2:])}, stride {list(stride)}, padding {list(padding)}, dilation {list(dilation)}"
         )
     out_shape = (n, k, p, q)
     if bias is not None:
         if bias.shape != (k,):
             raise ValueError(f"bias should have shape ({k},), got {tuple(bias.shape)}")
-        if bias.dtype != x.dtype or bias.device != x.device:
-            raise ValueError(f"bias should be {x.dtype} on {x.device}, got {bias.dtype} on {bias.device}")
+        if bias.dtype != dtype or bias.device != device:
+            raise ValueError(f"bias should be {dtype} on {device}, got {bias.dtype} on {bias.device}")
     if residual is not None:
-        if tuple(residual.shape) != out_shape:
+        if residual.shape != out_shape:
             raise ValueError(f"residual should have the output's shape {out_shape}, got {tuple(residual.shape)}")
-        if residual.dtype != x.dtype or residual.device != x.device:
-            raise ValueError(f"residual should be {x.dtype} on {x.device}, got {residual.dtype} on {residual.device}")
+        if residual.dtype != dtype or residual.device != device:
+            raise ValueError(f"residual should be {dtype} on {device}, got {residual.dtype} on {residual.device}")
     return out_shape
 
 
