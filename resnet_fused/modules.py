@@ -222,6 +222,15 @@ class _FusedBlock(nn.Module):
         block.__dict__["_modules"] = dict(self._modules)
         return block
 
+    def _runs_unfused(self, x: Tensor) -> bool:
+        """Whether torchvision's own forward must run: train mode, an activation other
+        than ReLU, a trace or transform that cannot see the fused op (:func:`runs_unfused`),
+        or a hook on a module the fused forward would not call."""
+        modules = self._modules  # (one read each, not nn.Module.__getattr__'s)
+        relu = modules["relu"]
+        return self.training or type(relu) is not nn.ReLU or runs_unfused(x) or \
+            watched(relu, *(modules[name] for pair in self._pairs for name in pair))
+
     def _pair(self, conv_name: str, bn_name: str, x: Tensor, relu: bool, residual: Optional[Tensor] = None,
               out: Optional[Tensor] = None):
         modules = self._modules
@@ -241,14 +250,15 @@ class _FusedBlock(nn.Module):
         ResNet-50 at batch 8 on 2 cores: 0.94x the forward's time, the page faults of
         fresh outputs saved). Elsewhere, a new output.
         """
-        conv = getattr(self, conv_name)
+        modules = self._modules
+        conv, bn = modules[conv_name], modules[bn_name]
         reuse = (
             identity_is_dead
             and not torch.is_grad_enabled()
             and not torch.compiler.is_compiling()
             and not torch.jit.is_tracing()  # (the tracer takes no bool from the in-place query)
-            and not uses_batch_statistics(getattr(self, bn_name))  # (then the modules run, unfused)
-            and self._folds[conv_name].foldable(conv, getattr(self, bn_name))  # (likewise)
+            and not uses_batch_statistics(bn)  # (then the modules run, unfused)
+            and self._folds[conv_name].foldable(conv, bn)  # (likewise)
             and type(identity) is Tensor
             and identity.dtype == x.dtype == conv.weight.dtype  # (not so under torch.autocast)
             and identity.is_contiguous(memory_format=output_memory_format(x))
@@ -295,8 +305,7 @@ class FusedBasicBlock(_FusedBlock, tv_resnet.BasicBlock):
         self._init_checked(backend)
 
     def forward(self, x: Tensor, *, _input_is_dead: bool = False) -> Tensor:
-        if self.training or type(self.relu) is not nn.ReLU or runs_unfused(x) or \
-                watched(self.conv1, self.bn1, self.conv2, self.bn2, self.relu):
+        if self._runs_unfused(x):
             return self._reference_forward(x)
         identity, identity_is_dead = self._identity(x, _input_is_dead)
         out = self._pair("conv1", "bn1", x, relu=True)
@@ -321,8 +330,7 @@ class FusedBottleneck(_FusedBlock, tv_resnet.Bottleneck):
         self._init_checked(backend)
 
     def forward(self, x: Tensor, *, _input_is_dead: bool = False) -> Tensor:
-        if self.training or type(self.relu) is not nn.ReLU or runs_unfused(x) or \
-                watched(self.conv1, self.bn1, self.conv2, self.bn2, self.conv3, self.bn3, self.relu):
+        if self._runs_unfused(x):
             return self._reference_forward(x)
         identity, identity_is_dead = self._identity(x, _input_is_dead)
         out = self._pair("conv1", "bn1", x, relu=True)

@@ -312,12 +312,13 @@ def select(
 ) -> tuple[Backend, list[tuple[str, str]]]:
     """The backend that will run this call and, for each one passed over, why.
     ``running=False``: only asking (explain), not counted by :func:`tally_runs`."""
-    chain = _fallback_chain(resolve(name, x.device), x.device.type)
+    dev_type = x.device.type
+    chain = _fallback_chain(resolve(name, x.device) if name == "auto" or name is None else name, dev_type)
     skipped: list[tuple[str, str]] = []
     for candidate in chain:
         reason = unavailable_reason(candidate)
-        if reason is None and not _REGISTRY[candidate].runs_on(x.device.type):
-            reason = f"does not run on {x.device.type} tensors"
+        if reason is None and not _REGISTRY[candidate].runs_on(dev_type):
+            reason = f"does not run on {dev_type} tensors"
         if reason is None:
             reason = _REGISTRY[candidate].refuses(x, weight, residual, stride, padding, dilation, groups)
         if reason is None:
@@ -334,9 +335,15 @@ def select(
     raise AssertionError("the torch backend takes every call")  # pragma: no cover
 
 
-def _fallback_chain(first: str, dev_type: str) -> list[str]:
+def _fallback_chain(first: str, dev_type: str) -> tuple[str, ...]:
     """The asked-for backend, then the slower ones after it in the auto order; torch last."""
-    order = list(AUTO_ORDER.get(dev_type, ("torch",)))
-    if first in order:
-        return order[order.index(first):]
-    return [first, "torch"]
+    chain = _CHAINS.get((first, dev_type))
+    if chain is None:
+        check_name(first)  # (a misspelt name is an error, never a chain of its own)
+        order = list(AUTO_ORDER.get(dev_type, ("torch",)))
+        chain = tuple(order[order.index(first):]) if first in order else (first, "torch")
+        _CHAINS[(first, dev_type)] = chain
+    return chain
+
+
+_CHAINS: dict[tuple[str, str], tuple[str, ...]] = {}  # (fixed per process, as AUTO_ORDER is)
