@@ -41,6 +41,7 @@ def test_model(benchmark, arch, provider, batch, device, dtype):
     gen = torch.Generator().manual_seed(batch)
     inputs = [torch.randn(batch, 3, size, size, generator=gen).to(device, dtype) for _ in range(3)]
     run, setup_s = model_runner(provider, arch, _MODELS[arch], inputs[0])
+    benchmark.group = f"{arch} b{batch}"  # (before pedantic(), which copies it into the stats)
     with torch.inference_mode():
         timing = time_fn(lambda i: run(inputs[i % 3]), device, warmup=1 if bench_config.quick() else 5,
                          runs=bench_config.runs())
@@ -52,7 +53,6 @@ def test_model(benchmark, arch, provider, batch, device, dtype):
                 torch.cuda.synchronize()
 
         benchmark.pedantic(synced, rounds=bench_config.runs(), iterations=1, warmup_rounds=1)
-    benchmark.group = f"{arch} b{batch}"
     benchmark.extra_info.update(
         arch=arch, provider=provider, batch=batch, dtype=str(dtype), device=str(device), image_size=size,
         setup_s=setup_s, event_median_ms=timing.median_ms, images_per_s=batch / (timing.median_ms / 1e3),

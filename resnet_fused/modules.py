@@ -39,12 +39,16 @@ def watched(*modules: Optional[nn.Module]) -> bool:
             g._global_backward_pre_hooks:
         return True
     stack = [m for m in modules if m is not None]
-    while stack:  # (the modules and their submodules: a walk without module.modules()'s memo, 3x faster)
+    seen = None  # (ids of the modules with children walked: a module graph may hold a cycle)
+    while stack:  # (the modules and their submodules, without module.modules()'s generators: 3x faster)
         m = stack.pop()
         if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
             return True
         if m._modules:
-            stack.extend(child for child in m._modules.values() if child is not None)
+            seen = set() if seen is None else seen
+            if id(m) not in seen:
+                seen.add(id(m))
+                stack.extend(child for child in m._modules.values() if child is not None)
     return False
 
 

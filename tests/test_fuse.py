@@ -244,6 +244,18 @@ def test_hooks_on_modules_inside_fused_ones_still_fire(gen, when):
     assert seen_global.count("Conv2d") == sum(isinstance(m, nn.Conv2d) for m in tv_model.modules())
 
 
+def test_the_hook_walk_ends_on_a_module_graph_with_a_cycle():
+    """watched() (is a hook anywhere under these modules?) walks children itself, for
+    speed: a module that holds itself among its children must not make it loop."""
+    from resnet_fused.modules import watched
+
+    looped = nn.Sequential(nn.ReLU(), nn.Sequential(nn.Identity()))
+    looped[1].add_module("back", looped)
+    assert watched(looped) is False
+    looped[1][0].register_forward_hook(lambda *args: None)
+    assert watched(looped) is True
+
+
 def test_backward_hooks_inside_fused_modules_still_fire(gen):
     tv_model = seeded_torchvision_model("resnet18", seed=8, calibration_size=32).eval()
     fused = resnet_fused.fuse(tv_model)
