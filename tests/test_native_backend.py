@@ -561,6 +561,151 @@ def test_cpu_conv1x1_keeps_non_finite_values_where_a_direct_conv_puts_them(gen, 
     assert relative_error(out.nan_to_num(0.0, 0.0, 0.0), direct.nan_to_num(0.0, 0.0, 0.0)) <= 1e-5
 
 
+# ---- grouped convs with 4 channels per group, float32 NHWC (ResNeXt's first stage) -----
+
+GROUPED = "grouped conv with 4 channels per group as a direct AVX2 conv"
+
+
+def _grouped_case(gen, n, groups, h, w, r, stride, padding, dilation, residual=True, bias=True):
+    x, weight, b, res = make_case(gen, n, 4 * groups, h, w, 4 * groups, r, stride, padding, dilation, groups,
+                                  torch.float32, residual, channels_last=True)
+    return x, weight, b if bias else None, res
+
+
+@needs_extension
+@needs_avx2
+@pytest.mark.parametrize("n, groups, h, w, r, stride, padding, dilation", [
+    (2, 32, 9, 9, 3, 1, 1, 1),
+    (2, 4, 11, 9, 3, 2, 1, 1),
+    (1, 6, 10, 13, 3, 1, 2, 2),
+    (1, 2, 8, 9, 3, 1, 0, 1),
+    (1, 2, 3, 40, 3, 1, 1, 1),
+    (1, 4, 9, 9, 5, 1, 2, 1),
+    (2, 2, 2, 2, 3, 1, 1, 1),
+    (1, 2, 7, 12, 1, 3, 0, 1),
+], ids=["resnext_128_channels", "stride_2_odd", "dilation_2", "no_padding", "tiles_of_7_4_and_1",
+        "5x5", "map_smaller_than_taps", "1x1_stride_3"])
+@pytest.mark.parametrize("residual", [False, True], ids=["no_residual", "residual"])
+@pytest.mark.parametrize("relu", [False, True], ids=["no_relu", "relu"])
+@pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
+def test_cpu_grouped_matches_reference(gen, n, groups, h, w, r, stride, padding, dilation, residual, relu, bias):
+    x, weight, b, res = _grouped_case(gen, n, groups, h, w, r, stride, padding, dilation, residual, bias)
+    assert GROUPED in ops.explain(x, weight, None, res, stride, padding, dilation, groups, backend="native")
+    out = run_native(x, weight, b, res, stride, padding, dilation, groups, relu)
+    ref = reference_conv_bias_act(x, weight, b, res, stride, padding, dilation, groups, relu)
+    assert out.shape == ref.shape and out.is_contiguous(memory_format=torch.channels_last)
+    assert relative_error(out, ref) <= TOLERANCES[torch.float32]
+
+
+@needs_extension
+@needs_avx2
+@settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    n=st.integers(1, 3), groups=st.sampled_from([2, 4, 6]), h=st.integers(1, 16), w=st.integers(1, 24),
+    r=st.integers(1, 5), s=st.integers(1, 5), stride=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+    padding=st.tuples(st.integers(0, 3), st.integers(0, 3)), dilation=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+    residual=st.booleans(), relu=st.booleans(), seed=st.integers(0, 2**31 - 1),
+)
+def test_cpu_grouped_random_shapes_match_reference(n, groups, h, w, r, s, stride, padding, dilation, residual, relu,
+                                                   seed):
+    p = (h + 2 * padding[0] - dilation[0] * (r - 1) - 1) // stride[0] + 1
+    q = (w + 2 * padding[1] - dilation[1] * (s - 1) - 1) // stride[1] + 1
+    if p < 1 or q < 1 or h * w == 1:
+        return  # an empty output is rejected by the argument checks; a 1x1 map is NCHW too
+    gen = torch.Generator().manual_seed(seed)
+    c = 4 * groups
+    x = torch.randn(n, c, h, w, generator=gen).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(c, 4, r, s, generator=gen) / (4 * r * s) ** 0.5
+    bias = torch.randn(c, generator=gen)
+    res = torch.randn(n, c, p, q, generator=gen) if residual else None
+    text = ops.explain(x, weight, None, res, list(stride), list(padding), list(dilation), groups, backend="native")
+    assert GROUPED in text, text
+    out = run_native(x, weight, bias, res, list(stride), list(padding), list(dilation), groups, relu)
+    ref = reference_conv_bias_act(x, weight, bias, res, stride, padding, dilation, groups, relu)
+    assert relative_error(out, ref) <= TOLERANCES[torch.float32]
+
+
+@needs_extension
+@needs_avx2
+@pytest.mark.parametrize("change, why", [
+    (dict(channels_last=False), "input not channels_last"),
+    (dict(k=32), "4 input and 8 output channels per group, 32 in all"),
+    (dict(c=12, k=12, groups=3), "4 input and 4 output channels per group, 12 in all (the grouped kernel takes 4 "
+                                 "and 4, an even number of groups)"),
+    (dict(knob="0"), "RESNET_FUSED_CPU_GROUPED=0"),
+], ids=["nchw", "8_outputs_per_group", "odd_groups", "knob_off"])
+def test_cpu_grouped_refusals_are_explained_and_still_correct(gen, monkeypatch, change, why):
+    a = dict(c=16, k=16, groups=4, channels_last=True, knob=None) | change
+    if a["knob"] is not None:
+        monkeypatch.setenv("RESNET_FUSED_CPU_GROUPED", a["knob"])
+    x, weight, b, res = make_case(gen, 2, a["c"], 9, 9, a["k"], 3, 1, 1, 1, a["groups"], torch.float32, True,
+                                  a["channels_last"])
+    text = ops.explain(x, weight, None, res, 1, 1, 1, a["groups"], backend="native")
+    assert "oneDNN conv" in text and f"(not the grouped kernel: {why}" in text, text
+    out = run_native(x, weight, b, res, 1, 1, 1, a["groups"], True)
+    assert relative_error(out, reference_conv_bias_act(x, weight, b, res, 1, 1, 1, a["groups"], True)) <= 1e-5
+
+
+@needs_extension
+@needs_avx2
+def test_cpu_grouped_knob_rejects_unknown_values(gen, monkeypatch):
+    x, weight, b, res = _grouped_case(gen, 1, 2, 6, 6, 3, 1, 1, 1)
+    monkeypatch.setenv("RESNET_FUSED_CPU_GROUPED", "yes")
+    with pytest.raises(RuntimeError, match=r"RESNET_FUSED_CPU_GROUPED should be 0 \(off\) or 1 .* got 'yes'"):
+        ops.conv_bias_act(x, weight, b, res, padding=1, groups=2, backend="native")
+
+
+@needs_extension
+@needs_avx2
+@pytest.mark.parametrize("poison", ["nan_input", "inf_input", "nan_weight", "inf_weight", "nan_residual",
+                                    "nan_bias", "nan_input_at_the_edge"])
+def test_cpu_grouped_keeps_non_finite_values_where_a_direct_conv_puts_them(gen, monkeypatch, poison):
+    x, weight, b, res = _grouped_case(gen, 2, 4, 9, 10, 3, 1, 1, 1)
+    what, where = poison.split("_")[:2]
+    target = {"input": x, "weight": weight, "residual": res, "bias": b}[where]
+    index = {"input": (1, 3, 2, 4), "weight": (5, 2, 1, 0), "residual": (0, 9, 1, 1), "bias": (11,)}[where]
+    if poison.endswith("edge"):
+        index = (0, 13, 8, 9)
+    target[index] = float(what)
+    assert GROUPED in ops.explain(x, weight, None, res, padding=1, groups=4, backend="native")
+    out = ops.conv_bias_act(x, weight, b, res, padding=1, groups=4, backend="native")
+    ref = reference_conv_bias_act(x, weight, b, res, 1, 1, 1, 4)
+    assert torch.equal(out.isnan(), ref.isnan()) and torch.equal(out.isinf(), ref.isinf())
+    assert (~out.isfinite()).any() and out.isfinite().any()
+    # oneDNN's conv (the knob off) skips the taps in the padding, where the float64
+    # reference and this kernel multiply zeros by a NaN weight: compared where both are finite.
+    monkeypatch.setenv("RESNET_FUSED_CPU_GROUPED", "0")
+    direct = ops.conv_bias_act(x, weight, b, res, padding=1, groups=4, backend="native")
+    finite = out.isfinite() & direct.isfinite()
+    assert relative_error(out[finite], direct[finite]) <= 1e-5
+
+
+@needs_extension
+@needs_avx2
+@pytest.mark.parametrize("into", ["residual", "new"])
+def test_cpu_grouped_writes_out_in_place(gen, into):
+    x, weight, b, res = _grouped_case(gen, 2, 8, 9, 9, 3, 2, 1, 1)
+    ref = reference_conv_bias_act(x, weight, b, res, 2, 1, 1, 8)
+    out = res if into == "residual" else torch.empty_like(res)
+    text = ops.explain(x, weight, b, res, 2, 1, 1, 8, backend="native", out=out)
+    assert GROUPED in text and text.endswith("(in place)"), text
+    with torch.no_grad():
+        y = ops.conv_bias_act(x, weight, b, res, 2, 1, 1, 8, backend="native", out=out)
+    assert y is out and relative_error(out, ref) <= TOLERANCES[torch.float32]
+
+
+@needs_extension
+@needs_avx2
+def test_cpu_grouped_packed_weight_follows_in_place_edits(gen):
+    x, weight, b, res = _grouped_case(gen, 2, 4, 7, 7, 3, 1, 1, 1)
+    for step in range(3):  # the second call is served from the cache, the third after an edit
+        if step == 2:
+            with torch.no_grad():
+                weight.mul_(-0.5)
+        out = ops.conv_bias_act(x, weight, b, res, padding=1, groups=4, backend="native")
+        assert relative_error(out, reference_conv_bias_act(x, weight, b, res, 1, 1, 1, 4)) <= 1e-5
+
+
 @needs_extension
 def test_cpu_blocks_write_into_dead_identities_only(gen, monkeypatch):
     """In a fused ResNet-50 forward without autograd, each block's last conv writes into

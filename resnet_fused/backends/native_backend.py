@@ -66,10 +66,10 @@ class NativeBackend(Backend):
             x, weight, bias, residual, list(stride), list(padding), list(dilation), groups, relu
         )
 
-    # On the CPU the 1x1 GEMM stores its tiles into out, and oneDNN accumulates into the
-    # residual (its sum post-op) where it runs in x's dtype; Winograd, which may have to
-    # recompute a call from the residual, computes and copies, as do the
-    # float32-for-bfloat16 and float64 paths and everything on CUDA.
+    # On the CPU the 1x1 GEMM and the grouped kernel store their tiles into out, and
+    # oneDNN accumulates into the residual (its sum post-op) where it runs in x's dtype;
+    # Winograd, which may have to recompute a call from the residual, computes and
+    # copies, as do the float32-for-bfloat16 and float64 paths and everything on CUDA.
     out_in_place_devices = ("cpu",)
 
     def writes_out_in_place(self, x, weight, residual, stride, padding, dilation, groups) -> bool:

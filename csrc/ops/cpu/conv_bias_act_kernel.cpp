@@ -8,6 +8,10 @@
 // Stride-1 1x1 convs in float32 NHWC with at most 64 KiB of weight (ResNet-50's layer1):
 // one GEMM over the pixels with the epilogue applied to each register tile (conv1x1.cpp).
 //
+// Grouped convs with 4 channels per group in float32 NHWC (ResNeXt 32x4d's and 64x4d's
+// first stage, where oneDNN is slow): a direct conv with the epilogue applied to each
+// register tile (grouped.cpp).
+//
 // Other convs: oneDNN's convolution with the bias as its post-op, then the residual
 // add and the ReLU as ATen's vectorized in-place add_ and relu_.
 // Measured on ResNet-50's residual 1x1 convs (benchmarks/NOTES.md): oneDNN's binary
@@ -36,13 +40,14 @@
 
 #include "../conv_bias_act.h"
 #include "conv1x1.h"
+#include "grouped.h"
 #include "winograd.h"
 
 namespace resnet_fused {
 namespace ops {
 namespace {
 
-enum class CpuPath { kWinograd, kConv1x1, kOneDnn, kOneDnnFloat32, kConvThenEpilogue };
+enum class CpuPath { kWinograd, kConv1x1, kGrouped, kOneDnn, kOneDnnFloat32, kConvThenEpilogue };
 
 // ---- ATen's oneDNN fused conv ops, looked up once ----------------------------------
 
@@ -125,9 +130,16 @@ std::pair<CpuPath, std::string> choose_path(const at::Tensor& x, const at::Tenso
             "1x1 conv as one GEMM over the pixels (AVX2 6x16 register tiles) with " + fused_epilogue(residual) +
                 " applied to each tile before its store"};
   }
+  const std::string not_grouped = grouped::refusal(x, weight, g);
+  if (not_grouped.empty()) {
+    return {CpuPath::kGrouped, "grouped conv with 4 channels per group as a direct AVX2 conv (weight packed once) "
+                               "with " + fused_epilogue(residual) + " applied to each tile before its store"};
+  }
   // Say why a float32 3x3 or 1x1 conv took neither only where the answer is not obvious.
   std::string aside;
-  if (x.scalar_type() == at::kFloat && weight.size(2) == 3 && weight.size(3) == 3) {
+  if (x.scalar_type() == at::kFloat && g.groups > 1 && weight.size(1) == 4) {
+    aside = " (not the grouped kernel: " + not_grouped + ")";
+  } else if (x.scalar_type() == at::kFloat && weight.size(2) == 3 && weight.size(3) == 3) {
     aside = " (not Winograd: " + not_winograd + ")";
   } else if (x.scalar_type() == at::kFloat && weight.size(2) == 1 && weight.size(3) == 1) {
     aside = " (not the 1x1 GEMM: " + not_1x1 + ")";
@@ -149,9 +161,9 @@ std::pair<CpuPath, std::string> choose_path(const at::Tensor& x, const at::Tenso
 
 // ---- weights packed once per (weight tensor, version, geometry) ---------------------
 //
-// Three packings: oneDNN's blocked layout for the call's geometry and input sizes,
-// Winograd's transformed weight, or the 1x1 GEMM's W^T (the last two independent of the
-// input sizes, so one per weight).
+// Four packings: oneDNN's blocked layout for the call's geometry and input sizes,
+// Winograd's transformed weight, the 1x1 GEMM's W^T, or the grouped kernel's taps (the
+// last three independent of the input sizes, so one per weight).
 //
 // An entry is served only while its weight tensor is alive and unchanged: same
 // TensorImpl, version counter, data pointer, sizes and strides. That catches in-place
@@ -161,7 +173,7 @@ std::pair<CpuPath, std::string> choose_path(const at::Tensor& x, const at::Tenso
 // On a miss, the weight's older entries and those of freed weights are dropped, so the
 // cache holds about one packed copy per live weight and input shape.
 
-enum class Packing : int64_t { kOneDnn, kWinograd, kWinograd2x2, kConv1x1 };
+enum class Packing : int64_t { kOneDnn, kWinograd, kWinograd2x2, kConv1x1, kGrouped };
 
 using WeakTensorImpl = c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>;
 
@@ -221,6 +233,9 @@ class PackedWeightCache {
     }
     if (packing == Packing::kConv1x1) {
       return conv1x1::pack_weight(weight);
+    }
+    if (packing == Packing::kGrouped) {
+      return grouped::pack_weight(weight);
     }
     return at::mkldnn_reorder_conv2d_weight(weight.contiguous().to_mkldnn(), g.padding, g.stride, g.dilation,
                                             g.groups, x_sizes);
@@ -352,6 +367,9 @@ at::Tensor native_conv_bias_act_cpu(const at::Tensor& x, const at::Tensor& weigh
     case CpuPath::kConv1x1:
       return conv1x1::conv_bias_act(x, packed_weights().get(weight, Packing::kConv1x1, at::kFloat, g, {}), bias,
                                     residual, relu);
+    case CpuPath::kGrouped:
+      return grouped::conv_bias_act(x, packed_weights().get(weight, Packing::kGrouped, at::kFloat, g, {}), bias,
+                                    residual, g, relu);
     case CpuPath::kOneDnn:
       return onednn_conv_bias_act(x, weight, bias, residual, g, relu, x.scalar_type(), fmt);
     case CpuPath::kOneDnnFloat32:
@@ -362,7 +380,7 @@ at::Tensor native_conv_bias_act_cpu(const at::Tensor& x, const at::Tensor& weigh
   return conv_then_epilogue(x, weight, bias, residual, g, relu, fmt);
 }
 
-// out=: written into ``out`` directly by the 1x1 GEMM, into the residual by oneDNN's
+// out=: written into ``out`` directly by the 1x1 GEMM and the grouped kernel, into the residual by oneDNN's
 // sum post-op when out is the residual; every other case computes as above and copies
 // (Winograd too: a call that meets a NaN/Inf is recomputed from the residual, which
 // must still hold its values then).
@@ -381,6 +399,11 @@ void native_conv_bias_act_out_cpu(const at::Tensor& x, const at::Tensor& weight,
                              relu, &out);
       // Written through raw pointers: tell autograd, as an in-place aten op would (a
       // graph that saved ``out`` then raises instead of reading the new values).
+      out.unsafeGetTensorImpl()->bump_version();
+      return;
+    case CpuPath::kGrouped:
+      grouped::conv_bias_act(x, packed_weights().get(weight, Packing::kGrouped, at::kFloat, g, {}), bias, residual, g,
+                             relu, &out);
       out.unsafeGetTensorImpl()->bump_version();
       return;
     case CpuPath::kOneDnn:
@@ -403,6 +426,7 @@ bool native_conv_bias_act_in_place_cpu(const at::Tensor& x, const at::Tensor& we
       check_conv_bias_act_args(x, weight, std::nullopt, residual, stride, padding, dilation, groups).first;
   switch (choose_path(x, weight, g, residual.has_value()).first) {
     case CpuPath::kConv1x1:
+    case CpuPath::kGrouped:
       return true;
     case CpuPath::kOneDnn:  // the conditions under which onednn_conv_bias_act accumulates into the residual
       return residual.has_value() && onednn_ops().binary_inplace.has_value() &&
