@@ -856,6 +856,16 @@ def test_cpu_conv1x1_opcheck(gen):
 
 
 @needs_extension
+@needs_avx2
+def test_cpu_grouped_opcheck(gen):
+    x, weight, b, res = _grouped_case(gen, 2, 4, 7, 9, 3, 2, 1, 1)
+    assert GROUPED in ops.explain(x, weight, None, res, 2, 1, 1, 4, backend="native")
+    args = (x, weight, b, res, [2, 2], [1, 1], [1, 1], 4, True)
+    torch.library.opcheck(torch.ops.resnet_fused.native_conv_bias_act.default, args)
+    torch.library.opcheck(torch.ops.resnet_fused.native_conv_bias_act.out, args, {"out": torch.empty_like(res)})
+
+
+@needs_extension
 @pytest.mark.parametrize("case", [
     ((2, 8, 9, 9), (16, 8, 3, 3), True, True, [1, 1], [1, 1], [1, 1], 1, True),
     ((1, 6, 7, 8), (6, 2, 3, 3), True, False, [2, 1], [1, 0], [1, 2], 3, False),
