@@ -5,7 +5,7 @@
 //     y[n, oh, ow, o] = relu?(sum_{r, s, j<4} x[n, ih, iw, 4 g(o) + j] w[o, j, r, s]
 //                             + bias[o] + residual[n, oh, ow, o]).
 //
-// oneDNN's grouped convolution reaches only 18-28 GFLOP/s here with 4 channels per group
+// oneDNN's grouped convolution reaches only 16-28 GFLOP/s here with 4 channels per group
 // (2 AVX2 cores; benchmarks/NOTES.md): a group's 4 channels leave its vector loops short.
 // A vector of 8 output channels is two whole groups, and the 8 input channels those two
 // read are one 32-byte load per pixel and tap; vpermilps broadcasts channel j of each
@@ -18,9 +18,11 @@
 // contiguous. Threads take (output row, chunk of channel blocks) pairs; in a row, each
 // tile of P pixels runs every block of the chunk, so the tile's input is read from
 // memory once and from L1 after, while the chunk's weights stay in L1. The next tile's
-// input is prefetched. Tiles whose taps reach into the padding look each pixel's input
-// up per tap and read zeros there; the others take no bounds checks. NaN and Inf land
-// where a direct convolution puts them (nothing mixes pixels).
+// input is prefetched. Tiles whose taps reach into the padding check each pixel's taps
+// and skip those in the padding, as oneDNN's convolution does (so a NaN or Inf weight
+// there leaves the edge pixels finite, as with torch's float32 CPU conv, where a conv
+// that multiplies the padding's zeros gives NaN); the other tiles take no checks.
+// Otherwise NaN and Inf land where a direct convolution puts them (nothing mixes pixels).
 #include "grouped.h"
 
 #include <ATen/ATen.h>
@@ -56,9 +58,6 @@ struct Shape {
 #if RESNET_FUSED_AVX2
 RESNET_FUSED_AVX2_BEGIN
 
-// What a tap in the padding reads.
-alignas(32) const float kZeros[8] = {};
-
 // Output pixels (n, oh, ow0 .. ow0 + P) of channels o0 .. o0 + 8.
 struct Tile {
   const float* x;  // image n, pixel (0, 0), channel o0 (the two groups' inputs)
@@ -70,8 +69,8 @@ struct Tile {
   bool relu;
 };
 
-// EDGE: some pixel's tap falls in the padding left or right; each pixel's input is
-// looked up per tap and such a tap reads zeros. Rows in the padding are skipped.
+// EDGE: some pixel's tap falls in the padding left or right; each pixel's taps are
+// checked and those in the padding skipped, as the rows in the padding are.
 template <int P, bool EDGE>
 static inline void tile(const Shape& s, const Tile& t) {
   __m256 acc[P];
@@ -79,7 +78,6 @@ static inline void tile(const Shape& s, const Tile& t) {
   for (int p = 0; p < P; ++p) {
     acc[p] = _mm256_setzero_ps();
   }
-  const int64_t pixel_step = s.sw * s.c;  // between neighbouring output pixels' inputs
   for (int64_t r = 0; r < s.r; ++r) {
     const int64_t ih = t.oh * s.sh - s.ph + r * s.dh;
     if (ih < 0 || ih >= s.h) {
@@ -93,14 +91,13 @@ static inline void tile(const Shape& s, const Tile& t) {
                    w3 = _mm256_loadu_ps(wt + 24);
 #pragma GCC unroll 16
       for (int p = 0; p < P; ++p) {
-        const float* xp;
         if constexpr (EDGE) {
           const int64_t iw = iw0 + p * s.sw;
-          xp = iw >= 0 && iw < s.w ? x_row + iw * s.c : kZeros;
-        } else {
-          xp = x_row + iw0 * s.c + p * pixel_step;
+          if (iw < 0 || iw >= s.w) {
+            continue;
+          }
         }
-        const __m256 in = _mm256_loadu_ps(xp);
+        const __m256 in = _mm256_loadu_ps(x_row + (iw0 + p * s.sw) * s.c);
         __m256 a = acc[p];
         a = _mm256_fmadd_ps(_mm256_permute_ps(in, 0x00), w0, a);
         a = _mm256_fmadd_ps(_mm256_permute_ps(in, 0x55), w1, a);
