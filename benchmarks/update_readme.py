@@ -34,20 +34,23 @@ def newest_results() -> pathlib.Path | None:
     return max(found)[1] if found else None
 
 
-CPU_RESULTS = ROOT / "benchmarks" / "results" / "cpu_2core" / "models.json"
+CPU_DIR = ROOT / "benchmarks" / "results" / "cpu_2core"
 
 
-def cpu_section() -> str:
-    """Ratios only: absolute times from a shared 2-core CPU are not worth quoting."""
-    if not CPU_RESULTS.exists():
-        return ""
-    data = json.loads(CPU_RESULTS.read_text())
+def cpu_results() -> list[pathlib.Path]:
+    """The committed CPU model runs: models.json (ResNet-50) first, then models_<arch>.json."""
+    first = CPU_DIR / "models.json"
+    return ([first] if first.exists() else []) + sorted(CPU_DIR.glob("models_*.json"))
+
+
+def cpu_table(path: pathlib.Path) -> list[str]:
+    data = json.loads(path.read_text())
     rows = [r for r in data["results"] if not r["error"]]
     args = data["args"]
     lines = [
         f"CPU, the project's 2-core machine, {args['arch']} {args['image_size']}px float32, providers interleaved in "
         f"{args.get('rounds', 1)} rounds (`resnet-fused bench --device cpu ... --rounds {args.get('rounds', 1)}`; "
-        f"source: `{CPU_RESULTS.relative_to(ROOT)}`), ratios of medians:",
+        f"source: `{path.relative_to(ROOT)}`), ratios of medians:",
         "",
         "| batch | provider | × eager NCHW | × optimize_for_inference | × torch.compile |",
         "|---|---|---|---|---|",
@@ -58,7 +61,13 @@ def cpu_section() -> str:
         vs_eager = f"{r['vs_eager']:.2f}" if r.get("vs_eager") else "-"
         vs_compile = f"{r['vs_compile']:.2f}" if r.get("vs_compile") else "-"
         lines.append(f"| {r['batch_size']} | {r['provider']} | {vs_eager} | {vs_ofi} | {vs_compile} |")
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+def cpu_section() -> str:
+    """Ratios only: absolute times from a shared 2-core CPU are not worth quoting."""
+    tables = [cpu_table(path) for path in cpu_results()]
+    return "\n\n".join("\n".join(t) for t in tables) + "\n" if tables else ""
 
 
 def section() -> str:
