@@ -143,15 +143,21 @@ class FoldCache:
     rank (tests/test_models.py shows both).
     """
 
-    # (key, (weight, bias), the source tensors) in one attribute: threads running the same
-    # model read and replace it whole, never a new key beside an old value
-    __slots__ = ("_entry", "_checked")
+    # One (key, (weight, bias), the source tensors) entry per weight layout, (NCHW, NHWC),
+    # in one attribute: threads running the same model read and replace it whole, never a
+    # new key beside an old value. A module fed both layouts in turn (the CPU fold follows
+    # the layout aten reads from x) keeps both folds instead of refolding at each switch.
+    __slots__ = ("_entries", "_checked")
 
     def __init__(self) -> None:
         self.clear()
 
     def clear(self) -> None:
-        self._entry, self._checked = None, None
+        self._entries, self._checked = (None, None), None
+
+    def held(self) -> int:
+        """How many folds it holds (0, 1, or 2: one per weight layout)."""
+        return sum(entry is not None for entry in self._entries)
 
     def foldable(self, conv: nn.Module, bn: nn.Module) -> bool:
         """Whether ``bn`` can be folded into ``conv`` (:func:`foldable_batchnorm`), asked
@@ -169,7 +175,8 @@ class FoldCache:
     def get(self, conv: nn.Conv2d, bn: nn.Module, channels_last: bool) -> tuple[Tensor, Tensor]:
         tensors = _fold_state(conv, bn)
         key = _state_key(tensors, bn.eps, channels_last)
-        entry = self._entry
+        entries = self._entries
+        entry = entries[channels_last]
         if key is not None and entry is not None and key == entry[0]:
             return entry[1]
         # Outside inference mode even when called inside it: the folded tensors are then
@@ -180,7 +187,12 @@ class FoldCache:
             if channels_last:
                 weight = weight.contiguous(memory_format=torch.channels_last)
         if key is not None:
-            self._entry = (key, (weight, bias), tuple(None if t is None else t.detach() for t in tensors))
+            new = (key, (weight, bias), tuple(None if t is None else t.detach() for t in tensors))
+            # the other layout's fold stays only while it was folded from the same state
+            other = entries[not channels_last]
+            if other is not None and _without_layout(other[0]) != _without_layout(key):
+                other = None
+            self._entries = (other, new) if channels_last else (new, other)
         return weight, bias
 
     def __deepcopy__(self, memo):
@@ -190,6 +202,10 @@ class FoldCache:
     def __reduce__(self):
         # Pickled (torch.save of a whole model) as an empty cache, for the same reason.
         return (FoldCache, ())
+
+
+def _without_layout(key: tuple) -> tuple:
+    return key[:1] + key[2:]  # (see _state_key: eps, channels_last, the rest)
 
 
 def _state_key(tensors, eps: float, channels_last: bool):
@@ -223,6 +239,6 @@ def refold(model: Optional[nn.Module] = None) -> int:
             caches = value.values() if isinstance(value, dict) else (value,)
             for cache in caches:
                 if isinstance(cache, FoldCache):
-                    dropped += cache._entry is not None
+                    dropped += cache.held()
                     cache.clear()  # (and whether the modules fold: asked again)
     return dropped + backends.clear_packed_weights()

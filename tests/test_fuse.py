@@ -448,3 +448,34 @@ def test_torch_func_transforms_run_torchvisions_forward(gen):
     want = grad(lambda p: functional_call(models[0], (p, b), (x,)).square().sum())(p)
     for k in want:
         assert relative_error(got[k], want[k].double()) <= FP32, k
+
+
+@pytest.mark.parametrize("backend", ["torch", "native"])
+def test_a_module_fed_both_layouts_folds_once_per_layout(gen, monkeypatch, backend):
+    """The CPU fold takes the layout aten reads from x (so aten copies no weight per call);
+    a module fed NCHW and NHWC in turn keeps one fold per layout, where it refolded (and the
+    native backend repacked) at every switch. An edit still refolds, both layouts."""
+    if backend not in resnet_fused.available_backends("cpu"):
+        pytest.skip(f"{backend} does not run on the CPU here")
+    conv, bn = nn.Conv2d(8, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16)
+    with torch.no_grad():
+        for t in (bn.weight, bn.bias, bn.running_mean):
+            t.copy_(torch.randn(16, generator=gen))
+        bn.running_var.copy_(torch.rand(16, generator=gen) + 0.5)
+    ref_model = nn.Sequential(copy.deepcopy(conv), copy.deepcopy(bn), nn.ReLU()).eval().double()
+    fused = resnet_fused.FusedConvBNAct(conv, bn, nn.ReLU(), backend=backend).eval()
+    folds = []
+    real = resnet_fused.fold.fold_modules
+    monkeypatch.setattr(resnet_fused.fold, "fold_modules", lambda *a: folds.append(1) or real(*a))
+    x = torch.randn(2, 8, 9, 9, generator=gen)
+    inputs = [x, x.contiguous(memory_format=torch.channels_last)] * 3
+    with torch.no_grad():
+        for xi in inputs:
+            assert relative_error(fused(xi), ref_model(x.double())) <= FP32
+        assert len(folds) == 2
+        bn.running_var.mul_(2.0)
+        ref_model[1].running_var.mul_(2.0)
+        for xi in inputs:
+            assert relative_error(fused(xi), ref_model(x.double())) <= FP32
+        assert len(folds) == 4
+    assert resnet_fused.refold(fused) >= 2  # both layouts' folds dropped
