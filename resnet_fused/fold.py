@@ -77,10 +77,6 @@ def uses_batch_statistics(bn: nn.Module) -> bool:
     return isinstance(bn, _BatchNorm) and (bn.training or (bn.running_mean is None and bn.running_var is None))
 
 
-def _bn_tensors(conv: nn.Conv2d, bn: nn.Module) -> tuple:
-    return (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
-
-
 _NONE = object()
 
 
@@ -94,10 +90,14 @@ def _tensor(module: nn.Module, name: str):
     return getattr(module, name, None) if t is _NONE else t
 
 
+def _bn_tensors(conv: nn.Conv2d, bn: nn.Module) -> tuple:
+    return (_tensor(conv, "weight"), _tensor(conv, "bias"), _tensor(bn, "weight"), _tensor(bn, "bias"),
+            _tensor(bn, "running_mean"), _tensor(bn, "running_var"))
+
+
 def _fold_state(conv: nn.Conv2d, bn: nn.Module) -> tuple:
     """What a fold reads: :func:`_bn_tensors` and ``num_batches_tracked`` (see FoldCache)."""
-    return (_tensor(conv, "weight"), _tensor(conv, "bias"), _tensor(bn, "weight"), _tensor(bn, "bias"),
-            _tensor(bn, "running_mean"), _tensor(bn, "running_var"), _tensor(bn, "num_batches_tracked"))
+    return _bn_tensors(conv, bn) + (_tensor(bn, "num_batches_tracked"),)
 
 
 def fold_modules(conv: nn.Conv2d, bn: nn.Module) -> tuple[Tensor, Tensor]:
@@ -174,7 +174,7 @@ class FoldCache:
 
     def get(self, conv: nn.Conv2d, bn: nn.Module, channels_last: bool) -> tuple[Tensor, Tensor]:
         tensors = _fold_state(conv, bn)
-        key = _state_key(tensors, bn.eps, channels_last)
+        key = _state_key(tensors, bn.eps)  # (the layout is the entry's slot)
         entries = self._entries
         entry = entries[channels_last]
         if key is not None and entry is not None and key == entry[0]:
@@ -190,7 +190,7 @@ class FoldCache:
             new = (key, (weight, bias), tuple(None if t is None else t.detach() for t in tensors))
             # the other layout's fold stays only while it was folded from the same state
             other = entries[not channels_last]
-            if other is not None and _without_layout(other[0]) != _without_layout(key):
+            if other is not None and other[0] != key:
                 other = None
             self._entries = (other, new) if channels_last else (new, other)
         return weight, bias
@@ -204,14 +204,10 @@ class FoldCache:
         return (FoldCache, ())
 
 
-def _without_layout(key: tuple) -> tuple:
-    return key[:1] + key[2:]  # (see _state_key: eps, channels_last, the rest)
-
-
-def _state_key(tensors, eps: float, channels_last: bool):
+def _state_key(tensors, eps: float):
     # (a new tensor has a new address: the entry holds the tensors it folded, so no other
     # can take theirs; the device, of the weight only, for address spaces that could meet)
-    key = [eps, channels_last, _optimizer_steps, tensors[0].device]
+    key = [eps, _optimizer_steps, tensors[0].device]
     try:
         for t in tensors:
             key.append(None if t is None else (t.data_ptr(), t._version, t.dtype, t.shape))
