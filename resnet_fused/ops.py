@@ -11,6 +11,13 @@ backend's ``torch.ops.resnet_fused.triton_conv_bias_act`` is a
 ``torch.library.triton_op``, so under ``torch.compile`` Inductor calls its Triton
 kernels directly instead of an opaque Python op, and ``torch.export`` keeps it as one
 node. The front calls that op whenever the Triton backend is the one asked for.
+
+The op's last argument, ``check_packed`` (default True), is for the backends that keep
+a weight packed in a layout of their own (the native CPU kernels, the Triton stem):
+with it a packed copy is used only while it matches the weight's values, since a
+compiled graph (Inductor, AOTInductor) rewrites a dead buffer for a later tensor with
+no version-counter bump. :func:`conv_bias_act` passes False eagerly, where the version
+counter tells an edit, and True while being traced.
 """
 from __future__ import annotations
 
@@ -164,12 +171,14 @@ def _conv_bias_act(
     groups: int,
     relu: bool,
     backend: str,
+    check_packed: bool = True,
 ) -> Tensor:
     # (the checks again: the op is public, torch.ops.resnet_fused.conv_bias_act, and a
     # backend such as 'torch' would broadcast a wrong-shaped residual instead of refusing it)
     check_conv_bias_act_args(x, weight, bias, residual, stride, padding, dilation, groups)
     impl, _ = backends.select(backend, x, weight, residual, stride, padding, dilation, groups)
-    return impl.run(x, weight, bias, residual, stride, padding, dilation, groups, relu)
+    with backends.packed_weights_checked(check_packed):
+        return impl.run(x, weight, bias, residual, stride, padding, dilation, groups, relu)
 
 
 @torch.library.custom_op("resnet_fused::conv_bias_act_out", mutates_args=("out",))
@@ -185,16 +194,19 @@ def _conv_bias_act_out(
     relu: bool,
     backend: str,
     out: Tensor,
+    check_packed: bool = True,
 ) -> None:
     """conv_bias_act written into ``out`` (the op behind ``conv_bias_act(..., out=)``)."""
     check_out(out, x, weight, bias, residual,
               check_conv_bias_act_args(x, weight, bias, residual, stride, padding, dilation, groups))
     impl, _ = backends.select(backend, x, weight, residual, stride, padding, dilation, groups)
-    impl.run_out(x, weight, bias, residual, stride, padding, dilation, groups, relu, out)
+    with backends.packed_weights_checked(check_packed):
+        impl.run_out(x, weight, bias, residual, stride, padding, dilation, groups, relu, out)
 
 
 @_conv_bias_act_out.register_fake
-def _conv_bias_act_out_fake(x, weight, bias, residual, stride, padding, dilation, groups, relu, backend, out):
+def _conv_bias_act_out_fake(x, weight, bias, residual, stride, padding, dilation, groups, relu, backend, out,
+                            check_packed=True):
     check_conv_bias_act_args(x, weight, bias, residual, stride, padding, dilation, groups)
 
 
@@ -349,7 +361,8 @@ def conv_bias_act(
             impl.run_out(x, weight, bias, residual, stride, padding, dilation, groups, relu, out)
         else:
             torch.ops.resnet_fused.conv_bias_act_out(
-                x, weight, bias, residual, stride, padding, dilation, groups, relu, name, out)
+                x, weight, bias, residual, stride, padding, dilation, groups, relu, name, out,
+                torch.compiler.is_compiling())
         return out
     if _eager_fast_path(x, weight, bias, residual):
         impl, _ = backends.select(name, x, weight, residual, stride, padding, dilation, groups)
@@ -357,7 +370,11 @@ def conv_bias_act(
     own_op = backends.traceable_op(name)
     if own_op is not None:  # an op torch.compile can trace into (the Triton backend's)
         return own_op(x, weight, bias, residual, stride, padding, dilation, groups, relu)
-    return torch.ops.resnet_fused.conv_bias_act(x, weight, bias, residual, stride, padding, dilation, groups, relu, name)
+    # check_packed: a compiled graph rewrites its buffers without version bumps, so the
+    # backends check a packed copy of a weight against its values (packed_weights_checked);
+    # eagerly the version counter says it.
+    return torch.ops.resnet_fused.conv_bias_act(x, weight, bias, residual, stride, padding, dilation, groups, relu, name,
+                                                torch.compiler.is_compiling())
 
 
 def _autocasting(x) -> bool:

@@ -165,10 +165,10 @@ def test_cpu_random_shapes_match_reference(n, c_per_group, k_per_group, groups, 
 @needs_extension
 def test_cpu_paths_are_explained(gen):
     x, weight, _, res = make_case(gen, 2, 8, 6, 6, 8, 3, 1, 1, 1, 1, torch.float32, True)
-    assert "oneDNN conv with the bias as a post-op (weight pre-packed), then the residual add and ReLU (where " \
-        "asked) in place" in ops.explain(x, weight, None, res, padding=1)
+    assert "oneDNN conv with the bias as a post-op (weight pre-packed from its second call), then the residual " \
+        "add and ReLU (where asked) in place" in ops.explain(x, weight, None, res, padding=1)
     text = ops.explain(x, weight, None, None, padding=1)
-    assert "(weight pre-packed), then ReLU (where asked) in place" in text and "residual" not in text
+    assert "(weight pre-packed from its second call), then ReLU (where asked) in place" in text and "residual" not in text
     if WINOGRAD_CPU:  # our kernels name the residual only where the call has one
         xl, w1 = x.contiguous(memory_format=torch.channels_last), weight[:, :, :1, :1].contiguous()
         for w in (weight, w1):
@@ -239,6 +239,93 @@ def test_cpu_inference_mode_weights_are_correct(gen, channels_last, r, packing):
         second = ops.conv_bias_act(x, w, bias, res, padding=p, backend="native")
     assert relative_error(first, reference_conv_bias_act(x, weight, bias, res, 1, p)) <= 1e-5
     assert relative_error(second, reference_conv_bias_act(x, -weight, bias, res, 1, p)) <= 1e-5
+
+
+def _onednn_packs(fn) -> int:
+    """How many times ``fn()`` packed a weight into oneDNN's blocked layout."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(e.name == "aten::mkldnn_reorder_conv2d_weight" for e in prof.events())
+
+
+@needs_extension
+def test_cpu_onednn_packs_a_weight_from_its_second_call(gen):
+    """oneDNN's blocked copy of a weight pays off only when the weight comes back: a
+    weight's first call runs on the plain weight, its second packs it, later ones reuse
+    it; a weight new on every call (a fold under torch.compile without freezing) or an
+    inference tensor is never packed. Every call against float64."""
+    x, weight, bias, res = make_case(gen, 2, 8, 9, 9, 16, 3, 2, 1, 1, 1, torch.float32, True, True)
+    assert "oneDNN" in ops.explain(x, weight, bias, res, stride=2, padding=1, backend="native")
+    ref = reference_conv_bias_act(x, weight, bias, res, 2, 1)
+
+    def call(w):
+        out = ops.conv_bias_act(x, w, bias, res, stride=2, padding=1, backend="native")
+        assert relative_error(out, ref) <= 1e-5
+        return out
+
+    assert [_onednn_packs(lambda: call(weight)) for _ in range(4)] == [0, 1, 0, 0]
+    with torch.no_grad():
+        weight.mul_(1.0)  # a new version: first call again
+    assert [_onednn_packs(lambda: call(weight)) for _ in range(3)] == [0, 1, 0]
+    assert [_onednn_packs(lambda: call(weight.clone())) for _ in range(3)] == [0, 0, 0]
+    with torch.inference_mode():
+        frozen = weight.clone()
+        assert [_onednn_packs(lambda: call(frozen)) for _ in range(3)] == [0, 0, 0]
+
+
+@needs_extension
+@pytest.mark.slow
+@pytest.mark.parametrize("freezing", [False, True], ids=["no_freezing", "freezing"])
+def test_cpu_torch_compile_of_a_fused_model_runs_the_native_kernels(freezing, gen):
+    """torch.compile(fullgraph=True) of a fused ResNet keeps our op in its graph, and its
+    answers. Without Inductor's freezing the graph folds the BatchNorms on every call into
+    buffers it reuses from conv to conv, rewritten with no version bump: a packed copy is
+    checked against the weight's values (a stale one gave relative error 0.95). With
+    freezing the folds are constants, packed once: later calls copy and pack no weight."""
+    tv_model = seeded_torchvision_model("resnet18", seed=11, calibration_size=8)
+    fused = resnet_fused.resnet18(backend="native")
+    fused.load_state_dict(tv_model.state_dict())
+    fused.eval()
+    weight_shapes = {tuple(p.shape) for p in fused.parameters() if p.dim() == 4}
+    x = torch.randn(2, 3, 32, 32, generator=gen)
+    ref = copy.deepcopy(tv_model).double()(x.double())
+    torch._dynamo.reset()
+    with torch._inductor.config.patch(freezing=freezing), torch.no_grad():
+        compiled = torch.compile(fused, fullgraph=True)
+        outs = [compiled(x) for _ in range(3)]  # (the frozen constants: noted, then packed)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+            outs.append(compiled(x))
+    for out in outs:
+        assert relative_error(out, ref) <= TOLERANCES[torch.float32]
+    events = prof.events()
+    assert sum(e.name == "resnet_fused::native_conv_bias_act" for e in events) == 20  # every conv, ours
+    packs = sum(e.name == "aten::mkldnn_reorder_conv2d_weight" for e in events)
+    weight_copies = [e.name for e in events if e.name in ("aten::copy_", "aten::clone")
+                     and e.input_shapes and tuple(e.input_shapes[0]) in weight_shapes]
+    if freezing:
+        assert packs == 0 and weight_copies == [], (packs, weight_copies)
+    else:
+        assert weight_copies, "the fold is computed in the graph: Winograd transforms each call's weights"
+
+
+@needs_extension
+@PACKINGS
+def test_cpu_check_packed_serves_no_stale_copy(gen, channels_last, r, packing):
+    """The op's ``check_packed`` (True for calls from a compiled graph): a weight whose
+    values changed with no version bump (as Inductor rewrites a reused buffer; here
+    through ``.data``) is packed again, not served from its old copy."""
+    p = r // 2
+    x, weight, bias, res = make_case(gen, 2, 8, 7, 7, 16, r, 1, p, 1, 1, torch.float32, True, channels_last)
+    args = (bias, res, [1, 1], [p, p], [1, 1], 1, True, "native")
+    for _ in range(3):  # packed (oneDNN's on the second call), then served
+        out = torch.ops.resnet_fused.conv_bias_act(x, weight, *args, True)
+        assert relative_error(out, reference_conv_bias_act(x, weight, bias, res, 1, p)) <= 1e-5
+    version = weight._version
+    weight.data.copy_(torch.randn(weight.shape, generator=gen))
+    assert weight._version == version
+    for _ in range(2):
+        out = torch.ops.resnet_fused.conv_bias_act(x, weight, *args, True)
+        assert relative_error(out, reference_conv_bias_act(x, weight, bias, res, 1, p)) <= 1e-5
 
 
 @needs_extension

@@ -102,6 +102,12 @@ class Backend(abc.ABC):
         :func:`resnet_fused.refold`); returns how many."""
         return 0
 
+    def check_packed_weights(self, check: bool) -> bool:
+        """Whether this thread's calls must check a kept copy of a weight against the
+        weight's values before using it, not trust its version counter (the calls of a
+        compiled graph: :func:`packed_weights_checked`); returns the previous setting."""
+        return False
+
     #: Device types on which :meth:`writes_out_in_place` can answer True at all: the
     #: callers skip the per-call question (and the choice of backend) everywhere else.
     out_in_place_devices: tuple[str, ...] = ()
@@ -185,6 +191,29 @@ def _load_all() -> None:
 def clear_packed_weights() -> int:
     """:meth:`Backend.clear_packed_weights` of every backend loaded; how many copies went."""
     return sum(backend.clear_packed_weights() for backend in _REGISTRY.values())
+
+
+@contextlib.contextmanager
+def packed_weights_checked(check: bool = True):
+    """Inside, every backend checks a weight's packed copy against the weight's values.
+
+    A backend keeps a copy of a weight in its own layout, served while the weight's
+    TensorImpl, version counter, address and strides are unchanged. Inside a
+    ``torch.compile`` graph that is not enough: Inductor reuses a dead buffer for a later
+    tensor of the same size and writes it from its own kernels without a version bump,
+    so the buffer that held one conv's folded weight can hold the next one's. The op
+    runs its calls from a compiled graph in here (its ``check_packed`` argument).
+    """
+    if not check:
+        yield
+        return
+    backends = list(_REGISTRY.values())
+    previous = [backend.check_packed_weights(True) for backend in backends]
+    try:
+        yield
+    finally:
+        for backend, was in zip(backends, previous):
+            backend.check_packed_weights(was)
 
 
 def check_name(name: Optional[str]) -> str:

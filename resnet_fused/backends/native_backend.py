@@ -8,7 +8,8 @@ csrc/ops/conv_bias_act.cpp and one kernel per device type:
   and ReLU in its output transform (AVX2; the weight transformed once per fold); the
   stride-1 1x1 convs of ResNet-50's layer1 as our GEMM with the same epilogue; the
   others as oneDNN's convolution with the bias as a post-op (the weight packed once per
-  fold), then the residual add and ReLU as ATen's in-place passes; a conv + one
+  fold, on its second call: a fold recomputed per call, as under torch.compile without
+  freezing, runs on the plain weight), then the residual add and ReLU as ATen's in-place passes; a conv + one
   epilogue pass of ours where oneDNN has no kernel for the dtype.
 * CUDA (csrc/ops/cuda/, csrc/cutlass/): a CUTLASS implicit GEMM with the epilogue
   fused for fp16/bf16 NHWC; what it refuses (the 3-channel stem, groups, float32,
@@ -80,6 +81,9 @@ class NativeBackend(Backend):
 
     def clear_packed_weights(self) -> int:
         return torch.ops.resnet_fused.native_clear_packed_weights() if _extension.load() is None else 0
+
+    def check_packed_weights(self, check: bool) -> bool:
+        return torch.ops.resnet_fused.native_check_packed_weights(check) if _extension.load() is None else False
 
     def run_out(self, x, weight, bias, residual, stride, padding, dilation, groups, relu, out) -> None:
         torch.ops.resnet_fused.native_conv_bias_act.out(

@@ -66,6 +66,7 @@ import functools
 import json
 import os
 import re
+import threading
 import warnings
 from typing import Optional, Sequence
 
@@ -518,13 +519,17 @@ def _pack_few_channels(x: Tensor, weight: Tensor, padding: Sequence[int]) -> tup
 #: again, and refold() (the backend's clear_packed_weights) drops them all, for writes
 #: through ``.data``
 _packed_weights = WeakIdKeyDictionary()
+#: ``checking``: this thread's calls come from a compiled graph, whose buffers are
+#: rewritten without version bumps (:func:`resnet_fused.backends.packed_weights_checked`)
+_calls = threading.local()
 
 
 def _cached_weight(weight: Tensor, what, make) -> Tensor:
     """``make()``, a copy of ``weight`` laid out for a kernel (``what`` names the layout),
     cached where the weight is a plain tensor that keeps a version counter (not while
-    tracing, not an inference tensor)."""
-    cacheable = type(weight) is Tensor and not weight.is_inference()
+    tracing, not an inference tensor, not for a compiled graph's calls: made per call
+    there, as the traced op makes it anyway)."""
+    cacheable = type(weight) is Tensor and not weight.is_inference() and not getattr(_calls, "checking", False)
     if cacheable:
         # (the data's address and layout too: ``weight.data = other`` keeps the tensor
         # and its version, and a larger other would be read through the old copy's sizes)
@@ -1521,6 +1526,11 @@ class TritonBackend(Backend):
         dropped = len(_packed_weights)
         _packed_weights.clear()
         return dropped
+
+    def check_packed_weights(self, check: bool) -> bool:
+        previous = getattr(_calls, "checking", False)
+        _calls.checking = check
+        return previous
 
     def run(self, x, weight, bias, residual, stride, padding, dilation, groups, relu) -> Tensor:
         return conv_bias_act_triton(x, weight, bias, residual, stride, padding, dilation, groups, relu)

@@ -147,7 +147,7 @@ std::pair<CpuPath, std::string> choose_path(const at::Tensor& x, const at::Tenso
   const auto dtype = x.scalar_type();
   if (onednn_has_dtype(dtype)) {
     return {CpuPath::kOneDnn,
-            "oneDNN conv with the bias as a post-op (weight pre-packed), then " + in_place_tail(residual) + aside};
+            "oneDNN conv with the bias as a post-op (weight pre-packed from its second call), then " + in_place_tail(residual) + aside};
   }
   if (dtype == at::kBFloat16 || dtype == at::kHalf) {
     return {CpuPath::kOneDnnFloat32,
@@ -172,6 +172,22 @@ std::pair<CpuPath, std::string> choose_path(const at::Tensor& x, const at::Tenso
 // resnet_fused.refold() empties the cache (native_clear_packed_weights) after one.
 // On a miss, the weight's older entries and those of freed weights are dropped, so the
 // cache holds about one packed copy per live weight and input shape.
+//
+// Trusting the version counter is wrong in one place: a torch.compile graph. Inductor
+// reuses a dead buffer for a later tensor of the same size and writes it from its own
+// kernels, with no version bump, so the buffer that held one conv's folded weight can
+// hold the next conv's, same TensorImpl, version, pointer, sizes and strides (measured:
+// a compiled fused ResNet-18 without freezing gave relative error 0.95). Calls from a
+// compiled graph therefore check (`check_packed_weights`, set by the Python op from
+// its `check_packed` argument): an entry made then keeps a copy of its weight, and is served
+// only while the weight still equals it (at::equal, exact; one read of the weight and
+// the copy, cheaper than any repacking).
+//
+// oneDNN's packing is done on a weight's second call (`get_on_reuse`): its first runs
+// oneDNN on the plain weight (the same convolution, reordered inside oneDNN). A weight
+// that is new on every call, as a fold is under torch.compile without freezing (its
+// graph recomputes the fold), would otherwise pay the blocked copy for one use: measured
+// 1.1-3.4x the plain call (to_mkldnn, then the reorder).
 
 enum class Packing : int64_t { kOneDnn, kWinograd, kWinograd2x2, kConv1x1, kGrouped };
 
@@ -180,17 +196,47 @@ using WeakTensorImpl = c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTe
 struct PackedWeight {
   WeakTensorImpl source;  // the weight it was packed from
   std::vector<int64_t> state;  // its version, data pointer, sizes and strides then
-  at::Tensor packed;
+  at::Tensor packed;  // undefined: seen once, not packed yet (get_on_reuse)
+  at::Tensor values;  // a copy of the weight then, where made under check_packed_weights
 };
+
+// This thread's calls serve a packed weight only where the weight still holds the
+// values it was packed from (above: for calls from a compiled graph); set by the Python
+// op through native_check_packed_weights.
+thread_local bool check_packed_weights = false;
 
 class PackedWeightCache {
  public:
   // ``source`` is the caller's weight, packed in the ``compute`` dtype.
   at::Tensor get(const at::Tensor& source, Packing packing, at::ScalarType compute, const ConvGeometry& g,
                  at::IntArrayRef x_sizes) {
+    return *lookup(source, packing, compute, g, x_sizes, /*on_reuse=*/false);
+  }
+
+  // As get, but nullopt for a weight's first call (noted, so its second packs it) and
+  // for an inference tensor: the caller runs on the plain weight then.
+  std::optional<at::Tensor> get_on_reuse(const at::Tensor& source, Packing packing, at::ScalarType compute,
+                                         const ConvGeometry& g, at::IntArrayRef x_sizes) {
+    return lookup(source, packing, compute, g, x_sizes, /*on_reuse=*/true);
+  }
+
+  // Drops every entry (noted first calls too); returns how many there were.
+  int64_t clear() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const auto n = static_cast<int64_t>(entries_.size());
+    entries_.clear();
+    return n;
+  }
+
+ private:
+  std::optional<at::Tensor> lookup(const at::Tensor& source, Packing packing, at::ScalarType compute,
+                                   const ConvGeometry& g, at::IntArrayRef x_sizes, bool on_reuse) {
     if (source.is_inference()) {
       // No version counter: an in-place edit could not be seen, so no caching (the
       // fused modules fold outside inference mode, so their weights are cached).
+      if (on_reuse) {
+        return std::nullopt;
+      }
       return pack(source.to(compute), packing, g, x_sizes);
     }
     const c10::TensorImpl* impl = source.unsafeGetTensorImpl();
@@ -204,29 +250,31 @@ class PackedWeightCache {
     state.insert(state.end(), source.sizes().begin(), source.sizes().end());
     state.insert(state.end(), source.strides().begin(), source.strides().end());
 
+    const bool check = check_packed_weights;
     std::lock_guard<std::mutex> lock(mutex_);
     auto it = entries_.find(key);
-    if (it != entries_.end() && it->second.source.lock().get() == impl && it->second.state == state) {
-      return it->second.packed;
+    bool seen = it != entries_.end() && it->second.source.lock().get() == impl && it->second.state == state;
+    if (seen && it->second.packed.defined()) {
+      const at::Tensor& values = it->second.values;
+      if (!check || (values.defined() && at::equal(source, values))) {
+        return it->second.packed;
+      }
+      seen = false;  // rewritten without a version bump: as new
     }
-    at::Tensor packed = pack(source.to(compute), packing, g, x_sizes);
+    // (an entry without a packed weight: noted on a first call, for the second)
+    at::Tensor packed = on_reuse && !seen ? at::Tensor() : pack(source.to(compute), packing, g, x_sizes);
+    at::Tensor values = check && packed.defined() ? source.clone() : at::Tensor();
     drop_stale(impl, state);
     if (entries_.size() >= kMaxEntries) {
       entries_.clear();
     }
-    entries_.insert_or_assign(key, PackedWeight{WeakTensorImpl(source.getIntrusivePtr()), state, packed});
+    entries_.insert_or_assign(key, PackedWeight{WeakTensorImpl(source.getIntrusivePtr()), state, packed, values});
+    if (!packed.defined()) {
+      return std::nullopt;
+    }
     return packed;
   }
 
-  // Drops every entry; returns how many there were.
-  int64_t clear() {
-    std::lock_guard<std::mutex> lock(mutex_);
-    const auto n = static_cast<int64_t>(entries_.size());
-    entries_.clear();
-    return n;
-  }
-
- private:
   static at::Tensor pack(const at::Tensor& weight, Packing packing, const ConvGeometry& g, at::IntArrayRef x_sizes) {
     if (packing == Packing::kWinograd || packing == Packing::kWinograd2x2) {
       return winograd::transform_weight(weight, packing == Packing::kWinograd ? 4 : 2);
@@ -295,7 +343,10 @@ at::Tensor onednn_conv_bias_act(const at::Tensor& x, const at::Tensor& weight, c
                                 const std::optional<at::Tensor>& residual, const ConvGeometry& g, bool relu,
                                 at::ScalarType compute, at::MemoryFormat fmt, bool into_residual = false) {
   const at::Tensor xc = x.to(compute).contiguous(fmt);
-  const at::Tensor packed = packed_weights().get(weight, Packing::kOneDnn, compute, g, xc.sizes());
+  // (the plain weight on its first call: see get_on_reuse)
+  const at::Tensor packed = packed_weights()
+                                .get_on_reuse(weight, Packing::kOneDnn, compute, g, xc.sizes())
+                                .value_or(weight.to(compute));
   const std::vector<int64_t> padding(g.padding.begin(), g.padding.end());
   const std::vector<int64_t> stride(g.stride.begin(), g.stride.end());
   const std::vector<int64_t> dilation(g.dilation.begin(), g.dilation.end());
@@ -449,6 +500,13 @@ std::string native_conv_bias_act_path_cpu(const at::Tensor& x, const at::Tensor&
 TORCH_LIBRARY_FRAGMENT(resnet_fused, m) {
   // Empties the packed-weight cache (resnet_fused.refold); returns the entries dropped.
   m.def("native_clear_packed_weights() -> int", [] { return packed_weights().clear(); });
+  // Sets whether this thread's calls check a packed weight against the weight's values
+  // (check_packed_weights); returns the previous setting.
+  m.def("native_check_packed_weights(bool check) -> bool", [](bool check) {
+    const bool previous = check_packed_weights;
+    check_packed_weights = check;
+    return previous;
+  });
 }
 
 TORCH_LIBRARY_IMPL(resnet_fused, CPU, m) {
