@@ -13,11 +13,13 @@ kernels directly instead of an opaque Python op, and ``torch.export`` keeps it a
 node. The front calls that op whenever the Triton backend is the one asked for.
 
 The op's last argument, ``check_packed`` (default True), is for the backends that keep
-a weight packed in a layout of their own (the native CPU kernels, the Triton stem):
-with it a packed copy is used only while it matches the weight's values, since a
-compiled graph (Inductor, AOTInductor) rewrites a dead buffer for a later tensor with
-no version-counter bump. :func:`conv_bias_act` passes False eagerly, where the version
-counter tells an edit, and True while being traced.
+a weight in a layout of their own: with it the native CPU kernels use a packed copy only
+while the weight still holds the values it was packed from, and the Triton stem packs
+per call, since a compiled graph (Inductor, AOTInductor) rewrites a dead buffer for a
+later tensor with no version-counter bump. :func:`conv_bias_act` runs plain eager calls
+on the backend directly (its fast path: the version counter tells an edit there) and
+every other call (traced by torch.compile, torch.export, make_fx or torch.jit.trace,
+under a dispatch or function mode, or recording autograd) through the op with the check.
 """
 from __future__ import annotations
 
@@ -361,8 +363,7 @@ def conv_bias_act(
             impl.run_out(x, weight, bias, residual, stride, padding, dilation, groups, relu, out)
         else:
             torch.ops.resnet_fused.conv_bias_act_out(
-                x, weight, bias, residual, stride, padding, dilation, groups, relu, name, out,
-                torch.compiler.is_compiling())
+                x, weight, bias, residual, stride, padding, dilation, groups, relu, name, out)
         return out
     if _eager_fast_path(x, weight, bias, residual):
         impl, _ = backends.select(name, x, weight, residual, stride, padding, dilation, groups)
@@ -370,11 +371,9 @@ def conv_bias_act(
     own_op = backends.traceable_op(name)
     if own_op is not None:  # an op torch.compile can trace into (the Triton backend's)
         return own_op(x, weight, bias, residual, stride, padding, dilation, groups, relu)
-    # check_packed: a compiled graph rewrites its buffers without version bumps, so the
-    # backends check a packed copy of a weight against its values (packed_weights_checked);
-    # eagerly the version counter says it.
-    return torch.ops.resnet_fused.conv_bias_act(x, weight, bias, residual, stride, padding, dilation, groups, relu, name,
-                                                torch.compiler.is_compiling())
+    # (check_packed left True: off the eager fast path the call may be traced into a graph
+    # that rewrites its buffers without version bumps; packed_weights_checked)
+    return torch.ops.resnet_fused.conv_bias_act(x, weight, bias, residual, stride, padding, dilation, groups, relu, name)
 
 
 def _autocasting(x) -> bool:

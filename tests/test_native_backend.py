@@ -326,6 +326,36 @@ def test_cpu_check_packed_serves_no_stale_copy(gen, channels_last, r, packing):
     for _ in range(2):
         out = torch.ops.resnet_fused.conv_bias_act(x, weight, *args, True)
         assert relative_error(out, reference_conv_bias_act(x, weight, bias, res, 1, p)) <= 1e-5
+    # an entry made under the check is checked for an eager (unchecked) call too: a graph's
+    # buffer can reach eager code; and the out= op checks as the functional one does
+    weight.data.copy_(torch.randn(weight.shape, generator=gen))
+    out = ops.conv_bias_act(x, weight, bias, res, padding=p, backend="native")
+    assert relative_error(out, reference_conv_bias_act(x, weight, bias, res, 1, p)) <= 1e-5
+    for _ in range(3):
+        torch.ops.resnet_fused.conv_bias_act(x, weight, *args, True)
+    weight.data.copy_(torch.randn(weight.shape, generator=gen))
+    out = torch.empty_like(out)
+    torch.ops.resnet_fused.conv_bias_act_out(x, weight, *args, out, True)
+    assert relative_error(out, reference_conv_bias_act(x, weight, bias, res, 1, p)) <= 1e-5
+
+
+@needs_extension
+def test_packed_weights_checked_restores_the_setting():
+    """The check is on inside ``packed_weights_checked`` only, also when the call raises."""
+    native = backends.get("native")
+    assert native.check_packed_weights(False) is False  # off outside
+    with backends.packed_weights_checked():
+        assert native.check_packed_weights(True) is True
+    assert native.check_packed_weights(False) is False
+    with pytest.raises(ZeroDivisionError):
+        with backends.packed_weights_checked():
+            1 / 0
+    assert native.check_packed_weights(False) is False
+    x, weight = torch.randn(1, 4, 5, 5), torch.randn(4, 4, 3, 3)
+    with pytest.raises(ValueError):  # a refused call through the op leaves it off too
+        torch.ops.resnet_fused.conv_bias_act(x, weight, torch.randn(3), None, [1, 1], [1, 1], [1, 1], 1, True,
+                                             "native")
+    assert native.check_packed_weights(False) is False
 
 
 @needs_extension

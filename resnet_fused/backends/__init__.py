@@ -207,12 +207,13 @@ def packed_weights_checked(check: bool = True):
     if not check:
         yield
         return
-    backends = list(_REGISTRY.values())
-    previous = [backend.check_packed_weights(True) for backend in backends]
+    changed = []
     try:
+        for backend in list(_REGISTRY.values()):
+            changed.append((backend, backend.check_packed_weights(True)))
         yield
     finally:
-        for backend, was in zip(backends, previous):
+        for backend, was in changed:
             backend.check_packed_weights(was)
 
 

@@ -21,7 +21,7 @@
 // oneDNN binding (mkldnn::_convolution_pointwise); the weight is reordered once into
 // oneDNN's blocked layout for the call's geometry and kept in a cache keyed on the
 // weight tensor itself (identity + version counter), so a folded weight is packed
-// once per fold, not once per call.
+// once per fold (on its second call, below), not once per call.
 //
 // Where oneDNN has no kernel for the dtype on this CPU (bfloat16/float16 without
 // AVX-512), the call is computed in float32 through the same path and cast back.
@@ -34,6 +34,9 @@
 #include <c10/util/intrusive_ptr.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <atomic>
+#include <cstring>
 #include <map>
 #include <mutex>
 #include <vector>
@@ -179,9 +182,9 @@ std::pair<CpuPath, std::string> choose_path(const at::Tensor& x, const at::Tenso
 // hold the next conv's, same TensorImpl, version, pointer, sizes and strides (measured:
 // a compiled fused ResNet-18 without freezing gave relative error 0.95). Calls from a
 // compiled graph therefore check (`check_packed_weights`, set by the Python op from
-// its `check_packed` argument): an entry made then keeps a copy of its weight, and is served
-// only while the weight still equals it (at::equal, exact; one read of the weight and
-// the copy, cheaper than any repacking).
+// its `check_packed` argument): an entry made then keeps a copy of its weight and is
+// served, to any caller, only while the weight still holds the same bytes (one read of
+// the weight and the copy, cheaper than repacking; twice the packed weights' memory).
 //
 // oneDNN's packing is done on a weight's second call (`get_on_reuse`): its first runs
 // oneDNN on the plain weight (the same convolution, reordered inside oneDNN). A weight
@@ -251,19 +254,26 @@ class PackedWeightCache {
     state.insert(state.end(), source.strides().begin(), source.strides().end());
 
     const bool check = check_packed_weights;
-    std::lock_guard<std::mutex> lock(mutex_);
-    auto it = entries_.find(key);
-    bool seen = it != entries_.end() && it->second.source.lock().get() == impl && it->second.state == state;
-    if (seen && it->second.packed.defined()) {
-      const at::Tensor& values = it->second.values;
-      if (!check || (values.defined() && at::equal(source, values))) {
-        return it->second.packed;
+    bool seen = false;
+    {
+      std::unique_lock<std::mutex> lock(mutex_);
+      auto it = entries_.find(key);
+      seen = it != entries_.end() && it->second.source.lock().get() == impl && it->second.state == state;
+      if (seen && it->second.packed.defined()) {
+        const at::Tensor packed = it->second.packed, values = it->second.values;
+        lock.unlock();  // (the comparison reads the whole weight: not under the lock)
+        // An entry made under the check is checked whoever asks: its weight may be a
+        // compiled graph's buffer that eager code now holds.
+        if (values.defined() ? same_bytes(source, values) : !check) {
+          return packed;
+        }
+        seen = false;  // rewritten without a version bump: as new
       }
-      seen = false;  // rewritten without a version bump: as new
     }
     // (an entry without a packed weight: noted on a first call, for the second)
     at::Tensor packed = on_reuse && !seen ? at::Tensor() : pack(source.to(compute), packing, g, x_sizes);
     at::Tensor values = check && packed.defined() ? source.clone() : at::Tensor();
+    std::lock_guard<std::mutex> lock(mutex_);
     drop_stale(impl, state);
     if (entries_.size() >= kMaxEntries) {
       entries_.clear();
@@ -273,6 +283,25 @@ class PackedWeightCache {
       return std::nullopt;
     }
     return packed;
+  }
+
+  // Whether ``source`` holds the bytes of ``copy``, its clone (a NaN weight is the same
+  // weight; -0 and 0 are not), compared in chunks over the threads.
+  static bool same_bytes(const at::Tensor& source, const at::Tensor& copy) {
+    if (!source.is_non_overlapping_and_dense() || source.strides() != copy.strides() ||
+        source.scalar_type() != copy.scalar_type()) {
+      return false;  // (clone keeps a dense tensor's strides: only a view with gaps lands here)
+    }
+    const auto* a = static_cast<const char*>(source.const_data_ptr());
+    const auto* b = static_cast<const char*>(copy.const_data_ptr());
+    const int64_t bytes = source.numel() * static_cast<int64_t>(source.element_size());
+    std::atomic<bool> same{true};
+    at::parallel_for(0, bytes, int64_t(1) << 20, [&](int64_t begin, int64_t end) {
+      if (same.load(std::memory_order_relaxed) && std::memcmp(a + begin, b + begin, end - begin) != 0) {
+        same.store(false, std::memory_order_relaxed);
+      }
+    });
+    return same.load();
   }
 
   static at::Tensor pack(const at::Tensor& weight, Packing packing, const ConvGeometry& g, at::IntArrayRef x_sizes) {
@@ -344,9 +373,9 @@ at::Tensor onednn_conv_bias_act(const at::Tensor& x, const at::Tensor& weight, c
                                 at::ScalarType compute, at::MemoryFormat fmt, bool into_residual = false) {
   const at::Tensor xc = x.to(compute).contiguous(fmt);
   // (the plain weight on its first call: see get_on_reuse)
-  const at::Tensor packed = packed_weights()
-                                .get_on_reuse(weight, Packing::kOneDnn, compute, g, xc.sizes())
-                                .value_or(weight.to(compute));
+  const std::optional<at::Tensor> reused = packed_weights().get_on_reuse(weight, Packing::kOneDnn, compute, g,
+                                                                         xc.sizes());
+  const at::Tensor packed = reused.has_value() ? *reused : weight.to(compute);
   const std::vector<int64_t> padding(g.padding.begin(), g.padding.end());
   const std::vector<int64_t> stride(g.stride.begin(), g.stride.end());
   const std::vector<int64_t> dilation(g.dilation.begin(), g.dilation.end());
