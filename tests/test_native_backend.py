@@ -305,7 +305,7 @@ def test_cpu_torch_compile_of_a_fused_model_runs_the_native_kernels(freezing, ge
     if freezing:
         assert packs == 0 and weight_copies == [], (packs, weight_copies)
     else:
-        assert weight_copies, "the fold is computed in the graph: Winograd transforms each call's weights"
+        assert weight_copies, "the graph folds on every call: its new weights are copied and packed again"
 
 
 @needs_extension
