@@ -179,7 +179,7 @@ def _conv_bias_act(
     # backend such as 'torch' would broadcast a wrong-shaped residual instead of refusing it)
     check_conv_bias_act_args(x, weight, bias, residual, stride, padding, dilation, groups)
     impl, _ = backends.select(backend, x, weight, residual, stride, padding, dilation, groups)
-    with backends.packed_weights_checked(check_packed):
+    with backends.packed_weights_checked(impl, check_packed):
         return impl.run(x, weight, bias, residual, stride, padding, dilation, groups, relu)
 
 
@@ -202,7 +202,7 @@ def _conv_bias_act_out(
     check_out(out, x, weight, bias, residual,
               check_conv_bias_act_args(x, weight, bias, residual, stride, padding, dilation, groups))
     impl, _ = backends.select(backend, x, weight, residual, stride, padding, dilation, groups)
-    with backends.packed_weights_checked(check_packed):
+    with backends.packed_weights_checked(impl, check_packed):
         impl.run_out(x, weight, bias, residual, stride, padding, dilation, groups, relu, out)
 
 

@@ -344,11 +344,11 @@ def test_packed_weights_checked_restores_the_setting():
     """The check is on inside ``packed_weights_checked`` only, also when the call raises."""
     native = backends.get("native")
     assert native.check_packed_weights(False) is False  # off outside
-    with backends.packed_weights_checked():
+    with backends.packed_weights_checked(native):
         assert native.check_packed_weights(True) is True
     assert native.check_packed_weights(False) is False
     with pytest.raises(ZeroDivisionError):
-        with backends.packed_weights_checked():
+        with backends.packed_weights_checked(native):
             1 / 0
     assert native.check_packed_weights(False) is False
     x, weight = torch.randn(1, 4, 5, 5), torch.randn(4, 4, 3, 3)

@@ -194,27 +194,24 @@ def clear_packed_weights() -> int:
 
 
 @contextlib.contextmanager
-def packed_weights_checked(check: bool = True):
-    """Inside, every backend checks a weight's packed copy against the weight's values.
+def packed_weights_checked(backend: Backend, check: bool = True):
+    """Inside, ``backend`` checks a weight's packed copy against the weight's values.
 
     A backend keeps a copy of a weight in its own layout, served while the weight's
     TensorImpl, version counter, address and strides are unchanged. Inside a
     ``torch.compile`` graph that is not enough: Inductor reuses a dead buffer for a later
     tensor of the same size and writes it from its own kernels without a version bump,
     so the buffer that held one conv's folded weight can hold the next one's. The op
-    runs its calls from a compiled graph in here (its ``check_packed`` argument).
+    runs the backend it selected in here (its ``check_packed`` argument).
     """
     if not check:
         yield
         return
-    changed = []
+    was = backend.check_packed_weights(True)
     try:
-        for backend in list(_REGISTRY.values()):
-            changed.append((backend, backend.check_packed_weights(True)))
         yield
     finally:
-        for backend, was in changed:
-            backend.check_packed_weights(was)
+        backend.check_packed_weights(was)
 
 
 def check_name(name: Optional[str]) -> str:

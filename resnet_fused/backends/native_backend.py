@@ -9,8 +9,9 @@ csrc/ops/conv_bias_act.cpp and one kernel per device type:
   stride-1 1x1 convs of ResNet-50's layer1 as our GEMM with the same epilogue; the
   others as oneDNN's convolution with the bias as a post-op (the weight packed once per
   fold, on its second call: a fold recomputed per call, as under torch.compile without
-  freezing, runs on the plain weight), then the residual add and ReLU as ATen's in-place passes; a conv + one
-  epilogue pass of ours where oneDNN has no kernel for the dtype.
+  freezing, runs on the plain weight), then the residual add and ReLU as ATen's
+  in-place passes; a conv + one epilogue pass of ours where oneDNN has no kernel for
+  the dtype.
 * CUDA (csrc/ops/cuda/, csrc/cutlass/): a CUTLASS implicit GEMM with the epilogue
   fused for fp16/bf16 NHWC; what it refuses (the 3-channel stem, groups, float32,
   NCHW) takes cuDNN's fused conv ops.

@@ -150,7 +150,8 @@ std::pair<CpuPath, std::string> choose_path(const at::Tensor& x, const at::Tenso
   const auto dtype = x.scalar_type();
   if (onednn_has_dtype(dtype)) {
     return {CpuPath::kOneDnn,
-            "oneDNN conv with the bias as a post-op (weight pre-packed from its second call), then " + in_place_tail(residual) + aside};
+            "oneDNN conv with the bias as a post-op (weight pre-packed from its second call), then " +
+                in_place_tail(residual) + aside};
   }
   if (dtype == at::kBFloat16 || dtype == at::kHalf) {
     return {CpuPath::kOneDnnFloat32,
