@@ -1002,7 +1002,9 @@ def test_gpu_inductor_calls_our_triton_kernels():
 @pytest.mark.gpu
 def test_gpu_graph_capture_of_an_unseen_shape_does_not_benchmark(monkeypatch):
     """Capturing a CUDA graph around a conv shape never run before must not autotune or
-    time (both synchronize, which capture forbids): it takes the heuristic tile."""
+    time (both synchronize, which capture forbids): it takes the heuristic tile. (Relaxed
+    capture: the kernel's first launch loads its module, which a global-mode capture
+    forbids; the op then says to warm up first.)"""
     from resnet_fused.backends import triton_backend as tb
 
     monkeypatch.setattr(tb, "_warm", set())
@@ -1011,7 +1013,7 @@ def test_gpu_graph_capture_of_an_unseen_shape_does_not_benchmark(monkeypatch):
     ref = reference_conv_bias_act(x, w, b, r, 1, 0, device="cuda")
     graph = torch.cuda.CUDAGraph()
     with torch.inference_mode():
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, capture_error_mode="relaxed"):
             y = ops.conv_bias_act(x, w, b, r, backend="triton")
         graph.replay()
     torch.cuda.synchronize()

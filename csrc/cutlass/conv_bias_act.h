@@ -49,13 +49,18 @@ struct ConvBiasActProblem {
 const char* can_implement(const KernelKey& key, const ConvBiasActProblem& problem);
 
 // nullptr when the current device can run the kernel (this build has its machine
-// code or PTX for the device's architecture), else why not.
-const char* check_device(const KernelKey& key);
+// code or PTX for the device's architecture), else why not, with ``*permanent`` true
+// where that holds for the process's life (no code for this GPU) and false where a
+// later call may pass (the module failed to load, e.g. for want of device memory).
+// The text lives until this thread's next call.
+const char* check_device(const KernelKey& key, bool* permanent);
 
 // Bytes of device workspace `run` needs (0 for these kernels; asked for all the same).
 size_t workspace_size(const KernelKey& key, const ConvBiasActProblem& problem);
 
-// Launches on `stream`. nullptr on success, else what failed.
+// Launches on `stream`. nullptr on success, else what failed: the step (initialize or
+// launch), CUTLASS's status, the CUDA error, and the kernel's registers and shared
+// memory. The text lives until this thread's next call.
 const char* run(const KernelKey& key, const ConvBiasActProblem& problem, void* workspace, cudaStream_t stream);
 
 }  // namespace cutlass_conv

@@ -7,7 +7,7 @@ namespace cutlass_conv {
 
 #define RESNET_FUSED_DECLARE(NAME)                                                       \
   const char* NAME##_can_implement(const ConvBiasActProblem& pr);                        \
-  const char* NAME##_check_device();                                                     \
+  const char* NAME##_check_device(bool* permanent);                                       \
   size_t NAME##_workspace_size(const ConvBiasActProblem& pr);                            \
   const char* NAME##_run(const ConvBiasActProblem& pr, void* ws, cudaStream_t stream);
 
@@ -30,7 +30,7 @@ RESNET_FUSED_DECLARE(sm90_bf16_linear)
 namespace {
 struct Entry {
   const char* (*can_implement)(const ConvBiasActProblem&);
-  const char* (*check_device)();
+  const char* (*check_device)(bool*);
   size_t (*workspace_size)(const ConvBiasActProblem&);
   const char* (*run)(const ConvBiasActProblem&, void*, cudaStream_t);
 };
@@ -38,7 +38,10 @@ struct Entry {
 #define ENTRY(NAME) Entry{NAME##_can_implement, NAME##_check_device, NAME##_workspace_size, NAME##_run}
 
 const char* not_built_can_implement(const ConvBiasActProblem&) { return "the sm90a kernels are not in this build"; }
-const char* not_built_check_device() { return "the sm90a kernels are not in this build"; }
+const char* not_built_check_device(bool* permanent) {
+  *permanent = true;
+  return "the sm90a kernels are not in this build";
+}
 size_t not_built_workspace_size(const ConvBiasActProblem&) { return 0; }
 const char* not_built_run(const ConvBiasActProblem&, void*, cudaStream_t) {
   return "the sm90a kernels are not in this build";
@@ -95,7 +98,10 @@ const char* can_implement(const KernelKey& key, const ConvBiasActProblem& proble
   return entry(key).can_implement(problem);
 }
 
-const char* check_device(const KernelKey& key) { return entry(key).check_device(); }
+const char* check_device(const KernelKey& key, bool* permanent) {
+  *permanent = false;
+  return entry(key).check_device(permanent);
+}
 
 size_t workspace_size(const KernelKey& key, const ConvBiasActProblem& problem) {
   return entry(key).workspace_size(problem);

@@ -89,6 +89,8 @@ struct ConvBiasActSm80 {
 
   static const void* kernel_function() { return reinterpret_cast<const void*>(cutlass::Kernel<Kernel>); }
 
+  static int shared_bytes() { return int(sizeof(typename Kernel::SharedStorage)); }
+
   static const char* refusal(const ConvBiasActProblem&) { return nullptr; }
 };
 

@@ -96,6 +96,8 @@ struct ConvBiasActSm90 {
 
   static const void* kernel_function() { return reinterpret_cast<const void*>(cutlass::device_kernel<Kernel>); }
 
+  static int shared_bytes() { return Kernel::SharedStorageSize; }
+
   static const char* refusal(const ConvBiasActProblem& pr) {
     // TMA im2col descriptors take traversal strides up to 8, and CUTLASS only asserts
     // the descriptor's encoding (compiled out under NDEBUG): refuse here instead.

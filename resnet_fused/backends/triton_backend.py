@@ -528,8 +528,10 @@ def _cached_weight(weight: Tensor, what, make) -> Tensor:
     """``make()``, a copy of ``weight`` laid out for a kernel (``what`` names the layout),
     cached where the weight is a plain tensor that keeps a version counter (not while
     tracing, not an inference tensor, not for a compiled graph's calls: made per call
-    there, as the traced op makes it anyway)."""
-    cacheable = type(weight) is Tensor and not weight.is_inference() and not getattr(_calls, "checking", False)
+    there, as the traced op makes it anyway; not while a CUDA graph is captured, where
+    ``make()`` is only recorded: its copy holds the weight only once the graph replays)."""
+    cacheable = type(weight) is Tensor and not weight.is_inference() and not getattr(_calls, "checking", False) \
+        and not (weight.is_cuda and torch.cuda.is_current_stream_capturing())  # (a capture only records make())
     if cacheable:
         # (the data's address and layout too: ``weight.data = other`` keeps the tensor
         # and its version, and a larger other would be read through the old copy's sizes)
@@ -1417,7 +1419,18 @@ def conv_bias_act_triton(x, weight, bias, residual, stride, padding, dilation, g
     name = choose_algorithm(args, timing=AUTOTUNE and not capturing, call=call)
     warm = (call, name)
     if capturing:
-        return ALGORITHMS[name](*args, tune=warm in _warm)
+        try:
+            return ALGORITHMS[name](*args, tune=warm in _warm)
+        except RuntimeError as exc:
+            if "stream is capturing" not in str(exc):
+                raise
+            # Triton loads a kernel's module on its first launch in a process, which a
+            # CUDA graph capture in the default "global" mode forbids
+            raise RuntimeError(
+                f"resnet_fused: the Triton kernel of this conv (x {tuple(x.shape)}, weight {tuple(weight.shape)}, "
+                f"{x.dtype}, {name}) had not run in this process before the CUDA graph capture, and loading it "
+                "is not allowed while capturing: run the model once before capturing (the warm-up "
+                "torch.cuda.graph asks for), or capture with capture_error_mode=\"relaxed\"") from exc
     out = ALGORITHMS[name](*args)
     _warm.add(warm)
     return out

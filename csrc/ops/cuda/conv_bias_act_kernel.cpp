@@ -22,6 +22,7 @@
 #include <limits>
 #include <map>
 #include <mutex>
+#include <set>
 #include <string>
 #include <tuple>
 
@@ -33,6 +34,10 @@ namespace ops {
 namespace {
 
 namespace cc = resnet_fused::cutlass_conv;
+
+// The largest stride, padding or dilation handed to CUTLASS, whose problem holds ints
+// (sizes are bounded by the 2^30-element check).
+constexpr int64_t kMaxGeometry = 1 << 16;
 
 struct DeviceFacts {
   int capability;  // major * 10 + minor
@@ -54,17 +59,59 @@ const DeviceFacts& device_facts(int device) {
   return cache[device] = DeviceFacts{major * 10 + minor, sms};
 }
 
-// Whether this build carries code for the device, per (device, instantiation).
-const char* kernel_image_error(int device, const cc::KernelKey& key) {
-  static std::mutex mutex;
-  static std::map<std::tuple<int, int, int, bool>, const char*> cache;
-  std::lock_guard<std::mutex> lock(mutex);
-  const auto k = std::make_tuple(device, static_cast<int>(key.element), static_cast<int>(key.variant), key.relu);
-  auto it = cache.find(k);
-  if (it != cache.end()) {
-    return it->second;
+// Why an instantiation cannot run on a device, kept for the process's life: the build has
+// no code for the GPU (checked once), or the kernel failed to launch (its resources were
+// refused: that will not change, so the call is not retried and warned about per conv).
+// A module that failed to load for another reason (device memory, an earlier kernel's
+// error) is asked again on the next call.
+class KernelFailures {
+ public:
+  using Key = std::tuple<int, int, int, bool>;
+
+  static Key key_of(int device, const cc::KernelKey& key) {
+    return std::make_tuple(device, static_cast<int>(key.element), static_cast<int>(key.variant), key.relu);
   }
-  return cache[k] = cc::check_device(key);
+
+  // Empty when the kernel may run, else why not.
+  std::string check(int device, const cc::KernelKey& key) {
+    const Key k = key_of(device, key);
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      auto it = failures_.find(k);
+      if (it != failures_.end()) {
+        return it->second;
+      }
+      if (checked_.count(k)) {
+        return "";
+      }
+    }
+    bool permanent = false;
+    const char* why = cc::check_device(key, &permanent);
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (why == nullptr) {
+      checked_.insert(k);
+      return "";
+    }
+    if (permanent) {
+      failures_[k] = why;
+    }
+    return why;
+  }
+
+  void launch_failed(int device, const cc::KernelKey& key, const std::string& why) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    failures_[key_of(device, key)] = "it failed to launch earlier in this process (" + why + ")";
+  }
+
+ private:
+  std::mutex mutex_;
+  std::set<Key> checked_;
+  std::map<Key, std::string> failures_;
+};
+
+KernelFailures& kernel_failures() {
+  static KernelFailures failures;
+  return failures;
 }
 
 // RESNET_FUSED_CUTLASS_KERNEL=sm80_128x128|sm80_64x64|sm90a_128x128 forces a kernel (for
@@ -154,10 +201,16 @@ std::string cutlass_refusal(const at::Tensor& x, const at::Tensor& weight, const
   if (out[0] * out[1] * out[2] * out[3] > std::numeric_limits<int32_t>::max() / 2) {
     return "an output of 2^30 or more elements (32-bit offsets in the CUTLASS iterators)";
   }
+  for (int64_t v : {g.stride[0], g.stride[1], g.padding[0], g.padding[1], g.dilation[0], g.dilation[1]}) {
+    if (v > kMaxGeometry) {
+      return "stride, padding or dilation above " + std::to_string(kMaxGeometry) + " (the CUTLASS problem holds ints)";
+    }
+  }
   const cc::ConvBiasActProblem problem = problem_for(x, weight, g, out);
   const cc::KernelKey key = kernel_key(x, problem, relu);
-  if (const char* why = kernel_image_error(x.get_device(), key)) {
-    return why;
+  std::string why_not = kernel_failures().check(x.get_device(), key);
+  if (!why_not.empty()) {
+    return std::string("the CUTLASS kernel ") + cc::variant_name(key.variant) + ": " + why_not;
   }
   if (const char* why = cc::can_implement(key, problem)) {
     return std::string("CUTLASS can_implement: ") + why;
@@ -197,9 +250,12 @@ std::optional<at::Tensor> cutlass_conv_bias_act(const at::Tensor& x, const at::T
   const char* error = cc::run(key, p, workspace.defined() ? workspace.data_ptr() : nullptr,
                               c10::cuda::getCurrentCUDAStream(x.get_device()).stream());
   if (error != nullptr) {
-    TORCH_WARN("resnet_fused: the CUTLASS kernel ", cc::variant_name(key.variant), " failed to run (", error, "; x ",
+    const std::string why = error;
+    // (warned once: the kernel is not tried again in this process; explain() then names why)
+    kernel_failures().launch_failed(x.get_device(), key, why);
+    TORCH_WARN("resnet_fused: the CUTLASS kernel ", cc::variant_name(key.variant), " failed to run (", why, "; x ",
                shape_str(x.sizes()), ", weight ", shape_str(weight.sizes()), ", ", x.scalar_type(),
-               "); this call runs cuDNN's conv, then the add and ReLU");
+               "); this call and later ones on that kernel run cuDNN's conv, then the add and ReLU");
     return std::nullopt;
   }
   return y;
