@@ -2,6 +2,7 @@
 # One-shot GPU session: environment, extension build, GPU tests, model and per-layer
 # benchmarks, a compute-sanitizer memcheck of a fused forward. Everything lands in one
 # folder: environment.json, session.log, build.log, precompile.log, tune.log, triton_tests.log,
+# triton_tune_tests.log, triton_paths_tests.log,
 # triton_tma_tests.log, native_tests.log, native_sm90a_tests.log, native_layer_tests.log, models.json,
 # models.png, layers.json, sanitizer.log, kernels.json, gpu_tests.log, compile.json,
 # triton_tuned.json (the Triton tuning measured: benchmarks/ship_tuned.py merges it into
@@ -186,10 +187,24 @@ if has triton; then
   # what changed without a GPU since the last session: Inductor through the triton_op,
   # export, graph capture without warm-up, the packed stem, merged groups (tests without
   # the gpu marker run on the GPU too where there is one)
+  # In three parts, the most telling first: each new shape would otherwise be timed and
+  # autotuned, compiling config after config (the precompile covers only the model
+  # benchmark's shapes), and the ~60 small packed and merged cases come first in the file.
+  # Traced by Inductor and export (the heuristic tile: what is traced is what counts):
   step triton "triton backend gpu tests: the new paths"
-  if fit "${TRITON_TIMEOUT:-150}" 45 "$models_reserve"; then
-    logged triton_tests.log during_build limited "$py" -m pytest tests/test_triton_backend.py -q \
-      -p no:cacheprovider -k "inductor or compile_and_export or graph_capture or tuned_once or packed or merged or grouped_odd"
+  if fit "${TRITON_TIMEOUT:-70}" 30 "$models_reserve"; then
+    RESNET_FUSED_TRITON_AUTOTUNE=0 logged triton_tests.log during_build limited "$py" -m pytest \
+      tests/test_triton_backend.py -q -p no:cacheprovider -k "inductor or compile_and_export or compile_keeps"
+  fi
+  # timing and autotuning themselves: none inside a graph capture, a tuned tile remembered
+  if fit "${TRITON_TUNE_TIMEOUT:-40}" 15 "$models_reserve"; then
+    logged triton_tune_tests.log during_build limited "$py" -m pytest tests/test_triton_backend.py -q \
+      -p no:cacheprovider -k "graph_capture or tuned_once"
+  fi
+  # the packed stem loop and merged groups on the hardware, every tile config of theirs
+  if fit "${TRITON_PATHS_TIMEOUT:-60}" 30 "$models_reserve"; then
+    RESNET_FUSED_TRITON_AUTOTUNE=0 logged triton_paths_tests.log during_build limited "$py" -m pytest \
+      tests/test_triton_backend.py -q -p no:cacheprovider -k "(packed or merged or grouped_odd) and not compile"
   fi
 fi
 if has triton_tma; then
