@@ -1195,6 +1195,23 @@ def test_gpu_every_cutlass_kernel_is_correct(monkeypatch, gen, kernel, dtype, sh
         assert relative_error(out, ref) <= TOLERANCES[dtype], (kernel, residual)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(ON_GPU and not GPU_NATIVE, reason=f"no CUDA kernels in this build: {INFO}")
+def test_gpu_a_refused_sm90a_kernel_leaves_the_call_to_sm80(monkeypatch, gen):
+    """Forced where it cannot run (stride 9, past TMA im2col's 8; or not a Hopper GPU),
+    the sm90a kernel leaves the call to the sm80 one, not to cuDNN, and explain says why."""
+    monkeypatch.setenv("RESNET_FUSED_CUTLASS_KERNEL", "sm90a_128x128")
+    x, weight, bias, res = make_case(gen, 2, 64, 19, 19, 128, 1, 9, 0, 1, 1, torch.float16, True,
+                                     channels_last=True)
+    x, weight, bias = x.cuda(), weight.cuda().contiguous(memory_format=torch.channels_last), bias.cuda()
+    res = res.cuda()
+    path = ops.explain(x, weight, None, res, 9, 0, 1, 1, backend="native")
+    assert "CUTLASS implicit GEMM sm80_" in path and "(sm90a_128x128 refused: " in path, path
+    out = run_native(x, weight, bias, res, 9, 0, 1, 1, True)
+    ref = reference_conv_bias_act(x, weight, bias, res, 9, 0, 1, 1, True, device="cuda")
+    assert relative_error(out, ref) <= TOLERANCES[torch.float16]
+
+
 def _misaligned(t: torch.Tensor) -> torch.Tensor:
     """``t``'s values in a channels_last tensor whose data starts 2 bytes past a 16-byte boundary."""
     flat = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)[1:]

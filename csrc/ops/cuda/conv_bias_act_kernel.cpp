@@ -114,11 +114,19 @@ KernelFailures& kernel_failures() {
   return failures;
 }
 
+// The sm80 tile for a problem: the 64x64 one where a 128x128 grid would not cover the GPU
+// twice or the conv has at most 64 output channels (half of a 128-wide tile would idle),
+// else the 128x128 one.
+cc::Variant sm80_variant(const cc::ConvBiasActProblem& p) {
+  const int64_t rows = static_cast<int64_t>(p.n) * p.p * p.q;
+  const int64_t tiles = ((rows + 127) / 128) * ((p.k + 127) / 128);
+  return p.k <= 64 || tiles < 2 * p.sm_count ? cc::Variant::kSm80Tile64 : cc::Variant::kSm80Tile128;
+}
+
 // RESNET_FUSED_CUTLASS_KERNEL=sm80_128x128|sm80_64x64|sm90a_128x128 forces a kernel (for
-// measuring); "auto" (default) takes the sm80 64x64 tile where a 128x128 grid would not
-// cover the GPU twice or the conv has at most 64 output channels (half of a 128-wide
-// tile would idle), else the 128x128 one. The sm90a kernel is opt-in until it has been
-// checked and timed on a Hopper GPU (benchmarks/NOTES.md).
+// measuring); "auto" (default) takes sm80_variant. The sm90a kernel is opt-in until it has
+// been checked and timed on a Hopper GPU (benchmarks/NOTES.md); where it refuses a call
+// (not Hopper, a TMA limit), the sm80 kernel takes it (cutlass_refusal).
 cc::Variant choose_variant(const cc::ConvBiasActProblem& p) {
   const char* forced = std::getenv("RESNET_FUSED_CUTLASS_KERNEL");
   if (forced != nullptr && *forced != '\0' && std::string(forced) != "auto") {
@@ -130,12 +138,7 @@ cc::Variant choose_variant(const cc::ConvBiasActProblem& p) {
     TORCH_CHECK(false, "RESNET_FUSED_CUTLASS_KERNEL should be auto, sm80_128x128, sm80_64x64 or sm90a_128x128, got '",
                 forced, "'");
   }
-  const int64_t rows = static_cast<int64_t>(p.n) * p.p * p.q;
-  const int64_t tiles = ((rows + 127) / 128) * ((p.k + 127) / 128);
-  if (p.k <= 64 || tiles < 2 * p.sm_count) {
-    return cc::Variant::kSm80Tile64;
-  }
-  return cc::Variant::kSm80Tile128;
+  return sm80_variant(p);
 }
 
 bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0; }
@@ -167,10 +170,11 @@ cc::KernelKey kernel_key(const at::Tensor& x, const cc::ConvBiasActProblem& p, b
                        choose_variant(p), relu};
 }
 
-// Empty when a CUTLASS kernel takes the call (``chosen`` then names it), else why not.
+// Empty when a CUTLASS kernel takes the call (``chosen`` then names it; ``note`` says why
+// not the sm90a one where that was forced and refused), else why not.
 std::string cutlass_refusal(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& residual,
                             const ConvGeometry& g, const std::array<int64_t, 4>& out, bool relu,
-                            cc::KernelKey* chosen) {
+                            cc::KernelKey* chosen, std::string* note = nullptr) {
   const auto dtype = x.scalar_type();
   if (x.numel() == 0 || weight.numel() == 0) {
     return "empty input or weight";
@@ -208,15 +212,32 @@ std::string cutlass_refusal(const at::Tensor& x, const at::Tensor& weight, const
   }
   const cc::ConvBiasActProblem problem = problem_for(x, weight, g, out);
   const cc::KernelKey key = kernel_key(x, problem, relu);
-  std::string why_not = kernel_failures().check(x.get_device(), key);
-  if (!why_not.empty()) {
-    return std::string("the CUTLASS kernel ") + cc::variant_name(key.variant) + ": " + why_not;
+  const auto refusal = [&](const cc::KernelKey& k) -> std::string {
+    const std::string why_not = kernel_failures().check(x.get_device(), k);
+    if (!why_not.empty()) {
+      return std::string("the CUTLASS kernel ") + cc::variant_name(k.variant) + ": " + why_not;
+    }
+    if (const char* why = cc::can_implement(k, problem)) {
+      return std::string("CUTLASS can_implement: ") + why;
+    }
+    return "";
+  };
+  const std::string why = refusal(key);
+  if (why.empty()) {
+    *chosen = key;
+    return "";
   }
-  if (const char* why = cc::can_implement(key, problem)) {
-    return std::string("CUTLASS can_implement: ") + why;
+  if (key.variant == cc::Variant::kSm90aTile128) {  // (a Hopper kernel's refusal leaves the call to the sm80 one)
+    const cc::KernelKey sm80{key.element, sm80_variant(problem), key.relu};
+    if (refusal(sm80).empty()) {
+      *chosen = sm80;
+      if (note != nullptr) {
+        *note = std::string(" (sm90a_128x128 refused: ") + why + ")";
+      }
+      return "";
+    }
   }
-  *chosen = key;
-  return "";
+  return why;
 }
 
 // nullopt when CUTLASS failed to launch a kernel that can_implement accepted (e.g. the
@@ -322,10 +343,11 @@ std::string native_conv_bias_act_path_cuda(const at::Tensor& x, const at::Tensor
   c10::cuda::CUDAGuard guard(x.device());
   // The path is the same with and without ReLU except for cuDNN's op name; report the ReLU case.
   cc::KernelKey key{};
-  const std::string why = cutlass_refusal(x, weight, residual, g, out, /*relu=*/true, &key);
+  std::string note;
+  const std::string why = cutlass_refusal(x, weight, residual, g, out, /*relu=*/true, &key, &note);
   if (why.empty()) {
     return std::string("CUTLASS implicit GEMM ") + cc::variant_name(key.variant) +
-           ", with the bias, residual and ReLU epilogue fused";
+           ", with the bias, residual and ReLU epilogue fused" + note;
   }
   const std::string fallback = cudnn_path(x, true, residual.has_value());
   if (fallback == "cuDNN is off" || x.numel() == 0) {
