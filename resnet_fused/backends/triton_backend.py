@@ -1414,6 +1414,11 @@ def conv_bias_act_triton(x, weight, bias, residual, stride, padding, dilation, g
     args = (x, weight, bias, residual, stride, padding, dilation, groups, relu)
     if not x.is_cuda or type(x) is not Tensor:  # the interpreter, or a trace: nothing is captured
         return ALGORITHMS[choose_algorithm(args, timing=x.is_cuda and AUTOTUNE)](*args)
+    if x.device.index != torch.cuda.current_device():
+        # x's GPU for everything below, not only the launches: the timing of candidates,
+        # the heuristic tiles (its SM count and shared memory), the tuning table's GPU name
+        with torch.cuda.device(x.device):
+            return conv_bias_act_triton(*args)
     capturing = torch.cuda.is_current_stream_capturing()
     call = _call_signature(args)
     name = choose_algorithm(args, timing=AUTOTUNE and not capturing, call=call)
