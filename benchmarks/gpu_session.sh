@@ -196,10 +196,11 @@ if has triton; then
     RESNET_FUSED_TRITON_AUTOTUNE=0 logged triton_tests.log during_build limited "$py" -m pytest \
       tests/test_triton_backend.py -q -p no:cacheprovider -k "inductor or compile_and_export or compile_keeps"
   fi
-  # timing and autotuning themselves: none inside a graph capture, a tuned tile remembered
+  # timing and autotuning themselves: none inside a graph capture, a tuned tile remembered,
+  # threads tuning at once
   if fit "${TRITON_TUNE_TIMEOUT:-40}" 15 "$models_reserve"; then
     logged triton_tune_tests.log during_build limited "$py" -m pytest tests/test_triton_backend.py -q \
-      -p no:cacheprovider -k "graph_capture or tuned_once"
+      -p no:cacheprovider -k "graph_capture or tuned_once or threads_tuning"
   fi
   # the packed stem loop and merged groups on the hardware, every tile config of theirs
   if fit "${TRITON_PATHS_TIMEOUT:-60}" 30 "$models_reserve"; then

@@ -1038,6 +1038,29 @@ def test_gpu_gemm_tma_tile_is_tuned_once_and_remembered(monkeypatch, tmp_path):
     assert relative_error(second, ref) <= TOLERANCES[torch.bfloat16]
 
 
+@pytest.mark.gpu
+def test_gpu_threads_tuning_the_same_new_shape_at_once_are_right(monkeypatch):
+    """One model served from several threads: their first calls of a shape tune at the
+    same time, through one autotuner object that keeps each call's arguments on itself
+    while it times (the backend holds a lock around it)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from resnet_fused.backends import triton_backend as tb
+
+    monkeypatch.setattr(tb, "AUTOTUNE", True)
+    layers = [ConvLayer(2, 32, 11, 11, 96, 3, 3, 1, 1, 1, 1, residual, True) for residual in (False, True)]
+    cases = []
+    for i, layer in enumerate(layers * 4):
+        x, w, b, r = layer.tensors(torch.float16, "cuda", torch.Generator(device="cuda").manual_seed(i))
+        cases.append((x, w, b, r, reference_conv_bias_act(x, w, b, r, 1, 1, device="cuda")))
+    with ThreadPoolExecutor(len(cases)) as pool:
+        outs = list(pool.map(lambda case: tb.implicit_gemm(case[0], case[1], case[2], case[3], [1, 1], [1, 1],
+                                                            [1, 1], 1, True), cases))
+    torch.cuda.synchronize()
+    for out, case in zip(outs, cases):
+        assert relative_error(out, case[4]) <= TOLERANCES[torch.float16]
+
+
 @pytest.mark.parametrize("elem, smem", [(2, 232448), (4, 232448), (4, 166912), (4, 101376), (2, 101376)],
                          ids=["fp16_h100", "fp32_h100", "fp32_a100", "fp32_sm86", "fp16_sm86"])
 def test_heuristic_tiles_fit_the_gpus_shared_memory(elem, smem):

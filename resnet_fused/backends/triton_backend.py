@@ -368,6 +368,12 @@ def _make_tuned():
 
 _tuned = _make_tuned()
 
+#: held around every call of a Triton autotuner: its run() keeps the call's arguments on
+#: the autotuner object while it prunes, times and launches (``self.nargs``), so two
+#: threads in it at once (one model served from several threads) could read each
+#: other's, or None
+_tuner_lock = threading.RLock()  # (re-entered: _autotuned_config_for)
+
 
 # ---------------------------------------------------------------------------------
 # host side
@@ -435,7 +441,8 @@ def implicit_gemm(
 
     with torch.cuda.device(x.device):
         if config is None and AUTOTUNE and tune and not _traced(x):
-            _tuned[grid](*args, **common, UPCAST=False, GROUPS=groups)
+            with _tuner_lock:
+                _tuned[grid](*args, **common, UPCAST=False, GROUPS=groups)
         else:
             cfg = config
             if cfg is None and AUTOTUNE and tune:  # torch.compile: the autotuner's tile for these shapes, traced
@@ -570,8 +577,9 @@ def _autotuned_config_for(algorithm, tuner, *args):
         real = _real_like(args)
         if real is None:
             return None
-        algorithm(*real)
-        return tuner.best_config
+        with _tuner_lock:  # (the best config of this call, not of another thread's)
+            algorithm(*real)
+            return tuner.best_config
 
 
 @triton.jit
@@ -819,8 +827,10 @@ def _tma_launch(kernel, tuner, x: Tensor, grid, args: tuple, flags: dict, cfg, k
         return
     with torch.cuda.device(x.device):
         if cfg is None:
-            tuner[grid](*args, **flags, UPCAST=False)
-            _tma_tiles[key] = tuner.best_config
+            with _tuner_lock:
+                tuner[grid](*args, **flags, UPCAST=False)
+                best = tuner.best_config
+            _tma_tiles[key] = best
             _save_tma_tiles()
         else:
             kernel[grid(cfg.kwargs)](*args, **flags, UPCAST=False, **cfg.kwargs, num_warps=cfg.num_warps,
