@@ -249,14 +249,17 @@ if has native; then
   # the native CUDA kernels had never run on a GPU: the tests that say most (every
   # CUTLASS kernel forced in turn, the fallbacks, NaN on every path, ten whole models)
   step native "native backend gpu tests"
+  # (CUDA_LAUNCH_BLOCKING: a kernel's fault is reported at its own launch, by name, not at
+  # the next synchronizing call; these cases are small)
   if fit "${NATIVE_TIMEOUT:-120}" 30; then
-    logged native_tests.log limited "$py" -m pytest tests/test_native_backend.py -m gpu -q -p no:cacheprovider \
+    CUDA_LAUNCH_BLOCKING=1 logged native_tests.log limited "$py" -m pytest tests/test_native_backend.py -m gpu -q \
+      -p no:cacheprovider \
       --maxfail=10 -k "not test_gpu_resnet_layers and not sm90a"
   fi
   # the opt-in Hopper kernel (TMA + wgmma) on its own, under a short limit: a bad TMA
   # descriptor shows as a hang, which must not take the sm80 kernels' tests with it
   if fit "${NATIVE_SM90A_TIMEOUT:-45}" 20; then
-    logged native_sm90a_tests.log limited "$py" -m pytest tests/test_native_backend.py -m gpu -q \
+    CUDA_LAUNCH_BLOCKING=1 logged native_sm90a_tests.log limited "$py" -m pytest tests/test_native_backend.py -m gpu -q \
       -p no:cacheprovider --maxfail=5 -k "sm90a and not test_gpu_resnet_layers"
   fi
 fi
