@@ -27,7 +27,7 @@ from .models import (
     wide_resnet50_2,
     wide_resnet101_2,
 )
-from .modules import FusedBasicBlock, FusedBottleneck, FusedConvBNAct
+from .modules import FusedBasicBlock, FusedBottleneck, FusedConvBNAct, explain_model
 from .ops import explain
 
 __version__ = "0.1.0"
@@ -37,6 +37,7 @@ __all__ = [
     "models",
     "available_backends",
     "explain",
+    "explain_model",
     "extension_info",
     "fuse",
     "unfuse",

@@ -1,4 +1,4 @@
-"""The ``resnet-fused`` command line: ``validate`` (and ``bench``)."""
+"""The ``resnet-fused`` command line: ``validate``, ``bench`` and ``explain``."""
 from __future__ import annotations
 
 import argparse
@@ -336,12 +336,76 @@ def _write_bench_json(args, batch_sizes, dtype, device, providers, rows) -> None
         json.dump(payload, f, indent=2)
 
 
+def _add_explain(sub) -> None:
+    p = sub.add_parser(
+        "explain",
+        help="say how each conv of a fused model runs: backend, kernel, and why any was passed over",
+        description="Build a fused model, run one forward on random images, and list each conv in call order with "
+        "its shapes, epilogue and the path it took (resnet_fused.explain_model).",
+    )
+    p.add_argument("--arch", choices=ARCHS, default="resnet50", help="architecture (default resnet50)")
+    p.add_argument("--backend", choices=backends.BACKEND_NAMES, default="auto", help="backend (default auto)")
+    p.add_argument("--device", type=_device_arg, help="device (default cuda where present, else cpu)")
+    p.add_argument("--dtype", type=_dtype_arg, help="dtype (default float16 on cuda, float32 on cpu)")
+    p.add_argument("--batch-size", type=_positive_int, default=1, help="images per forward (default 1)")
+    p.add_argument("--image-size", type=_positive_int, default=224, help="image height and width (default 224)")
+    p.add_argument("--json", metavar="PATH", type=_writable_path, help="also write the rows as JSON to PATH")
+    p.set_defaults(func=_cmd_explain, subparser=p)
+
+
+def _cmd_explain(args, parser) -> int:
+    from rich.table import Table
+
+    from .models import get_model
+    from .modules import explain_model
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    refusal = _cuda_refusal([str(device)])
+    if refusal:
+        parser.error(refusal)
+    if args.image_size < 32:
+        parser.error(f"--image-size should be at least 32 (ResNets downsample by 32), got {args.image_size}")
+    dtype = args.dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+    torch.manual_seed(0)
+    model = get_model(args.arch, backend=args.backend).eval().to(device, dtype)
+    images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device, dtype=dtype)
+    rows = explain_model(model, images)
+    table = Table(title=f"resnet_fused explain: {args.arch}, backend {args.backend!r}, {device}, "
+                        f"{str(dtype).removeprefix('torch.')}, batch {args.batch_size}, "
+                        f"{args.image_size}x{args.image_size}")
+    for col in ("#", "conv", "input", "weight", "stride", "epilogue", "path"):
+        table.add_column(col, overflow="fold")
+    for i, row in enumerate(rows):
+        shape = "x".join(map(str, row["input"])) if row["input"] else "-"
+        epilogue = "-" if row["residual"] is None else \
+            "bias" + (" + residual" if row["residual"] else "") + (" + relu" if row["relu"] else "")
+        stride = "x".join(map(str, row["stride"])) + (f" g{row['groups']}" if row["groups"] > 1 else "")
+        table.add_row(str(i), row["module"], shape, "x".join(map(str, row["weight"])), stride, epilogue, row["path"])
+    console = _console()
+    console.print(table)
+    ran = {}
+    for row in rows:
+        name = row["path"].split("'")[1] if row["fused"] and row["path"].startswith("runs on '") else "unfused"
+        ran[name] = ran.get(name, 0) + 1
+    console.print(f"{len(rows)} convs: " + ", ".join(f"{n} on {name!r}" if name != "unfused" else f"{n} unfused"
+                                                     for name, n in sorted(ran.items())))
+    if args.json is not None:
+        payload = {"command": "explain",
+                   "args": {"arch": args.arch, "backend": args.backend, "device": str(device),
+                            "dtype": str(dtype), "batch_size": args.batch_size, "image_size": args.image_size},
+                   "environment": environment(), "convs": rows}
+        with open(args.json, "w") as f:
+            json.dump(payload, f, indent=2)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="resnet-fused", description=__doc__)
     parser.add_argument("--version", action="version", version=f"resnet_fused {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_validate(sub)
     _add_bench(sub)
+    _add_explain(sub)
     return parser
 
 

@@ -14,6 +14,7 @@ Each fused module keeps torchvision's own submodules under torchvision's names
 """
 from __future__ import annotations
 
+import threading
 from typing import Optional
 
 import torch
@@ -24,9 +25,13 @@ from torchvision.models import resnet as tv_resnet
 from . import backends
 from .fold import FoldCache, fold_modules, foldable_batchnorm, uses_batch_statistics
 from ._layout import output_memory_format, strides_read_as_channels_last
-from .ops import conv_bias_act
+from .ops import conv_bias_act, explain
 
-__all__ = ["FusedConvBNAct", "FusedBasicBlock", "FusedBottleneck", "conv_bn_act"]
+__all__ = ["FusedConvBNAct", "FusedBasicBlock", "FusedBottleneck", "conv_bn_act", "explain_model"]
+
+#: ``rows``: while :func:`explain_model` runs a forward on this thread, each fused call's
+#: conv module and description
+_recording = threading.local()
 
 
 def watched(*modules: Optional[nn.Module]) -> bool:
@@ -108,9 +113,59 @@ def _conv_bn_act(conv, bn, fold, x, relu, residual=None, backend="auto", out=Non
         weight, bias = fold_modules(conv, bn)
     else:
         weight, bias = fold.get(conv, bn, channels_last=x.is_cuda or strides_read_as_channels_last(x))
+    rows = getattr(_recording, "rows", None)
+    if rows is not None:
+        rows.append((conv, tuple(x.shape), tuple(weight.shape), x.dtype, residual is not None, relu,
+                     explain(x, weight, bias, residual, conv.stride, conv.padding, conv.dilation, conv.groups, relu,
+                             backend, out=out)))
     return conv_bias_act(
         x, weight, bias, residual, conv.stride, conv.padding, conv.dilation, conv.groups, relu, backend, out=out
     )
+
+
+def explain_model(model: nn.Module, *inputs, **kwargs) -> list[dict]:
+    """Run ``model(*inputs, **kwargs)`` once without autograd and say how each of its
+    convs ran: one dict per fused call, in call order, with the conv's name in ``model``
+    (``"layer1.0.conv2"``), the input and weight shapes, dtype, stride, groups, whether the
+    call added a residual and applied ReLU, and ``path``: :func:`resnet_fused.explain`'s
+    answer for that call (the backend, the kernel, and why any backend was passed over).
+    Then one dict per conv of ``model`` that ran unfused (``fused`` False), as
+    torchvision's modules: a hook on it or its BatchNorm, a BatchNorm that does not fold,
+    or not inside a fused module at all.
+
+    ``model`` must be in eval mode (in train mode nothing is fused, and a forward would
+    update the BatchNorm statistics).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model should be an nn.Module, got {type(model).__name__}")
+    if model.training:
+        raise ValueError("explain_model needs the model in eval mode (model.eval()): in train mode every conv runs "
+                         "unfused, and a forward would update the BatchNorm statistics")
+    names: dict = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, nn.Conv2d):
+            names.setdefault(module, name)  # (a conv shared by two places: its first name)
+    previous = getattr(_recording, "rows", None)
+    _recording.rows = rows = []
+    try:
+        with torch.no_grad():
+            model(*inputs, **kwargs)
+    finally:
+        _recording.rows = previous
+    report, fused = [], set()
+    for conv, x_shape, w_shape, dtype, residual, relu, path in rows:
+        fused.add(conv)
+        report.append(dict(module=names.get(conv, "(not a submodule of model)"), fused=True, input=list(x_shape),
+                           weight=list(w_shape), dtype=str(dtype).removeprefix("torch."), stride=list(conv.stride),
+                           groups=conv.groups, residual=residual, relu=relu, path=path))
+    for conv, name in names.items():
+        if conv not in fused:
+            report.append(dict(module=name, fused=False, input=None, weight=list(conv.weight.shape),
+                               dtype=str(conv.weight.dtype).removeprefix("torch."), stride=list(conv.stride),
+                               groups=conv.groups, residual=None, relu=None,
+                               path="unfused: ran as torchvision's modules (a hook on it or its BatchNorm, a "
+                                    "BatchNorm that does not fold, or not inside a fused module)"))
+    return report
 
 
 class FusedConvBNAct(nn.Module):

@@ -96,6 +96,9 @@ def test_validate_bfloat16_on_cpu_reports_torchs_own_error(capsys):
         (["validate", "--backend", "torch", "torch"], "--backend names torch twice"),
         (["validate", "--dtype", "fp32", "float32"], "--dtype names float32 twice"),
         (["bench", "--device", "cpu", "--batch-size", "2", "2"], "--batch-size names 2 twice"),
+        (["explain", "--image-size", "16"], "--image-size should be at least 32 (ResNets downsample by 32), got 16"),
+        (["explain", "--backend", "cudnn"], "argument --backend: invalid choice: 'cudnn'"),
+        (["explain", "--batch-size", "0"], "expected a positive integer, got 0"),
     ],
 )
 def test_bad_options_get_clear_errors(argv, message, capsys):
@@ -290,3 +293,20 @@ def test_validate_that_validates_nothing_exits_nonzero(monkeypatch, capsys):
     code = cli.main(["validate", "--arch", "resnet18", "--backend", "torch", "--image-size", "32", "--no-progress"])
     out = capsys.readouterr().out
     assert code == 1 and "0 passed, 0 failed, 1 skipped" in out and "nothing was validated" in out
+
+
+def test_explain_lists_each_conv_and_writes_json(tmp_path, capsys):
+    """``resnet-fused explain``: one row per conv of the model, in call order, with its path."""
+    path = tmp_path / "e.json"
+    assert cli.main(["explain", "--arch", "resnet18", "--backend", "torch", "--device", "cpu", "--image-size", "32",
+                     "--batch-size", "2", "--json", str(path)]) == 0
+    printed = capsys.readouterr().out
+    assert "layer4.1.conv2" in printed and "20 convs: 20 on 'torch'" in printed
+    data = json.loads(path.read_text())
+    assert data["command"] == "explain" and data["args"]["batch_size"] == 2 and data["args"]["dtype"] == "torch.float32"
+    convs = data["convs"]
+    assert [c["module"] for c in convs][:4] == ["conv1", "layer1.0.conv1", "layer1.0.conv2", "layer1.1.conv1"]
+    assert len(convs) == 20 and convs[0]["input"] == [2, 3, 32, 32] and convs[0]["weight"] == [64, 3, 7, 7]
+    for c in convs:
+        assert set(c) == {"module", "fused", "input", "weight", "dtype", "stride", "groups", "residual", "relu", "path"}
+        assert c["fused"] and c["path"] == "runs on 'torch'"

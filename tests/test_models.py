@@ -581,3 +581,50 @@ def test_autocast_casts_the_fused_convs_as_it_casts_conv2d(gen):
     assert seen == {"tv": torch.bfloat16, "fused": torch.bfloat16} and out.dtype == out_tv.dtype
     ref = copy.deepcopy(tv_model).double()(x.double())
     assert relative_error(out, ref) <= max(TOLERANCES[torch.bfloat16], 2 * relative_error(out_tv, ref))
+
+
+@pytest.mark.parametrize("backend", ["native", "torch"])
+def test_explain_model_names_each_conv_and_its_path(gen, backend):
+    """explain_model lists every conv of the model once: the fused ones in call order (the
+    downsample before its block's conv1, the residual on each block's last conv, which is
+    written into the identity's buffer on the native CPU backend), each with its backend's
+    own explanation; it does not change what the forward computes."""
+    if backend == "native" and "native" not in resnet_fused.available_backends():
+        pytest.skip("the native extension is not built here")
+    tv = seeded_torchvision_model("resnet50", seed=5)
+    fused = resnet_fused.resnet50(backend=backend).eval()
+    fused.load_state_dict(tv.state_dict())
+    x = torch.randn(2, 3, 32, 32, generator=gen)
+    rows = resnet_fused.explain_model(fused, x)
+    convs = [name for name, m in fused.named_modules() if isinstance(m, torch.nn.Conv2d)]
+    assert sorted(r["module"] for r in rows) == sorted(convs) and all(r["fused"] for r in rows)
+    order = [r["module"] for r in rows]
+    assert order[:5] == ["conv1", "layer1.0.downsample.0", "layer1.0.conv1", "layer1.0.conv2", "layer1.0.conv3"]
+    assert [r["module"] for r in rows if r["residual"]] == [f"layer{i}.{j}.conv3" for i, n in
+                                                           ((1, 3), (2, 4), (3, 6), (4, 3)) for j in range(n)]
+    assert all(r["relu"] == (not r["module"].endswith("downsample.0")) for r in rows)
+    assert rows[1]["input"] == [2, 64, 8, 8] and rows[1]["weight"] == [256, 64, 1, 1] and rows[1]["dtype"] == "float32"
+    assert all(r["path"].startswith(f"runs on '{backend}'") for r in rows), rows
+    if backend == "native":
+        assert "Winograd" in rows[3]["path"]  # layer1's 3x3 at 8x8
+        assert any("in place" in r["path"] for r in rows if r["residual"])
+    with torch.no_grad():
+        assert relative_error(fused(x), tv.double()(x.double())) <= TOLERANCES[torch.float32]
+
+
+def test_explain_model_lists_the_convs_that_ran_unfused(gen):
+    """A hook on a BatchNorm makes its block run torchvision's forward: its convs come
+    after the fused ones, unfused; a conv outside any fused module too. Train mode and a
+    non-module are refused."""
+    model = torch.nn.Sequential(resnet_fused.resnet18(backend="torch"), torch.nn.Unflatten(1, (10, 10, 10)),
+                                torch.nn.Conv2d(10, 4, 3)).eval()
+    model[0].layer2[0].bn1.register_forward_hook(lambda *args: None)
+    rows = resnet_fused.explain_model(model, torch.randn(1, 3, 32, 32, generator=gen))
+    unfused = [r["module"] for r in rows if not r["fused"]]
+    assert unfused == ["0.layer2.0.conv1", "0.layer2.0.conv2", "0.layer2.0.downsample.0", "2"]
+    assert len(rows) == 21 and all(r["fused"] for r in rows[:-4])
+    assert all(r["path"].startswith("unfused: ") and r["input"] is None for r in rows[-4:])
+    with pytest.raises(ValueError, match=r"eval mode \(model.eval\(\)\)"):
+        resnet_fused.explain_model(model.train(), torch.randn(1, 3, 32, 32))
+    with pytest.raises(TypeError, match="model should be an nn.Module, got function"):
+        resnet_fused.explain_model(lambda x: x, torch.randn(1))
