@@ -2,7 +2,7 @@
 # One-shot GPU session: environment, extension build, GPU tests, model and per-layer
 # benchmarks, a compute-sanitizer memcheck of a fused forward. Everything lands in one
 # folder: environment.json, session.log, build.log, precompile.log, tune.log, triton_tests.log,
-# triton_tune_tests.log, triton_paths_tests.log,
+# triton_tune_tests.log, triton_paths_tests.log, paths_native_b<batch>.{log,json},
 # triton_tma_tests.log, native_tests.log, native_sm90a_tests.log, native_layer_tests.log, models.json,
 # models.png, layers.json, sanitizer.log, kernels.json, gpu_tests.log, compile.json,
 # triton_tuned.json (the Triton tuning measured: benchmarks/ship_tuned.py merges it into
@@ -249,6 +249,14 @@ if has native; then
   # the native CUDA kernels had never run on a GPU: the tests that say most (every
   # CUTLASS kernel forced in turn, the fallbacks, NaN on every path, ten whole models)
   step native "native backend gpu tests"
+  # first, which kernel each ResNet-50 conv takes at the model benchmark's batches, and why
+  # any falls back (resnet-fused explain: one forward each)
+  if fit "${NATIVE_PATHS_TIMEOUT:-40}" 15; then
+    for b in $model_batches; do
+      logged "paths_native_b$b.log" limited "$py" -m resnet_fused.cli explain --arch resnet50 --backend native --device cuda \
+        --batch-size "$b" --json "$out/paths_native_b$b.json"
+    done
+  fi
   # (CUDA_LAUNCH_BLOCKING: a kernel's fault is reported at its own launch, by name, not at
   # the next synchronizing call; these cases are small)
   if fit "${NATIVE_TIMEOUT:-120}" 30; then
