@@ -79,6 +79,16 @@ def _cuda_refusal(devices: Sequence[str]) -> Optional[str]:
     return None
 
 
+def _one_device(text: Optional[str], parser) -> torch.device:
+    """``--device`` of a one-device command: as given, else cuda where present, else cpu;
+    a parser error where this machine cannot use it."""
+    device = torch.device(text or ("cuda" if torch.cuda.is_available() else "cpu"))
+    refusal = _cuda_refusal([str(device)])
+    if refusal:
+        parser.error(refusal)
+    return device
+
+
 def _device_arg(text: str) -> str:
     try:
         device = torch.device(text)
@@ -251,10 +261,7 @@ def _cmd_bench(args, parser) -> int:
 
     from .bench import check_provider, default_providers, run_model_bench
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    refusal = _cuda_refusal([str(device)])
-    if refusal:
-        parser.error(refusal)
+    device = _one_device(args.device, parser)
     if args.rounds > args.runs:
         parser.error(f"--rounds ({args.rounds}) should be at most --runs ({args.runs}): each round times "
                      "at least one run of every provider")
@@ -359,10 +366,7 @@ def _cmd_explain(args, parser) -> int:
     from .models import get_model
     from .modules import explain_model
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    refusal = _cuda_refusal([str(device)])
-    if refusal:
-        parser.error(refusal)
+    device = _one_device(args.device, parser)
     if args.image_size < 32:
         parser.error(f"--image-size should be at least 32 (ResNets downsample by 32), got {args.image_size}")
     dtype = args.dtype or (torch.float16 if device.type == "cuda" else torch.float32)
