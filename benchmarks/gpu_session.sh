@@ -83,6 +83,12 @@ fit() {
     return 1
   fi
 }
+# fit_quietly OWN LEAST [RESERVE]: fit for an optional part: not named as not run
+fit_quietly() {
+  local left=$(( deadline - $(date +%s) - ${3:-0} ))
+  lim=$(( $1 < left ? $1 : left ))
+  (( lim >= $2 ))
+}
 # limited CMD...: CMD under the current step's limit; SIGINT first (pytest prints its
 # summary, atexit hooks run), SIGKILL 15 s later if it is still there
 limited() { timeout -s INT -k 15 "$lim" "$@"; }
@@ -190,17 +196,17 @@ if has triton; then
   # In three parts, the most telling first: each new shape would otherwise be timed and
   # autotuned, compiling config after config (the precompile covers only the model
   # benchmark's shapes), and the ~60 small packed and merged cases come first in the file.
-  # Traced by Inductor and export (the heuristic tile: what is traced is what counts):
+  # Traced by torch.compile and export (the heuristic tile: what is traced is what counts):
   step triton "triton backend gpu tests: the new paths"
-  if fit "${TRITON_TIMEOUT:-70}" 30 "$models_reserve"; then
+  if fit "${TRITON_TIMEOUT:-60}" 30 "$models_reserve"; then
     RESNET_FUSED_TRITON_AUTOTUNE=0 logged triton_tests.log during_build limited "$py" -m pytest \
-      tests/test_triton_backend.py -q -p no:cacheprovider -k "inductor or compile_and_export or compile_keeps"
+      tests/test_triton_backend.py -q -p no:cacheprovider -k "compile_and_export or compile_keeps"
   fi
-  # timing and autotuning themselves: none inside a graph capture, a tuned tile remembered,
-  # threads tuning at once
-  if fit "${TRITON_TUNE_TIMEOUT:-40}" 15 "$models_reserve"; then
+  # tuning on: Inductor given the autotuner's tile (ResNet-18, 64 px), no timing inside a
+  # graph capture, a tuned tile remembered, threads tuning at once
+  if fit "${TRITON_TUNE_TIMEOUT:-70}" 20 "$models_reserve"; then
     logged triton_tune_tests.log during_build limited "$py" -m pytest tests/test_triton_backend.py -q \
-      -p no:cacheprovider -k "graph_capture or tuned_once or threads_tuning"
+      -p no:cacheprovider -k "inductor or graph_capture or tuned_once or threads_tuning"
   fi
   # the packed stem loop and merged groups on the hardware, every tile config of theirs
   if fit "${TRITON_PATHS_TIMEOUT:-60}" 30 "$models_reserve"; then
@@ -251,12 +257,13 @@ if has native; then
   step native "native backend gpu tests"
   # first, which kernel each ResNet-50 conv takes at the model benchmark's batches, and why
   # any falls back (resnet-fused explain: one forward each)
-  if fit "${NATIVE_PATHS_TIMEOUT:-40}" 15; then
-    for b in $model_batches; do
-      logged "paths_native_b$b.log" limited "$py" -m resnet_fused.cli explain --arch resnet50 --backend native --device cuda \
-        --batch-size "$b" --json "$out/paths_native_b$b.json"
-    done
-  fi
+  # (optional: each batch only while 30 s stay kept for the tests, and never named as not run)
+  for b in $model_batches; do
+    if fit_quietly "${NATIVE_PATHS_TIMEOUT:-20}" 10 30; then
+      logged "paths_native_b$b.log" limited "$py" -m resnet_fused.cli explain --arch resnet50 --backend native \
+        --device cuda --batch-size "$b" --json "$out/paths_native_b$b.json"
+    fi
+  done
   # (CUDA_LAUNCH_BLOCKING: a kernel's fault is reported at its own launch, by name, not at
   # the next synchronizing call; these cases are small)
   if fit "${NATIVE_TIMEOUT:-120}" 30; then
@@ -326,7 +333,7 @@ if has tests; then
   tk=${TESTS_K:-}
   if [[ -z $tk ]]; then  # what the steps above ran
     ran=()
-    has triton && ran+=("inductor or compile_and_export or graph_capture or tuned_once or packed or grouped_odd")
+    has triton && ran+=("inductor or compile_and_export or compile_keeps or graph_capture or tuned_once or threads_tuning or packed or merged or grouped_odd")
     has triton_tma && ran+=("gemm_tma or conv_tma")
     for r in "${ran[@]}"; do tk="${tk:+$tk or }$r"; done
     [[ -n $tk ]] && tk="not ($tk)"

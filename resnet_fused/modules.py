@@ -113,14 +113,15 @@ def _conv_bn_act(conv, bn, fold, x, relu, residual=None, backend="auto", out=Non
         weight, bias = fold_modules(conv, bn)
     else:
         weight, bias = fold.get(conv, bn, channels_last=x.is_cuda or strides_read_as_channels_last(x))
+    y = conv_bias_act(
+        x, weight, bias, residual, conv.stride, conv.padding, conv.dilation, conv.groups, relu, backend, out=out
+    )
     rows = getattr(_recording, "rows", None)
-    if rows is not None:
+    if rows is not None:  # (asked after the call: what it chose on its first call, a kernel that failed then)
         rows.append((conv, tuple(x.shape), tuple(weight.shape), x.dtype, residual is not None, relu,
                      explain(x, weight, bias, residual, conv.stride, conv.padding, conv.dilation, conv.groups, relu,
                              backend, out=out)))
-    return conv_bias_act(
-        x, weight, bias, residual, conv.stride, conv.padding, conv.dilation, conv.groups, relu, backend, out=out
-    )
+    return y
 
 
 def explain_model(model: nn.Module, *inputs, **kwargs) -> list[dict]:
@@ -129,9 +130,10 @@ def explain_model(model: nn.Module, *inputs, **kwargs) -> list[dict]:
     (``"layer1.0.conv2"``), the input and weight shapes, dtype, stride, groups, whether the
     call added a residual and applied ReLU, and ``path``: :func:`resnet_fused.explain`'s
     answer for that call (the backend, the kernel, and why any backend was passed over).
-    Then one dict per conv of ``model`` that ran unfused (``fused`` False), as
-    torchvision's modules: a hook on it or its BatchNorm, a BatchNorm that does not fold,
-    or not inside a fused module at all.
+    Then one dict per conv of ``model`` that made no fused call (``fused`` False): it ran
+    as torchvision's modules (a hook on it or its BatchNorm, a BatchNorm that does not
+    fold, not inside a fused module at all), or did not run. Only this thread's calls
+    are seen.
 
     ``model`` must be in eval mode (in train mode nothing is fused, and a forward would
     update the BatchNorm statistics).
@@ -163,8 +165,9 @@ def explain_model(model: nn.Module, *inputs, **kwargs) -> list[dict]:
             report.append(dict(module=name, fused=False, input=None, weight=list(conv.weight.shape),
                                dtype=str(conv.weight.dtype).removeprefix("torch."), stride=list(conv.stride),
                                groups=conv.groups, residual=None, relu=None,
-                               path="unfused: ran as torchvision's modules (a hook on it or its BatchNorm, a "
-                                    "BatchNorm that does not fold, or not inside a fused module)"))
+                               path="unfused: no fused call (it ran as torchvision's modules: a hook on it or "
+                                    "its BatchNorm, a BatchNorm that does not fold, not inside a fused module; or it "
+                                    "did not run)"))
     return report
 
 

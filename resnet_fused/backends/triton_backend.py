@@ -829,8 +829,7 @@ def _tma_launch(kernel, tuner, x: Tensor, grid, args: tuple, flags: dict, cfg, k
         if cfg is None:
             with _tuner_lock:
                 tuner[grid](*args, **flags, UPCAST=False)
-                best = tuner.best_config
-            _tma_tiles[key] = best
+                _tma_tiles[key] = tuner.best_config
             _save_tma_tiles()
         else:
             kernel[grid(cfg.kwargs)](*args, **flags, UPCAST=False, **cfg.kwargs, num_warps=cfg.num_warps,
@@ -1249,13 +1248,14 @@ def _tma_tiles_path() -> str:
 
 
 def _save_tma_tiles() -> None:
-    _write_json(_tma_tiles_path(), {k: _config_to_json(cfg) for k, cfg in _tma_tiles.items()})
+    _write_json(_tma_tiles_path(), {k: _config_to_json(cfg) for k, cfg in list(_tma_tiles.items())})
 
 
 def _write_json(path: str, data: dict) -> None:
+    data = dict(data)  # (one step under the GIL: another thread may be adding a choice)
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp"
+        tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"  # (each writer its own, then one atomic rename)
         with open(tmp, "w") as f:
             json.dump(data, f, indent=1, sort_keys=True)
         os.replace(tmp, path)

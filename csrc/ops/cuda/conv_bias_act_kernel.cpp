@@ -229,13 +229,15 @@ std::string cutlass_refusal(const at::Tensor& x, const at::Tensor& weight, const
   }
   if (key.variant == cc::Variant::kSm90aTile128) {  // (a Hopper kernel's refusal leaves the call to the sm80 one)
     const cc::KernelKey sm80{key.element, sm80_variant(problem), key.relu};
-    if (refusal(sm80).empty()) {
+    const std::string why_sm80 = refusal(sm80);
+    if (why_sm80.empty()) {
       *chosen = sm80;
       if (note != nullptr) {
         *note = std::string(" (sm90a_128x128 refused: ") + why + ")";
       }
       return "";
     }
+    return why + "; then " + why_sm80;
   }
   return why;
 }
@@ -268,15 +270,25 @@ std::optional<at::Tensor> cutlass_conv_bias_act(const at::Tensor& x, const at::T
   if (workspace_bytes > 0) {
     workspace = at::empty({static_cast<int64_t>(workspace_bytes)}, x.options().dtype(at::kByte));
   }
-  const char* error = cc::run(key, p, workspace.defined() ? workspace.data_ptr() : nullptr,
-                              c10::cuda::getCurrentCUDAStream(x.get_device()).stream());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.get_device()).stream();
+  cudaGetLastError();  // (an earlier launch's error, not this kernel's: the check after the launch reads it)
+  const char* error = cc::run(key, p, workspace.defined() ? workspace.data_ptr() : nullptr, stream);
   if (error != nullptr) {
     const std::string why = error;
-    // (warned once: the kernel is not tried again in this process; explain() then names why)
-    kernel_failures().launch_failed(x.get_device(), key, why);
+    // Not tried again in this process (warned once; explain() then names why), unless a
+    // CUDA graph capture is under way: a capture already broken fails any launch.
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    const bool capturing = cudaStreamIsCapturing(stream, &capture) != cudaSuccess ||
+                           capture != cudaStreamCaptureStatusNone;
+    cudaGetLastError();
+    if (!capturing) {
+      kernel_failures().launch_failed(x.get_device(), key, why);
+    }
     TORCH_WARN("resnet_fused: the CUTLASS kernel ", cc::variant_name(key.variant), " failed to run (", why, "; x ",
                shape_str(x.sizes()), ", weight ", shape_str(weight.sizes()), ", ", x.scalar_type(),
-               "); this call and later ones on that kernel run cuDNN's conv, then the add and ReLU");
+               "); this call runs cuDNN's conv, then the add and ReLU",
+               capturing ? " (in a CUDA graph capture: the kernel is tried again after it)"
+                         : "; later calls do not try this kernel again (explain() says why)");
     return std::nullopt;
   }
   return y;
@@ -341,13 +353,21 @@ std::string native_conv_bias_act_path_cuda(const at::Tensor& x, const at::Tensor
                                            at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
   const auto [g, out] = check_conv_bias_act_args(x, weight, std::nullopt, residual, stride, padding, dilation, groups);
   c10::cuda::CUDAGuard guard(x.device());
-  // The path is the same with and without ReLU except for cuDNN's op name; report the ReLU case.
-  cc::KernelKey key{};
+  // The path is the same with and without ReLU (two instantiations of each kernel) unless
+  // one of them failed to launch: the ReLU case, and the other where it differs.
+  cc::KernelKey key{}, linear_key{};
   std::string note;
   const std::string why = cutlass_refusal(x, weight, residual, g, out, /*relu=*/true, &key, &note);
+  const std::string why_linear = cutlass_refusal(x, weight, residual, g, out, /*relu=*/false, &linear_key);
   if (why.empty()) {
-    return std::string("CUTLASS implicit GEMM ") + cc::variant_name(key.variant) +
-           ", with the bias, residual and ReLU epilogue fused" + note;
+    std::string path = std::string("CUTLASS implicit GEMM ") + cc::variant_name(key.variant) +
+                       ", with the bias, residual and ReLU epilogue fused" + note;
+    if (!why_linear.empty()) {
+      path += "; without ReLU, cuDNN (" + why_linear + ")";
+    } else if (linear_key.variant != key.variant) {
+      path += std::string("; without ReLU, ") + cc::variant_name(linear_key.variant);
+    }
+    return path;
   }
   const std::string fallback = cudnn_path(x, true, residual.has_value());
   if (fallback == "cuDNN is off" || x.numel() == 0) {
