@@ -79,7 +79,7 @@ fit() {
   lim=$(( $1 < left ? $1 : left ))
   if (( lim < $2 )); then
     echo "   skipped: it needs ${2}s, the budget leaves it $(( left > 0 ? left : 0 ))s" | tee -a "$log"
-    skipped="$skipped $current"
+    [[ " $skipped " == *" $current "* ]] || skipped="$skipped $current"  # (once for a step of several parts)
     return 1
   fi
 }

@@ -64,9 +64,13 @@ struct EntryPoints {
       return nullptr;
     }
     static thread_local std::string why;
-    why = std::string(step) + " failed: " + cutlassGetStatusString(status);
+    why = std::string(step) + " failed: ";
+    if (status != cutlass::Status::kSuccess) {
+      why += cutlassGetStatusString(status);
+    }
     if (error != cudaSuccess) {
-      why += std::string(", ") + cudaGetErrorName(error) + ": " + cudaGetErrorString(error);
+      why += std::string(status != cutlass::Status::kSuccess ? ", " : "") + cudaGetErrorName(error) + ": " +
+             cudaGetErrorString(error);
     }
     cudaFuncAttributes a;
     if (cudaFuncGetAttributes(&a, Impl::kernel_function()) == cudaSuccess) {
