@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import platform
@@ -387,10 +388,8 @@ def _cmd_explain(args, parser) -> int:
         table.add_row(str(i), row["module"], shape, "x".join(map(str, row["weight"])), stride, epilogue, row["path"])
     console = _console()
     console.print(table)
-    ran = {}
-    for row in rows:
-        name = row["path"].split("'")[1] if row["fused"] and row["path"].startswith("runs on '") else "unfused"
-        ran[name] = ran.get(name, 0) + 1
+    ran = collections.Counter(row["path"].split("'")[1] if row["fused"] and row["path"].startswith("runs on '")
+                              else "unfused" for row in rows)
     console.print(f"{len(rows)} convs: " + ", ".join(f"{n} on {name!r}" if name != "unfused" else f"{n} unfused"
                                                      for name, n in sorted(ran.items())))
     if args.json is not None:
