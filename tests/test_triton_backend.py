@@ -553,8 +553,69 @@ def test_skipped_algorithms_are_not_candidates(monkeypatch, gen):
     assert "asks for conv_tma, which does not take this call (skipped by RESNET_FUSED_TRITON_SKIP)" in \
         ops.explain(x, weight, None, None, 1, 1, backend="triton")
     monkeypatch.setenv("RESNET_FUSED_TRITON_SKIP", "implicit_gemm")
-    with pytest.raises(ValueError, match="implicit_gemm is the algorithm every call falls back to"):
+    with pytest.raises(ValueError, match="implicit_gemm is the algorithm calls fall back to"):
         tb.algorithm_refusal("implicit_gemm", args)
+
+
+def _wide_view(dtype, device, c=8, h=3, w=2, row_stride=2**30):
+    """A (1, c, h, w) view whose rows lie ``row_stride`` elements apart, filled with fresh
+    random values (returned too): an image spanning 2^31 elements, in a storage only
+    a few of whose pages are touched."""
+    base = torch.empty((h - 1) * row_stride + c * w, dtype=dtype, device=device)
+    view = base.as_strided((1, c, h, w), (c * h * w, w, row_stride, 1))
+    values = torch.randn(1, c, h, w).to(dtype)
+    view.copy_(values)
+    return view, values
+
+
+@pytest.mark.parametrize("r, operand", [(1, "x"), (3, "x"), (1, "residual")])
+def test_an_image_spanning_2_to_the_31_takes_cudnn_epilogue(gen, fresh_choices, r, operand):
+    """implicit_gemm's offsets within an image are 32-bit: a view spanning more (rows 2^30
+    elements apart here) went past them (a segfault under the interpreter); such a call
+    takes cuDNN's conv and the fused epilogue, and says why."""
+    tb = fresh_choices
+    x, x_values = _wide_view(torch.float16, DEVICE)
+    weight = (torch.randn(8, 8, r, r, generator=gen) / (8 * r * r) ** 0.5).half().to(DEVICE)
+    bias = torch.randn(8, generator=gen).half().to(DEVICE)
+    res = res_values = None
+    if operand == "residual":
+        x = x_values.to(DEVICE)
+        res, res_values = _wide_view(torch.float16, DEVICE)
+    pad = r // 2
+    args = (x, weight, bias, res, [1, 1], [pad, pad], [1, 1], 1, True)
+    assert f"{operand} spanning 2^31 elements or more" in tb.algorithm_refusal("implicit_gemm", args)
+    assert tb.choose_algorithm(args, timing=False) == "cudnn_epilogue"
+    text = ops.explain(x, weight, None, res, 1, pad, backend="triton")
+    assert "cudnn_epilogue (implicit_gemm refuses:" in text or "the fastest of cudnn_epilogue for" in text, text
+    out = ops.conv_bias_act(x, weight, bias, res, padding=pad, backend="triton")
+    ref = reference_conv_bias_act(x_values, weight.cpu(), bias.cpu(), res_values, 1, pad, relu=True)
+    assert relative_error(out, ref) <= tol(torch.float16)
+
+
+def test_32_bit_limits_of_implicit_gemm_and_gemm_tma():
+    """The limits themselves, on meta tensors (no memory): 2^31 output pixels, an output
+    image of 2^31 elements, and the packed copy of a few-channel input."""
+    from resnet_fused.backends import triton_backend as tb
+
+    def refusal(name, x_shape, k, r, pad=0, x_strides=None):
+        x = torch.empty(x_shape, device="meta", dtype=torch.float16)
+        if x_strides is not None:
+            x = x.as_strided(x_shape, x_strides)
+        weight = torch.empty(k, x_shape[1], r, r, device="meta", dtype=torch.float16)
+        return tb.algorithm_refusal(name, (x, weight, None, None, [1, 1], [pad, pad], [1, 1], 1, True))
+
+    assert refusal("implicit_gemm", (2**15, 8, 256, 256), 8, 1) == \
+        "2147483648 output pixels (its 32-bit pixel index takes fewer than 2^31)"
+    assert refusal("gemm_tma", (2**15, 8, 256, 256), 8, 1) == "2147483648 rows (TMA coordinates are 32-bit: fewer than 2^31)"
+    assert refusal("implicit_gemm", (2**14, 8, 256, 256), 8, 1) is None  # 2^30 pixels
+    assert refusal("implicit_gemm", (1, 8, 2**13, 2**13), 2**4, 1) is None
+    # the stem's packed copy: 4 channels, padded rows; 3 channels of x alone would fit
+    assert refusal("implicit_gemm", (1, 8, 2**13, 2**13), 2**5, 1) == \
+        "output spanning 2^31 elements or more within one image: its offsets within an image are 32-bit"
+    # the stem's packed copy: 4 channels, padded rows, where x's 3 channels would fit
+    assert "x spanning 2^31" in refusal("implicit_gemm", (1, 3, 2**15, 18000), 2, 7, pad=3)
+    assert refusal("implicit_gemm", (1, 3, 2**14, 18000), 2, 7, pad=3) is None
+    assert refusal("implicit_gemm", (1, 16, 2**13, 2**13), 2, 7, pad=3) is None  # no packed copy
 
 
 @needs_tma

@@ -44,7 +44,10 @@ The implicit GEMM, one launch per conv:
   then one cast and one store.
 
 Every pointer offset that can grow with the batch is computed in int64, so batch
-256+ at 224x224 cannot overflow. Strides are explicit, so any layout is correct;
+256+ at 224x224 cannot overflow; offsets within one image and the output-pixel index
+stay 32-bit (cheaper address math in the inner loop), and a call past those (2^31
+output pixels, or a permuted view whose image spans 2^31 elements) is refused to
+``cudnn_epilogue`` (:func:`implicit_gemm_refusal`). Strides are explicit, so any layout is correct;
 NHWC activations and channels_last weights (what the fused modules pass on a GPU)
 are the fast case.
 
@@ -456,6 +459,43 @@ def implicit_gemm(
     return y
 
 
+#: the implicit GEMM's output-pixel index and its element offsets within one image are
+#: 32-bit (only the batch's part of an address is 64-bit: int64 everywhere would slow the
+#: inner loop's address math); a call past this goes to ``cudnn_epilogue``
+INT32_MAX = 2**31 - 1
+
+
+def _image_span(t: Tensor) -> int:
+    """The largest element offset of ``t`` within one image (its dimensions but the batch)."""
+    return sum((size - 1) * abs(st) for size, st in zip(t.shape[1:], t.stride()[1:]))
+
+
+def implicit_gemm_refusal(x, weight, residual, stride, padding, dilation, groups) -> Optional[str]:
+    """None when ``implicit_gemm``'s 32-bit indices hold this call, else why not: more
+    output pixels than 2^31 (less a tile), or an image of x, the weight, the residual or
+    the output spanning 2^31 elements or more -- a permuted view whose batch is not its
+    outermost dimension can, at a size that fits in memory."""
+    n, _, h, w = x.shape
+    k_total, c, r, s = weight.shape
+    p = (h + 2 * padding[0] - dilation[0] * (r - 1) - 1) // stride[0] + 1
+    q = (w + 2 * padding[1] - dilation[1] * (s - 1) - 1) // stride[1] + 1
+    limit = INT32_MAX - 1024  # a row tile may start up to BLOCK_M - 1 past the last pixel
+    if n * p * q > limit:
+        return f"{n * p * q} output pixels (its 32-bit pixel index takes fewer than 2^31)"
+    spans = {"x": _image_span(x), "weight": _image_span(weight), "output": k_total * p * q}
+    if residual is not None:
+        spans["residual"] = _image_span(residual)
+    if c < FLAT_SC_MAX_CHANNELS and r * s > 1 and groups == 1:  # the packed copy of x, rows padded
+        spans["x"] = max(spans["x"], PACK_MULTIPLE * (h + 2 * padding[0]) * (w + 2 * padding[1] + 16))
+    over = [name for name, span in spans.items() if span > limit]
+    if not over:
+        return None
+    strides = [f"{name} {tuple(t.stride())}" for name, t in (("x", x), ("weight", weight), ("residual", residual))
+               if name in over]
+    return (f"{' and '.join(over)} spanning 2^31 elements or more within one image"
+            + (f" (strides {'; '.join(strides)})" if strides else "") + ": its offsets within an image are 32-bit")
+
+
 #: a grouped conv with fewer input channels a group than this runs as one with fewer,
 #: wider groups: ``merge`` neighbouring groups at a time (their channels are neighbours in
 #: x, y and the weight) and a block-diagonal weight, zero between the merged groups.
@@ -739,6 +779,9 @@ def gemm_tma_refusal(x, weight, residual, stride, padding, dilation, groups) -> 
     """None when ``gemm_tma`` takes this call, else why not."""
     if tuple(weight.shape[2:]) != (1, 1) or list(stride) != [1, 1] or list(padding) != [0, 0] or groups != 1:
         return "only 1x1 convs with stride 1, no padding, one group are plain GEMMs"
+    rows = x.shape[0] * x.shape[2] * x.shape[3]
+    if rows > INT32_MAX - 1024:
+        return f"{rows} rows (TMA coordinates are 32-bit: fewer than 2^31)"
     return _tma_refusal(x, weight, residual)
 
 
@@ -1057,7 +1100,8 @@ def cudnn_with_epilogue(x, weight, bias, residual, stride, padding, dilation, gr
 ALGORITHMS = {"implicit_gemm": implicit_gemm, "cudnn_epilogue": cudnn_with_epilogue, "gemm_tma": gemm_tma,
               "conv_tma": conv_tma}
 #: Algorithms that take only some calls: name -> function saying why not (None: takes it).
-_REFUSALS = {"gemm_tma": gemm_tma_refusal, "conv_tma": conv_tma_refusal}
+_REFUSALS = {"implicit_gemm": implicit_gemm_refusal, "gemm_tma": gemm_tma_refusal,
+             "conv_tma": conv_tma_refusal}
 #: RESNET_FUSED_TRITON_ALGO: "auto" (time the candidates once per shape on a GPU, keep
 #: the fastest), or one name from ALGORITHMS for every call it takes.
 _ALGO_ENV = "RESNET_FUSED_TRITON_ALGO"
@@ -1304,7 +1348,7 @@ def algorithm_refusal(name: str, args: tuple) -> Optional[str]:
                          f"the algorithms are {', '.join(ALGORITHMS)}")
     if name in names:
         if name == "implicit_gemm":
-            raise ValueError(f"{_SKIP_ENV}={skipped!r}: implicit_gemm is the algorithm every call falls back "
+            raise ValueError(f"{_SKIP_ENV}={skipped!r}: implicit_gemm is the algorithm calls fall back "
                              "to and cannot be skipped")
         return f"skipped by {_SKIP_ENV}"
     refusal = _REFUSALS.get(name)
@@ -1312,6 +1356,12 @@ def algorithm_refusal(name: str, args: tuple) -> Optional[str]:
         return None
     x, weight, _, residual, stride, padding, dilation, groups, _ = args
     return refusal(x, weight, residual, stride, padding, dilation, groups)
+
+
+def _fallback(names: Sequence[str]) -> str:
+    """The algorithm a call goes to when nothing was measured for it, of those that take
+    it (``names``): implicit_gemm, or where its 32-bit indices do not hold, cudnn_epilogue."""
+    return "implicit_gemm" if "implicit_gemm" in names else "cudnn_epilogue"
 
 
 def _forced_algorithm() -> Optional[str]:
@@ -1343,12 +1393,14 @@ def choose_algorithm(args: tuple, timing: bool, call: Optional[tuple] = None) ->
     an unseen shape runs every algorithm that takes it, keeps the fastest, and remembers
     it on disk; without, a shape timed before keeps its choice, others take implicit_gemm.
     A forced algorithm (RESNET_FUSED_TRITON_ALGO) that does not take the call leaves it
-    to implicit_gemm, as :meth:`TritonBackend.describe` says. ``call``: the call's
+    to implicit_gemm (:func:`_fallback`), as :meth:`TritonBackend.describe` says. ``call``: the call's
     :func:`_call_signature`, if the caller has it already."""
     _load_choices()
     forced = _forced_algorithm()
     if forced is not None:
-        return forced if algorithm_refusal(forced, args) is None else "implicit_gemm"
+        if algorithm_refusal(forced, args) is None:
+            return forced
+        return _fallback([name for name in ALGORITHMS if algorithm_refusal(name, args) is None])
     x, weight, _, residual, stride, padding, dilation, groups, relu = args
     plain = type(x) is Tensor  # not a tracing tensor: no data pointer to read there
     if plain and call is None:
@@ -1362,14 +1414,14 @@ def choose_algorithm(args: tuple, timing: bool, call: Optional[tuple] = None) ->
     choice = _choices.get(key)
     if choice is not None:
         return choice
-    if not timing:
-        return "implicit_gemm"
     names = key.rsplit("|", 1)[1].split(",")
+    if not timing:
+        return _fallback(names)
     if _traced(x):  # torch.compile: choose now, on real tensors of the same shapes
         with _disable_current_modes():
             real = _real_like(args)
             if real is None:
-                return "implicit_gemm"  # symbolic shapes: nothing to time
+                return _fallback(names)  # symbolic shapes: nothing to time
             times = _time_candidates(names, real)
     else:
         times = _time_candidates(names, args)
@@ -1534,13 +1586,13 @@ class TritonBackend(Backend):
 
     def describe(self, x, weight, residual, stride, padding, dilation, groups) -> str:
         args = (x, weight, None, residual, stride, padding, dilation, groups, False)
+        names = [name for name in ALGORITHMS if algorithm_refusal(name, args) is None]
         forced = _forced_algorithm()
         if forced is not None:
             reason = algorithm_refusal(forced, args)
             if reason is not None:
-                return f"implicit_gemm: {_ALGO_ENV} asks for {forced}, which does not take this call ({reason})"
+                return f"{_fallback(names)}: {_ALGO_ENV} asks for {forced}, which does not take this call ({reason})"
             return f"{forced}, as {_ALGO_ENV} says"
-        names = [name for name in ALGORITHMS if algorithm_refusal(name, args) is None]
         _load_choices()
         for relu in (True, False):  # explain() does not know the epilogue; the choice rarely differs
             key = _shape_key(x, weight, residual, stride, padding, dilation, groups, relu) + "|" + ",".join(names)
@@ -1548,6 +1600,8 @@ class TritonBackend(Backend):
                 return f"{_choices[key]}: measured fastest of {', '.join(names)} for this shape"
         if x.is_cuda and AUTOTUNE:
             return f"the fastest of {', '.join(names)} for this shape, timed on its first call"
+        if "implicit_gemm" not in names:
+            return f"cudnn_epilogue (implicit_gemm refuses: {algorithm_refusal('implicit_gemm', args)})"
         return "implicit_gemm"
 
     def clear_packed_weights(self) -> int:
