@@ -511,6 +511,27 @@ def test_choice_is_per_call_signature_alignment_included(monkeypatch, gen, fresh
     assert tb.choose_algorithm(moved, timing=True) != "gemm_tma" and len(timed) == 5
 
 
+def test_float32_choice_is_per_tf32_mode(monkeypatch, gen, fresh_choices):
+    """A float32 conv runs TF32 or IEEE as torch.backends.cudnn.allow_tf32 says, so the
+    algorithm timed fastest in one mode is not taken for the other: each is timed."""
+    tb = fresh_choices
+    timed = []
+
+    def fake_time(fn):
+        timed.append(fn)
+        return float(len(timed))  # the first candidate each time: implicit_gemm
+
+    monkeypatch.setattr(tb, "_time_ms", fake_time)
+    x, weight, bias, _ = on_device(*make_case(gen, 2, 8, 5, 5, 8, 3, 2, 1, 1, 1, torch.float32, False))
+    args = (x, weight, bias, None, [2, 2], [1, 1], [1, 1], 1, True)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    assert tb.choose_algorithm(args, timing=True) == "implicit_gemm" and len(timed) == 2
+    assert tb.choose_algorithm(args, timing=True) == "implicit_gemm" and len(timed) == 2
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    assert tb.choose_algorithm(args, timing=True) == "implicit_gemm" and len(timed) == 4
+    assert sorted(key.split("|")[-2] for key in tb._choices) == ["tf32=False", "tf32=True"]
+
+
 @needs_tma
 @pytest.mark.parametrize("kind, candidates", [
     ((16, 1, 1, 0, 1), {"implicit_gemm", "cudnn_epilogue", "gemm_tma"}),

@@ -357,8 +357,11 @@ def _filling(fits: list, sms: int) -> list:
     return [cfg for cfg, tiles in fits if tiles == most]
 
 
-_AUTOTUNE_KEY = ["N", "H", "W", "P", "Q", "C", "K", "R", "S", "STRIDE_H", "STRIDE_W",
-                 "DIL_H", "DIL_W", "HAS_RESIDUAL", "FLAT_SC", "PACKED", "DOT_PRECISION", "GROUPS"]
+#: what a tuned tile is kept per: the problem, and the layouts (x's channel stride, the
+#: residual's and the output's channel strides: 1 for NHWC), whose loads differ in width
+_AUTOTUNE_KEY = ["N", "H", "W", "P", "Q", "C", "K", "R", "S", "STRIDE_H", "STRIDE_W", "PAD_H", "PAD_W",
+                 "DIL_H", "DIL_W", "HAS_RESIDUAL", "FLAT_SC", "PACKED", "DOT_PRECISION", "GROUPS",
+                 "sxc", "srk", "syk"]
 
 
 def _make_tuned():
@@ -1322,11 +1325,14 @@ def _device_name(index: int) -> str:
 
 def _shape_key(x, weight, residual, stride, padding, dilation, groups, relu) -> str:
     dev = _device_name(x.device.index or 0) if x.is_cuda else "cpu"
-    return "|".join(str(v) for v in (
+    key = "|".join(str(v) for v in (
         dev, torch.__version__, triton.__version__, x.dtype, tuple(x.shape), _strides(x), tuple(weight.shape),
         _strides(weight), residual is not None, tuple(stride), tuple(padding), tuple(dilation), groups, relu,
         AUTOTUNE,
     ))
+    if x.dtype == torch.float32:  # float32 runs TF32 or IEEE as torch allows: a choice per mode
+        key += f"|tf32={torch.backends.cudnn.allow_tf32}"
+    return key
 
 
 #: RESNET_FUSED_TRITON_SKIP: algorithms (comma- or space-separated) never to time or run,
@@ -1383,6 +1389,8 @@ def _call_signature(args: tuple) -> tuple:
     x, weight, _, residual, stride, padding, dilation, groups, relu = args
     sig = (type(x), x.device, x.dtype, x.shape, x.stride(), weight.shape, weight.stride(), x.data_ptr() % 16,
            weight.data_ptr() % 16, tuple(stride), tuple(padding), tuple(dilation), groups, relu, _skipped())
+    if x.dtype == torch.float32:
+        sig += (torch.backends.cudnn.allow_tf32,)
     if residual is None:
         return sig
     return sig + (residual.shape, residual.stride(), residual.data_ptr() % 16)
