@@ -138,9 +138,9 @@ class FoldCache:
     (``conv.weight.data.mul_(2)``), a detached alias with a version counter of its own;
     and ``DistributedDataParallel``'s buffer broadcast at the start of each forward
     (``broadcast_buffers=True``), which copies rank 0's running statistics into the other
-    ranks' unversioned: a rank that folded its own (an eval forward of the module itself)
-    would keep them. Call :func:`refold` after the first, before a DDP forward on such a
-    rank (tests/test_models.py shows both).
+    ranks' unversioned in torch 2.14 (2.11 bumps the version): a rank that folded its own
+    (an eval forward of the module itself) would keep them. Call :func:`refold` after the
+    first, before a DDP forward on such a rank (tests/test_models.py shows both).
     """
 
     # One (key, (weight, bias), the source tensors) entry per weight layout, (NCHW, NHWC),
