@@ -36,3 +36,25 @@ def strides_read_as_channels_last(x: Tensor) -> bool:
             return False
         low = strides[d] * sizes[d] if sizes[d] > 1 else strides[d]
     return True
+
+
+def with_canonical_strides(t: Tensor) -> Tensor:
+    """``t`` as a view whose size-1 dimensions have the strides its layout gives them
+    (contiguous, or channels_last where aten reads it so); ``t`` itself where it has them
+    already or is dense in neither layout. A size-1 dimension's stride addresses nothing,
+    so any value is legal and ``.contiguous()`` keeps it; but aten's CPU convolution
+    (oneDNN, torch 2.11 and 2.14) computes a grouped conv on an NHWC input wrongly when the
+    channels_last weight's size-1 kernel dimension (a 1x3 or 3x1 kernel) has another stride
+    (benchmarks/NOTES.md): the weight handed to aten's convolution goes through this.
+    (The C++ twin: ``with_canonical_strides`` in csrc/ops/conv_bias_act.h.)"""
+    shape = t.shape
+    if len(shape) != 4 or 1 not in shape:
+        return t
+    n, c, h, w = shape
+    if t.is_contiguous() and not strides_read_as_channels_last(t):
+        want = (c * h * w, h * w, w, 1)
+    elif t.is_contiguous(memory_format=torch.channels_last):
+        want = (h * w * c, 1, w * c, c)
+    else:
+        return t
+    return t if t.stride() == want else t.as_strided(shape, want)

@@ -136,6 +136,65 @@ def test_strided_and_expanded_views_on_every_backend(gen, backend, case):
         assert relative_error(out, ref) <= TOLERANCES[dtype], ops.explain(x, weight, None, res, s, p, backend=backend)
 
 
+def odd_size_one_stride(weight, stride):
+    """``weight`` (channels_last, one kernel dimension of size 1) copied into a view whose
+    size-1 dimension has stride ``stride``: the same elements in the same places."""
+    strides = list(weight.stride())
+    strides[2 if weight.shape[2] == 1 else 3] = stride
+    base = torch.empty(weight.numel() + stride, dtype=weight.dtype)
+    view = base.as_strided(weight.shape, strides)
+    view.copy_(weight)
+    return view
+
+
+@pytest.mark.parametrize("backend", ["torch", "native", "triton"])
+@pytest.mark.parametrize("kernel, groups, stride", [((1, 3), 4, 1), ((3, 1), 2, 2), ((1, 5), 8, 1)])
+@pytest.mark.parametrize("odd", [1, 1000], ids=["size1_stride_1", "size1_stride_1000"])
+def test_grouped_1xn_weight_with_an_odd_size_one_stride(gen, backend, kernel, groups, stride, odd):
+    """A size-1 dimension's stride addresses nothing, so any value is legal, but aten's CPU
+    convolution (oneDNN, torch 2.11 and 2.14) computed a grouped conv on an NHWC input
+    wrongly (relative error ~1) when the channels_last weight's size-1 kernel dimension had
+    another stride than its layout's: the backends that hand the weight to aten gave that
+    answer. Twice: the native backend's first call and its packed weight's."""
+    if backend not in resnet_fused.available_backends("cpu"):
+        pytest.skip(f"{backend} does not run on this machine's CPU: {backends.unavailable_reason(backend)}")
+    c, k = 4 * groups, 2 * groups
+    x, weight, bias, res = make_case(gen, 2, c, 9, 11, k, 1, stride, 0, 1, groups, torch.float32, True,
+                                     channels_last=True)
+    weight = (torch.randn(k, c // groups, *kernel, generator=gen) / (c // groups * 3) ** 0.5)
+    weight = odd_size_one_stride(weight.contiguous(memory_format=torch.channels_last), odd)
+    padding = (kernel[0] // 2, kernel[1] // 2)
+    ref = reference_conv_bias_act(x, weight, bias, res, stride, padding, 1, groups)
+    for _ in range(2):
+        out = ops.conv_bias_act(x, weight, bias, res, stride, padding, 1, groups, backend=backend)
+        assert relative_error(out, ref) <= TOLERANCES[torch.float32], ops.explain(x, weight, bias, res, stride,
+                                                                                 padding, 1, groups, backend=backend)
+        with torch.no_grad():
+            into = ops.conv_bias_act(x, weight, bias, res, stride, padding, 1, groups, backend=backend,
+                                     out=torch.empty_like(ref, dtype=x.dtype, memory_format=torch.channels_last))
+        assert relative_error(into, ref) <= TOLERANCES[torch.float32]
+    if backend == "triton":  # its cuDNN-conv algorithm (aten's conv here) too
+        from resnet_fused.backends import triton_backend as tb
+        y = tb.cudnn_with_epilogue(x, weight, bias, res, [stride] * 2, list(padding), [1, 1], groups, True)
+        assert relative_error(y, ref) <= TOLERANCES[torch.float32]
+
+
+def test_with_canonical_strides_only_rewrites_size_one_strides(gen):
+    from resnet_fused._layout import strides_read_as_channels_last, with_canonical_strides
+
+    w = torch.randn(8, 4, 1, 3, generator=gen).contiguous(memory_format=torch.channels_last)
+    assert with_canonical_strides(w) is w  # canonical already
+    odd = odd_size_one_stride(w, 1000)
+    fixed = with_canonical_strides(odd)
+    assert fixed.stride() == w.stride() and fixed.data_ptr() == odd.data_ptr() and torch.equal(fixed, w)
+    nchw = torch.randn(8, 4, 3, 3, generator=gen)
+    assert with_canonical_strides(nchw) is nchw  # no size-1 dimension
+    sliced = torch.randn(8, 8, 1, 3, generator=gen)[:, ::2]
+    assert with_canonical_strides(sliced) is sliced  # dense in neither layout
+    both = torch.randn(8, 4, 1, 1, generator=gen).contiguous(memory_format=torch.channels_last)
+    assert strides_read_as_channels_last(with_canonical_strides(both)) == strides_read_as_channels_last(both)
+
+
 @pytest.mark.parametrize("backend", ["torch", "native", "triton"])
 @pytest.mark.parametrize("case", VIEW_CASES + [("3x3 float64", 8, 16, 3, 1, 1, torch.float64)],
                          ids=[c[0] for c in VIEW_CASES] + ["3x3 float64"])

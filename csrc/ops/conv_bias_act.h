@@ -10,6 +10,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <array>
 #include <optional>
 #include <string>
@@ -137,6 +138,31 @@ inline bool check_out(const at::Tensor& out, const at::Tensor& x, const at::Tens
   TORCH_CHECK(residual->data_ptr() == out.data_ptr() && residual->strides() == out.strides(),
               "out may be the residual itself but should not partly overlap it");
   return true;
+}
+
+// ``t`` as a view whose size-1 dimensions have the strides its layout gives them
+// (contiguous, or channels_last where c10 reads it so); ``t`` itself where it has them
+// already or is dense in neither layout. A size-1 dimension's stride addresses nothing,
+// so any value is legal and ``contiguous()`` keeps it; but aten's CPU convolution (oneDNN,
+// torch 2.11 and 2.14) computes a grouped conv on an NHWC input wrongly when the
+// channels_last weight's size-1 kernel dimension (a 1x3 or 3x1 kernel) has another
+// stride (benchmarks/NOTES.md): every weight handed to aten's convolution goes through
+// this. (The Python twin: resnet_fused._layout.with_canonical_strides.)
+inline at::Tensor with_canonical_strides(const at::Tensor& t) {
+  const at::IntArrayRef sizes = t.sizes();
+  if (t.dim() != 4 || std::find(sizes.begin(), sizes.end(), 1) == sizes.end()) {
+    return t;
+  }
+  const int64_t c = sizes[1], h = sizes[2], w = sizes[3];
+  std::array<int64_t, 4> want{};
+  if (t.is_contiguous() && t.suggest_memory_format() != at::MemoryFormat::ChannelsLast) {
+    want = {c * h * w, h * w, w, 1};
+  } else if (t.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+    want = {h * w * c, 1, w * c, c};
+  } else {
+    return t;
+  }
+  return t.strides() == at::IntArrayRef(want) ? t : t.as_strided(sizes, want);
 }
 
 }  // namespace ops

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import Backend, register
-from .._layout import output_memory_format
+from .._layout import output_memory_format, with_canonical_strides
 
 
 class TorchBackend(Backend):
@@ -29,7 +29,7 @@ class TorchBackend(Backend):
         groups: int,
         relu: bool,
     ) -> Tensor:
-        y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+        y = F.conv2d(x, with_canonical_strides(weight), bias, stride, padding, dilation, groups)
         y = y.contiguous(memory_format=output_memory_format(x))
         if residual is not None:
             y.add_(residual)

@@ -82,7 +82,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from . import Backend, log, register, select
 from .. import _env
-from .._layout import output_memory_format
+from .._layout import output_memory_format, with_canonical_strides
 
 import triton
 import triton.language as tl
@@ -1092,7 +1092,7 @@ def conv_tma(x, weight, bias, residual, stride, padding, dilation, groups, relu,
 def cudnn_with_epilogue(x, weight, bias, residual, stride, padding, dilation, groups, relu, tune=True) -> Tensor:
     """cuDNN's conv (the vendor kernel), then bias + residual + ReLU as one Triton pass:
     two passes over the output instead of eager's four."""
-    y = F.conv2d(x, weight, None, stride, padding, dilation, groups)
+    y = F.conv2d(x, with_canonical_strides(weight), None, stride, padding, dilation, groups)
     y = y.contiguous(memory_format=output_memory_format(x))
     if bias is None and residual is None and not relu:
         return y

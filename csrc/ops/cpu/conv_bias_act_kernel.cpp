@@ -376,7 +376,7 @@ at::Tensor onednn_conv_bias_act(const at::Tensor& x, const at::Tensor& weight, c
   // (the plain weight on its first call: see get_on_reuse)
   const std::optional<at::Tensor> reused = packed_weights().get_on_reuse(weight, Packing::kOneDnn, compute, g,
                                                                          xc.sizes());
-  const at::Tensor packed = reused.has_value() ? *reused : weight.to(compute);
+  const at::Tensor packed = reused.has_value() ? *reused : with_canonical_strides(weight.to(compute));
   const std::vector<int64_t> padding(g.padding.begin(), g.padding.end());
   const std::vector<int64_t> stride(g.stride.begin(), g.stride.end());
   const std::vector<int64_t> dilation(g.dilation.begin(), g.dilation.end());
@@ -411,7 +411,8 @@ at::Tensor onednn_conv_bias_act(const at::Tensor& x, const at::Tensor& weight, c
 at::Tensor conv_then_epilogue(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                               const std::optional<at::Tensor>& residual, const ConvGeometry& g, bool relu,
                               at::MemoryFormat fmt) {
-  at::Tensor y = at::convolution(x, weight, std::nullopt, g.stride, g.padding, g.dilation, false, {0, 0}, g.groups);
+  at::Tensor y = at::convolution(x, with_canonical_strides(weight), std::nullopt, g.stride, g.padding, g.dilation,
+                                 false, {0, 0}, g.groups);
   y = y.contiguous(fmt);
   if (!bias.has_value() && !residual.has_value() && !relu) {
     return y;

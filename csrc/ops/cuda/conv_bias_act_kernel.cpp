@@ -298,7 +298,8 @@ std::optional<at::Tensor> cutlass_conv_bias_act(const at::Tensor& x, const at::T
 at::Tensor generic_conv_bias_act(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                                  const std::optional<at::Tensor>& residual, const ConvGeometry& g, bool relu,
                                  at::MemoryFormat fmt) {
-  at::Tensor y = at::convolution(x, weight, bias, g.stride, g.padding, g.dilation, false, {0, 0}, g.groups);
+  at::Tensor y = at::convolution(x, with_canonical_strides(weight), bias, g.stride, g.padding, g.dilation, false,
+                                 {0, 0}, g.groups);
   y = y.contiguous(fmt);
   if (residual.has_value()) y.add_(*residual);
   if (relu) y.relu_();
