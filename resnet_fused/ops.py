@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from . import backends
-from ._layout import output_memory_format
+from ._layout import output_memory_format, with_canonical_strides
 
 __all__ = ["conv_bias_act", "explain", "available_backends", "check_conv_bias_act_args"]
 
@@ -289,7 +289,7 @@ def register_fake_and_autograd(opdef) -> None:
             grad = torch.ops.aten.threshold_backward(grad, out, 0)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
-            grad, x, weight, ctx.bias_shape, stride, padding, dilation, False, [0, 0], groups,
+            grad, x, with_canonical_strides(weight), ctx.bias_shape, stride, padding, dilation, False, [0, 0], groups,
             [need_x, need_w, need_b and ctx.bias_shape is not None],
         )
         grad_residual = grad if ctx.has_residual and ctx.needs_input_grad[3] else None

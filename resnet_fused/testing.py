@@ -13,6 +13,8 @@ from torch import Tensor, nn
 from torchvision import models as tv_models
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from ._env import conv_allows_tf32
+
 __all__ = [
     "TOLERANCES",
     "tolerance",
@@ -49,7 +51,7 @@ def parse_dtype(name: str) -> torch.dtype:
 
 
 def tf32_enabled() -> bool:
-    return torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32
+    return torch.backends.cuda.matmul.allow_tf32 or conv_allows_tf32()
 
 
 def tolerance(dtype: torch.dtype, device: torch.device | str = "cpu") -> float:

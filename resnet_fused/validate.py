@@ -116,8 +116,10 @@ def run_validation(
     devices = list(devices or default_devices())
     configs = plan(archs, backend_names, devices, dtypes)
     results: list[Result] = []
-    tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    # TF32 off (the DESIGN.md tolerances are float32's), through the fp32_precision API:
+    # the legacy allow_tf32 getter raises where a user set conv and RNN apart with it
+    tf32 = (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision)
+    torch.backends.cuda.matmul.fp32_precision = torch.backends.cudnn.conv.fp32_precision = "ieee"
     try:
         by_arch: dict[str, list] = {}
         for cfg in configs:
@@ -125,7 +127,7 @@ def run_validation(
         for arch, arch_configs in by_arch.items():
             results += _validate_arch(arch, arch_configs, batch_size, image_size, arch_seed(arch, seed), on_result)
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+        torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = tf32
     return results
 
 

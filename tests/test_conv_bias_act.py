@@ -4,6 +4,7 @@ Every case is compared with the float64 reference at the tolerances of resnet_fu
 """
 import pytest
 import torch
+import torch.nn.functional as F
 
 import resnet_fused
 from resnet_fused import backends, ops
@@ -179,20 +180,40 @@ def test_grouped_1xn_weight_with_an_odd_size_one_stride(gen, backend, kernel, gr
         assert relative_error(y, ref) <= TOLERANCES[torch.float32]
 
 
+def test_gradient_of_a_grouped_1xn_weight_with_an_odd_size_one_stride(gen):
+    """The op's backward hands the weight to aten's convolution_backward, whose grad_x
+    had the same fault (float32 on the CPU: oneDNN; float64 does not go there)."""
+    x, _, bias, res = make_case(gen, 2, 8, 9, 11, 4, 1, 1, 0, 1, 2, torch.float32, True, channels_last=True)
+    weight = odd_size_one_stride(
+        (torch.randn(4, 4, 1, 3, generator=gen) / 12 ** 0.5).contiguous(memory_format=torch.channels_last), 1000)
+    grad = torch.randn(2, 4, 9, 11, generator=gen).contiguous(memory_format=torch.channels_last)
+    leaves = [t.detach().requires_grad_(True) for t in (x, weight, bias, res)]
+    ops.conv_bias_act(*leaves, padding=(0, 1), groups=2, relu=True, backend="torch").backward(grad)
+    exact = [t.detach().double().contiguous().requires_grad_(True) for t in (x, weight, bias, res)]
+    torch.relu(F.conv2d(*exact[:3], padding=(0, 1), groups=2) + exact[3]).backward(grad.double())
+    for name, ours, ref in zip(("x", "weight", "bias", "residual"), leaves, exact):
+        assert relative_error(ours.grad, ref.grad) <= TOLERANCES[torch.float32], name
+
+
 def test_with_canonical_strides_only_rewrites_size_one_strides(gen):
     from resnet_fused._layout import strides_read_as_channels_last, with_canonical_strides
 
     w = torch.randn(8, 4, 1, 3, generator=gen).contiguous(memory_format=torch.channels_last)
     assert with_canonical_strides(w) is w  # canonical already
-    odd = odd_size_one_stride(w, 1000)
+    storage = torch.empty(w.numel() + 1000 + 5)
+    odd = storage[5:].as_strided(w.shape, (12, 1, 1000, 4)).copy_(w)  # off the storage's start
     fixed = with_canonical_strides(odd)
-    assert fixed.stride() == w.stride() and fixed.data_ptr() == odd.data_ptr() and torch.equal(fixed, w)
+    assert fixed.stride() == w.stride() and fixed.storage_offset() == 5 and torch.equal(fixed, w)
     nchw = torch.randn(8, 4, 3, 3, generator=gen)
     assert with_canonical_strides(nchw) is nchw  # no size-1 dimension
     sliced = torch.randn(8, 8, 1, 3, generator=gen)[:, ::2]
     assert with_canonical_strides(sliced) is sliced  # dense in neither layout
-    both = torch.randn(8, 4, 1, 1, generator=gen).contiguous(memory_format=torch.channels_last)
-    assert strides_read_as_channels_last(with_canonical_strides(both)) == strides_read_as_channels_last(both)
+    # dense in both layouts (1x1): the layout aten reads it in is kept
+    for strides in ((4, 1, 4, 4), (4, 1, 1, 1), (4, 1, 1000, 7), (4, 1, 3, 3)):
+        both = torch.randn(8, 4, 1, 1, generator=gen).as_strided((8, 4, 1, 1), strides)
+        fixed = with_canonical_strides(both)
+        assert fixed.stride() in ((4, 1, 4, 4), (4, 1, 1, 1)) and torch.equal(fixed, both)
+        assert strides_read_as_channels_last(fixed) == strides_read_as_channels_last(both), strides
 
 
 @pytest.mark.parametrize("backend", ["torch", "native", "triton"])

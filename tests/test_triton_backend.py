@@ -589,6 +589,20 @@ def _wide_view(dtype, device, c=8, h=3, w=2, row_stride=2**30):
     return view, values
 
 
+def test_skipping_cudnn_epilogue_leaves_it_to_the_calls_only_it_takes(monkeypatch, fresh_choices):
+    """RESNET_FUSED_TRITON_SKIP keeps algorithms out of the timed choice; where
+    implicit_gemm refuses a call too, cudnn_epilogue is all that is left and runs."""
+    tb = fresh_choices
+    monkeypatch.setenv("RESNET_FUSED_TRITON_SKIP", "cudnn_epilogue gemm_tma conv_tma")
+    monkeypatch.setattr(tb, "_time_ms", lambda fn: pytest.fail("nothing to time"))
+    x, x_values = _wide_view(torch.float16, DEVICE)
+    weight = torch.randn(8, 8, 1, 1).half().to(DEVICE) / 8 ** 0.5
+    args = (x, weight, None, None, [1, 1], [0, 0], [1, 1], 1, True)
+    assert tb.choose_algorithm(args, timing=True) == "cudnn_epilogue"
+    out = ops.conv_bias_act(x, weight, padding=0, backend="triton")
+    assert relative_error(out, reference_conv_bias_act(x_values, weight.cpu(), None, None, 1, 0)) <= tol(torch.float16)
+
+
 @pytest.mark.parametrize("r, operand", [(1, "x"), (3, "x"), (1, "residual")])
 def test_an_image_spanning_2_to_the_31_takes_cudnn_epilogue(gen, fresh_choices, r, operand):
     """implicit_gemm's offsets within an image are 32-bit: a view spanning more (rows 2^30
@@ -636,7 +650,12 @@ def test_32_bit_limits_of_implicit_gemm_and_gemm_tma():
     # the stem's packed copy: 4 channels, padded rows, where x's 3 channels would fit
     assert "x spanning 2^31" in refusal("implicit_gemm", (1, 3, 2**15, 18000), 2, 7, pad=3)
     assert refusal("implicit_gemm", (1, 3, 2**14, 18000), 2, 7, pad=3) is None
-    assert refusal("implicit_gemm", (1, 16, 2**13, 2**13), 2, 7, pad=3) is None  # no packed copy
+    # 8 channels: x itself fits (just), its packed copy with 8 channels and padded rows does not
+    assert "x spanning 2^31" in refusal("implicit_gemm", (1, 8, 16380, 16380), 8, 7, pad=3)
+    assert refusal("implicit_gemm", (1, 16, 16380, 16380 // 2), 8, 7, pad=3) is None  # 16 channels: no copy
+    # the padding's addresses: columns 2^30 apart, 2 of them, and 3 columns of padding each side
+    assert "x spanning 2^31" in refusal("implicit_gemm", (1, 8, 1, 2), 8, 7, pad=3, x_strides=(16, 2, 16, 2**30))
+    assert refusal("implicit_gemm", (1, 8, 1, 2), 8, 1, x_strides=(16, 2, 16, 2**30)) is None
 
 
 @needs_tma

@@ -82,6 +82,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from . import Backend, log, register, select
 from .. import _env
+from .._env import conv_allows_tf32
 from .._layout import output_memory_format, with_canonical_strides
 
 import triton
@@ -422,7 +423,7 @@ def implicit_gemm(
     # writes, so a traced launch has no argument aliasing its output
     res = residual if residual is not None else x
     if x.dtype == torch.float32:
-        allow_tf32 = torch.backends.cudnn.allow_tf32 and _on_gpu(x)
+        allow_tf32 = conv_allows_tf32() and _on_gpu(x)
         precision = "tf32" if allow_tf32 else "ieee"
     else:
         precision = "ieee"
@@ -468,16 +469,20 @@ def implicit_gemm(
 INT32_MAX = 2**31 - 1
 
 
-def _image_span(t: Tensor) -> int:
-    """The largest element offset of ``t`` within one image (its dimensions but the batch)."""
-    return sum((size - 1) * abs(st) for size, st in zip(t.shape[1:], t.stride()[1:]))
+def _image_span(t: Tensor, pad: Sequence[int] = (0, 0)) -> int:
+    """The largest element offset of ``t`` within one image (its dimensions but the batch),
+    its rows and columns reaching ``pad`` further on each side (the padding's addresses,
+    computed before the mask)."""
+    (_, c, h, w), (_, sc, sh, sw) = t.shape, t.stride()
+    return (c - 1) * abs(sc) + (h - 1 + 2 * pad[0]) * abs(sh) + (w - 1 + 2 * pad[1]) * abs(sw)
 
 
 def implicit_gemm_refusal(x, weight, residual, stride, padding, dilation, groups) -> Optional[str]:
     """None when ``implicit_gemm``'s 32-bit indices hold this call, else why not: more
-    output pixels than 2^31 (less a tile), or an image of x, the weight, the residual or
-    the output spanning 2^31 elements or more -- a permuted view whose batch is not its
-    outermost dimension can, at a size that fits in memory."""
+    output pixels than 2^31 (less a tile), or an image of x (its padding included), the
+    weight, the residual or the output, or the packed or merged copies the kernel reads,
+    spanning 2^31 elements or more -- a permuted view whose batch is not its outermost
+    dimension can, at a size that fits in memory."""
     n, _, h, w = x.shape
     k_total, c, r, s = weight.shape
     p = (h + 2 * padding[0] - dilation[0] * (r - 1) - 1) // stride[0] + 1
@@ -485,11 +490,16 @@ def implicit_gemm_refusal(x, weight, residual, stride, padding, dilation, groups
     limit = INT32_MAX - 1024  # a row tile may start up to BLOCK_M - 1 past the last pixel
     if n * p * q > limit:
         return f"{n * p * q} output pixels (its 32-bit pixel index takes fewer than 2^31)"
-    spans = {"x": _image_span(x), "weight": _image_span(weight), "output": k_total * p * q}
+    spans = {"x": _image_span(x, padding), "weight": _image_span(weight), "output": k_total * p * q}
     if residual is not None:
         spans["residual"] = _image_span(residual)
-    if c < FLAT_SC_MAX_CHANNELS and r * s > 1 and groups == 1:  # the packed copy of x, rows padded
-        spans["x"] = max(spans["x"], PACK_MULTIPLE * (h + 2 * padding[0]) * (w + 2 * padding[1] + 16))
+    merge = _group_merge(groups, c)  # as implicit_gemm merges and packs
+    c_merged = c * merge
+    spans["weight"] = max(spans["weight"], c_merged * r * s)
+    if c_merged < FLAT_SC_MAX_CHANNELS and r * s > 1 and groups == merge:  # the packed copies, x's rows padded
+        cp = -(-c_merged // PACK_MULTIPLE) * PACK_MULTIPLE
+        spans["x"] = max(spans["x"], cp * (h + 2 * padding[0]) * (w + 2 * padding[1] + 16))
+        spans["weight"] = max(spans["weight"], r * s * cp * k_total)
     over = [name for name, span in spans.items() if span > limit]
     if not over:
         return None
@@ -1331,7 +1341,7 @@ def _shape_key(x, weight, residual, stride, padding, dilation, groups, relu) -> 
         AUTOTUNE,
     ))
     if x.dtype == torch.float32:  # float32 runs TF32 or IEEE as torch allows: a choice per mode
-        key += f"|tf32={torch.backends.cudnn.allow_tf32}"
+        key += f"|tf32={conv_allows_tf32()}"
     return key
 
 
@@ -1366,7 +1376,9 @@ def algorithm_refusal(name: str, args: tuple) -> Optional[str]:
 
 def _fallback(names: Sequence[str]) -> str:
     """The algorithm a call goes to when nothing was measured for it, of those that take
-    it (``names``): implicit_gemm, or where its 32-bit indices do not hold, cudnn_epilogue."""
+    it (``names``): implicit_gemm, or where its 32-bit indices do not hold, cudnn_epilogue
+    (which takes every call: even where RESNET_FUSED_TRITON_SKIP names it, when it is
+    all that is left)."""
     return "implicit_gemm" if "implicit_gemm" in names else "cudnn_epilogue"
 
 
@@ -1390,7 +1402,7 @@ def _call_signature(args: tuple) -> tuple:
     sig = (type(x), x.device, x.dtype, x.shape, x.stride(), weight.shape, weight.stride(), x.data_ptr() % 16,
            weight.data_ptr() % 16, tuple(stride), tuple(padding), tuple(dilation), groups, relu, _skipped())
     if x.dtype == torch.float32:
-        sig += (torch.backends.cudnn.allow_tf32,)
+        sig += (conv_allows_tf32(),)
     if residual is None:
         return sig
     return sig + (residual.shape, residual.stride(), residual.data_ptr() % 16)
@@ -1422,8 +1434,8 @@ def choose_algorithm(args: tuple, timing: bool, call: Optional[tuple] = None) ->
     choice = _choices.get(key)
     if choice is not None:
         return choice
-    names = key.rsplit("|", 1)[1].split(",")
-    if not timing:
+    names = [name for name in key.rsplit("|", 1)[1].split(",") if name]
+    if not timing or not names:
         return _fallback(names)
     if _traced(x):  # torch.compile: choose now, on real tensors of the same shapes
         with _disable_current_modes():
