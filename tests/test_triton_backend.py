@@ -532,6 +532,22 @@ def test_float32_choice_is_per_tf32_mode(monkeypatch, gen, fresh_choices):
     assert sorted(key.split("|")[-2] for key in tb._choices) == ["tf32=False", "tf32=True"]
 
 
+def test_tf32_flags_set_apart_through_fp32_precision(monkeypatch, gen, fresh_choices):
+    """With conv's and RNN's TF32 flags set apart through torch's fp32_precision API,
+    torch.backends.cudnn.allow_tf32 raises when read; float32 calls read the conv's flag."""
+    from resnet_fused._env import conv_allows_tf32
+
+    x, weight, bias, _ = on_device(*make_case(gen, 2, 8, 5, 5, 8, 3, 1, 1, 1, 1, torch.float32, False))
+    for precision, tf32 in (("ieee", False), ("tf32", True)):
+        monkeypatch.setattr(torch.backends.cudnn.conv, "fp32_precision", precision)
+        monkeypatch.setattr(torch.backends.cudnn.rnn, "fp32_precision", "tf32" if precision == "ieee" else "ieee")
+        assert conv_allows_tf32() is tf32
+        assert fresh_choices._shape_key(x, weight, None, [1, 1], [1, 1], [1, 1], 1, True).endswith(f"|tf32={tf32}")
+        out = ops.conv_bias_act(x, weight, bias, padding=1, backend="triton")
+        ref = reference_conv_bias_act(x.cpu(), weight.cpu(), bias.cpu(), None, 1, 1)
+        assert relative_error(out, ref) <= (5e-4 if tf32 and ON_GPU else tol(torch.float32))
+
+
 @needs_tma
 @pytest.mark.parametrize("kind, candidates", [
     ((16, 1, 1, 0, 1), {"implicit_gemm", "cudnn_epilogue", "gemm_tma"}),
