@@ -5,6 +5,8 @@ Every case is compared with the float64 reference at the tolerances of resnet_fu
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
 import resnet_fused
 from resnet_fused import backends, ops
@@ -178,6 +180,67 @@ def test_grouped_1xn_weight_with_an_odd_size_one_stride(gen, backend, kernel, gr
         from resnet_fused.backends import triton_backend as tb
         y = tb.cudnn_with_epilogue(x, weight, bias, res, [stride] * 2, list(padding), [1, 1], groups, True)
         assert relative_error(y, ref) <= TOLERANCES[torch.float32]
+
+
+#: how an operand of the view fuzz below is laid out in memory
+LAYOUTS = ["contiguous", "channels_last", "permuted", "sliced", "odd_size_one", "offset"]
+
+
+def laid_out(values, layout, draw):
+    """``values`` (4-D) copied into a tensor laid out as ``layout``: contiguous,
+    channels_last, a permute of a (H, N, W, C) storage, every other channel and column of
+    a wider tensor, channels_last with random strides on size-1 dimensions, or NHWC off
+    its storage's start by one element. ``draw(n)``: a random int below n."""
+    n, c, h, w = values.shape
+    if layout == "contiguous":
+        return values.contiguous()
+    if layout == "channels_last":
+        return values.contiguous(memory_format=torch.channels_last)
+    if layout == "permuted":
+        out = values.new_empty(h, n, w, c).permute(1, 3, 0, 2)
+    elif layout == "sliced":
+        out = values.new_empty(n, 2 * c, h, 2 * w + 1)[:, ::2, :, 1::2]
+    elif layout == "odd_size_one":
+        strides = list(values.contiguous(memory_format=torch.channels_last).stride())
+        strides = [1 + draw(2000) if size == 1 else st for size, st in zip(values.shape, strides)]
+        out = values.new_empty(sum((size - 1) * st for size, st in zip(values.shape, strides)) + 1)
+        out = out.as_strided(values.shape, strides)
+    else:
+        out = values.new_empty(values.numel() + 1)[1:].view(n, h, w, c).permute(0, 3, 1, 2)
+    return out.copy_(values)
+
+
+@settings(max_examples=120, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@example(n=2, c_per_group=4, k_per_group=4, groups=2, h=5, w=7, kernel=(1, 3), stride=1, dtype=torch.float32,
+         layouts=("channels_last", "odd_size_one", "sliced"), residual=True, seed=1)  # the fault that it found
+@given(
+    n=st.integers(1, 2), c_per_group=st.sampled_from([1, 3, 4, 8]), k_per_group=st.sampled_from([1, 4, 8]),
+    groups=st.sampled_from([1, 2, 4]), h=st.integers(1, 9), w=st.integers(1, 9),
+    kernel=st.sampled_from([(1, 1), (1, 3), (3, 1), (3, 3), (1, 5), (7, 7)]), stride=st.integers(1, 2),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    layouts=st.tuples(*[st.sampled_from(LAYOUTS)] * 3), residual=st.booleans(), seed=st.integers(0, 2**31 - 1),
+)
+def test_any_memory_layout_of_x_weight_and_residual_on_every_backend(n, c_per_group, k_per_group, groups, h, w,
+                                                                     kernel, stride, dtype, layouts, residual, seed):
+    """x, the weight and the residual each in any of LAYOUTS, through every backend on
+    this CPU, against float64: what found torch's grouped 1xN conv fault
+    (test_grouped_1xn_weight_with_an_odd_size_one_stride)."""
+    padding = (kernel[0] // 2, kernel[1] // 2)
+    p, q = (h + 2 * padding[0] - kernel[0]) // stride + 1, (w + 2 * padding[1] - kernel[1]) // stride + 1
+    if p < 1 or q < 1:
+        return
+    gen = torch.Generator().manual_seed(seed)
+    draw = lambda bound: int(torch.randint(bound, (1,), generator=gen))  # noqa: E731
+    c, k = c_per_group * groups, k_per_group * groups
+    x = laid_out(torch.randn(n, c, h, w, generator=gen).to(dtype), layouts[0], draw)
+    weight = laid_out((torch.randn(k, c_per_group, *kernel, generator=gen) / (c_per_group * kernel[0] * kernel[1])
+                       ** 0.5).to(dtype), layouts[1], draw)
+    bias = torch.randn(k, generator=gen).to(dtype)
+    res = laid_out(torch.randn(n, k, p, q, generator=gen).to(dtype), layouts[2], draw) if residual else None
+    ref = reference_conv_bias_act(x, weight, bias, res, stride, padding, 1, groups, True)
+    for backend in resnet_fused.available_backends("cpu"):
+        out = ops.conv_bias_act(x, weight, bias, res, stride, padding, 1, groups, True, backend=backend)
+        assert relative_error(out, ref) <= TOLERANCES[dtype], (backend, x.stride(), weight.stride())
 
 
 def test_gradient_of_a_grouped_1xn_weight_with_an_odd_size_one_stride(gen):
