@@ -538,14 +538,19 @@ def test_tf32_flags_set_apart_through_fp32_precision(monkeypatch, gen, fresh_cho
     from resnet_fused._env import conv_allows_tf32
 
     x, weight, bias, _ = on_device(*make_case(gen, 2, 8, 5, 5, 8, 3, 1, 1, 1, 1, torch.float32, False))
-    for precision, tf32 in (("ieee", False), ("tf32", True)):
-        monkeypatch.setattr(torch.backends.cudnn.conv, "fp32_precision", precision)
-        monkeypatch.setattr(torch.backends.cudnn.rnn, "fp32_precision", "tf32" if precision == "ieee" else "ieee")
-        assert conv_allows_tf32() is tf32
-        assert fresh_choices._shape_key(x, weight, None, [1, 1], [1, 1], [1, 1], 1, True).endswith(f"|tf32={tf32}")
-        out = ops.conv_bias_act(x, weight, bias, padding=1, backend="triton")
-        ref = reference_conv_bias_act(x.cpu(), weight.cpu(), bias.cpu(), None, 1, 1)
-        assert relative_error(out, ref) <= (5e-4 if tf32 and ON_GPU else tol(torch.float32))
+    cudnn = torch.backends.cudnn
+    saved = (cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision)  # (monkeypatch cannot undo these on torch 2.11)
+    try:
+        for precision, tf32 in (("ieee", False), ("tf32", True)):
+            cudnn.conv.fp32_precision = precision
+            cudnn.rnn.fp32_precision = "tf32" if precision == "ieee" else "ieee"
+            assert conv_allows_tf32() is tf32
+            assert fresh_choices._shape_key(x, weight, None, [1, 1], [1, 1], [1, 1], 1, True).endswith(f"|tf32={tf32}")
+            out = ops.conv_bias_act(x, weight, bias, padding=1, backend="triton")
+            ref = reference_conv_bias_act(x.cpu(), weight.cpu(), bias.cpu(), None, 1, 1)
+            assert relative_error(out, ref) <= (5e-4 if tf32 and ON_GPU else tol(torch.float32))
+    finally:
+        cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision = saved
 
 
 @needs_tma
