@@ -139,15 +139,14 @@ def test_strided_and_expanded_views_on_every_backend(gen, backend, case):
         assert relative_error(out, ref) <= TOLERANCES[dtype], ops.explain(x, weight, None, res, s, p, backend=backend)
 
 
-def odd_size_one_stride(weight, stride):
-    """``weight`` (channels_last, one kernel dimension of size 1) copied into a view whose
-    size-1 dimension has stride ``stride``: the same elements in the same places."""
-    strides = list(weight.stride())
-    strides[2 if weight.shape[2] == 1 else 3] = stride
-    base = torch.empty(weight.numel() + stride, dtype=weight.dtype)
-    view = base.as_strided(weight.shape, strides)
-    view.copy_(weight)
-    return view
+def odd_size_one_stride(values, stride):
+    """``values`` (4-D) copied into a channels_last view whose size-1 dimensions have the
+    stride ``stride()`` (a function, called per such dimension): the same elements in the
+    same places."""
+    strides = list(values.contiguous(memory_format=torch.channels_last).stride())
+    strides = [stride() if size == 1 else st for size, st in zip(values.shape, strides)]
+    out = values.new_empty(sum((size - 1) * st for size, st in zip(values.shape, strides)) + 1)
+    return out.as_strided(values.shape, strides).copy_(values)
 
 
 @pytest.mark.parametrize("backend", ["torch", "native", "triton"])
@@ -165,7 +164,7 @@ def test_grouped_1xn_weight_with_an_odd_size_one_stride(gen, backend, kernel, gr
     x, weight, bias, res = make_case(gen, 2, c, 9, 11, k, 1, stride, 0, 1, groups, torch.float32, True,
                                      channels_last=True)
     weight = (torch.randn(k, c // groups, *kernel, generator=gen) / (c // groups * 3) ** 0.5)
-    weight = odd_size_one_stride(weight.contiguous(memory_format=torch.channels_last), odd)
+    weight = odd_size_one_stride(weight, lambda: odd)
     padding = (kernel[0] // 2, kernel[1] // 2)
     ref = reference_conv_bias_act(x, weight, bias, res, stride, padding, 1, groups)
     for _ in range(2):
@@ -201,10 +200,7 @@ def laid_out(values, layout, draw):
     elif layout == "sliced":
         out = values.new_empty(n, 2 * c, h, 2 * w + 1)[:, ::2, :, 1::2]
     elif layout == "odd_size_one":
-        strides = list(values.contiguous(memory_format=torch.channels_last).stride())
-        strides = [1 + draw(2000) if size == 1 else st for size, st in zip(values.shape, strides)]
-        out = values.new_empty(sum((size - 1) * st for size, st in zip(values.shape, strides)) + 1)
-        out = out.as_strided(values.shape, strides)
+        return odd_size_one_stride(values, lambda: 1 + draw(2000))
     else:
         out = values.new_empty(values.numel() + 1)[1:].view(n, h, w, c).permute(0, 3, 1, 2)
     return out.copy_(values)
@@ -247,8 +243,7 @@ def test_gradient_of_a_grouped_1xn_weight_with_an_odd_size_one_stride(gen):
     """The op's backward hands the weight to aten's convolution_backward, whose grad_x
     had the same fault (float32 on the CPU: oneDNN; float64 does not go there)."""
     x, _, bias, res = make_case(gen, 2, 8, 9, 11, 4, 1, 1, 0, 1, 2, torch.float32, True, channels_last=True)
-    weight = odd_size_one_stride(
-        (torch.randn(4, 4, 1, 3, generator=gen) / 12 ** 0.5).contiguous(memory_format=torch.channels_last), 1000)
+    weight = odd_size_one_stride(torch.randn(4, 4, 1, 3, generator=gen) / 12 ** 0.5, lambda: 1000)
     grad = torch.randn(2, 4, 9, 11, generator=gen).contiguous(memory_format=torch.channels_last)
     leaves = [t.detach().requires_grad_(True) for t in (x, weight, bias, res)]
     ops.conv_bias_act(*leaves, padding=(0, 1), groups=2, relu=True, backend="torch").backward(grad)

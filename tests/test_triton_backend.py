@@ -665,7 +665,7 @@ def test_32_bit_limits_of_implicit_gemm_and_gemm_tma():
     assert refusal("gemm_tma", (2**15, 8, 256, 256), 8, 1) == "2147483648 rows (TMA coordinates are 32-bit: fewer than 2^31)"
     assert refusal("implicit_gemm", (2**14, 8, 256, 256), 8, 1) is None  # 2^30 pixels
     assert refusal("implicit_gemm", (1, 8, 2**13, 2**13), 2**4, 1) is None
-    # the stem's packed copy: 4 channels, padded rows; 3 channels of x alone would fit
+    # an output image of 2^31 elements (32 channels of 2^13 x 2^13)
     assert refusal("implicit_gemm", (1, 8, 2**13, 2**13), 2**5, 1) == \
         "output spanning 2^31 elements or more within one image: its offsets within an image are 32-bit"
     # the stem's packed copy: 4 channels, padded rows, where x's 3 channels would fit

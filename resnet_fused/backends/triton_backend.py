@@ -71,7 +71,7 @@ import os
 import re
 import threading
 import warnings
-from typing import Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -405,8 +405,7 @@ def implicit_gemm(
     n, c_total, h, w = x.shape
     k_total, c, r, s = weight.shape
     k = k_total // groups
-    p = (h + 2 * padding[0] - dilation[0] * (r - 1) - 1) // stride[0] + 1
-    q = (w + 2 * padding[1] - dilation[1] * (s - 1) - 1) // stride[1] + 1
+    p, q = _output_hw(x, weight, stride, padding, dilation)
     y = torch.empty((n, k_total, p, q), dtype=x.dtype, device=x.device, memory_format=output_memory_format(x))
     original = (x, weight, bias, residual, stride, padding, dilation, groups, relu)
     merge = _group_merge(groups, c)
@@ -469,6 +468,13 @@ def implicit_gemm(
 INT32_MAX = 2**31 - 1
 
 
+def _output_hw(x: Tensor, weight: Tensor, stride, padding, dilation) -> tuple[int, int]:
+    """The conv's output height and width (P, Q)."""
+    (h, w), (r, s) = x.shape[2:], weight.shape[2:]
+    return ((h + 2 * padding[0] - dilation[0] * (r - 1) - 1) // stride[0] + 1,
+            (w + 2 * padding[1] - dilation[1] * (s - 1) - 1) // stride[1] + 1)
+
+
 def _image_span(t: Tensor, pad: Sequence[int] = (0, 0)) -> int:
     """The largest element offset of ``t`` within one image (its dimensions but the batch),
     its rows and columns reaching ``pad`` further on each side (the padding's addresses,
@@ -485,8 +491,7 @@ def implicit_gemm_refusal(x, weight, residual, stride, padding, dilation, groups
     dimension can, at a size that fits in memory."""
     n, _, h, w = x.shape
     k_total, c, r, s = weight.shape
-    p = (h + 2 * padding[0] - dilation[0] * (r - 1) - 1) // stride[0] + 1
-    q = (w + 2 * padding[1] - dilation[1] * (s - 1) - 1) // stride[1] + 1
+    p, q = _output_hw(x, weight, stride, padding, dilation)
     limit = INT32_MAX - 1024  # a row tile may start up to BLOCK_M - 1 past the last pixel
     if n * p * q > limit:
         return f"{n * p * q} output pixels (its 32-bit pixel index takes fewer than 2^31)"
@@ -1374,7 +1379,7 @@ def algorithm_refusal(name: str, args: tuple) -> Optional[str]:
     return refusal(x, weight, residual, stride, padding, dilation, groups)
 
 
-def _fallback(names: Sequence[str]) -> str:
+def _fallback(names: Iterable[str]) -> str:
     """The algorithm a call goes to when nothing was measured for it, of those that take
     it (``names``): implicit_gemm, or where its 32-bit indices do not hold, cudnn_epilogue
     (which takes every call: even where RESNET_FUSED_TRITON_SKIP names it, when it is
@@ -1420,7 +1425,8 @@ def choose_algorithm(args: tuple, timing: bool, call: Optional[tuple] = None) ->
     if forced is not None:
         if algorithm_refusal(forced, args) is None:
             return forced
-        return _fallback([name for name in ALGORITHMS if algorithm_refusal(name, args) is None])
+        # (a generator: `in` stops at implicit_gemm, the first, when it takes the call)
+        return _fallback(name for name in ALGORITHMS if algorithm_refusal(name, args) is None)
     x, weight, _, residual, stride, padding, dilation, groups, relu = args
     plain = type(x) is Tensor  # not a tracing tensor: no data pointer to read there
     if plain and call is None:
