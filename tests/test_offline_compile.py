@@ -202,3 +202,94 @@ with offline_compile.offline_gpu(90, analyse=False) as fake:
     assert done.returncode == 0, done.stderr[-4000:]
     keys, kernels = map(int, done.stdout.split())
     assert (keys, kernels) == (2, 2), done.stdout  # one per batch size, not one per layout
+
+
+def test_a_tuned_call_launches_its_tile_past_the_autotuner_and_its_lock(tmp_path):
+    """implicit_gemm's autotuner runs once per launch shape; later calls launch the tile it
+    chose directly, without Triton's Autotuner.run and without ``_tuner_lock``, so one
+    thread's first-call tuning (seconds of compiles on a GPU) does not stall another
+    thread's tuned calls. A traced call (torch.compile) gets the same tile, tuned on real
+    tensors of its shapes."""
+    code = """
+import json, threading, torch, offline_compile
+from torch._subclasses.fake_tensor import FakeTensorMode
+from resnet_fused.backends import triton_backend as tb
+cl = torch.channels_last
+tb.AUTOTUNE = True
+def case(c, residual=False):
+    x = torch.randn(2, c, 8, 8, dtype=torch.float16).contiguous(memory_format=cl)
+    w = torch.randn(64, c, 3, 3, dtype=torch.float16).contiguous(memory_format=cl)
+    r = torch.randn(2, 64, 8, 8, dtype=torch.float16).contiguous(memory_format=cl) if residual else None
+    return (x, w, None, r, (1, 1), (1, 1), (1, 1), 1, True)
+def tile(record):
+    c = record["constants"]
+    return [c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"], record["warps"], record["stages"]]
+with offline_compile.offline_gpu(90, analyse=False) as fake:
+    runs = []
+    run = tb._tuned.run
+    tb._tuned.run = lambda *a, **kw: (runs.append(a[5]), run(*a, **kw))[1]  # (a[5]: N)
+    a, b = case(32), case(48, residual=True)
+    tb.implicit_gemm(*a)
+    tuned_launch, first_runs = tile(fake.launches[-1]), len(runs)
+    tb.implicit_gemm(*a)
+    direct = tile(fake.launches[-1])
+    held, release = threading.Event(), threading.Event()
+    def hold():
+        with tb._tuner_lock:  # as a thread tuning another shape does
+            held.set()
+            release.wait(60)
+    holder = threading.Thread(target=hold)
+    holder.start()
+    held.wait()
+    done = []
+    def call(args):
+        tb.implicit_gemm(*args)
+        done.append(args[0].shape[1])
+    tuned = threading.Thread(target=call, args=(a,))
+    tuned.start()
+    tuned.join(20)
+    went_on = not tuned.is_alive()
+    new = threading.Thread(target=call, args=(b,))
+    new.start()
+    new.join(1)
+    waited = new.is_alive()
+    release.set()
+    holder.join()
+    new.join(120)
+    after_new = len(runs)
+    seen = []
+    class Recorder:
+        def __init__(self, x): self.x = x
+        def __getitem__(self, grid): return lambda *args, **kw: seen.append((tb._traced(self.x), kw))
+    tb._launchable = lambda kernel, x: Recorder(x)
+    c = case(24)
+    with FakeTensorMode() as mode:
+        fake_args = tuple(mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in c)
+        tb.implicit_gemm(*fake_args)
+    traced = [[kw[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")] for t, kw in seen if t]
+    best = tb._tuned.best_config
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+    runs_before = len(runs)
+    dynamic, static = DimDynamic.DYNAMIC, DimDynamic.STATIC
+    x, w, *rest = case(40)
+    with FakeTensorMode(shape_env=ShapeEnv()) as mode:  # dynamic shapes: nothing to tune, the heuristic tile
+        x = mode.from_tensor(x, symbolic_context=StatelessSymbolicContext([dynamic, static, dynamic, dynamic]))
+        fake_args = (x, mode.from_tensor(w), *rest)
+        assert not isinstance(x.shape[2], int)
+        tb.implicit_gemm(*fake_args)
+    symbolic = dict(runs=len(runs) - runs_before, launches=len(seen) - len(traced))
+    print(json.dumps(dict(first_runs=first_runs, tuned_launch=tuned_launch, direct=direct, went_on=went_on,
+                          waited=waited, done=done, after_new=after_new, runs_total=len(runs), traced=traced, symbolic=symbolic,
+                          best=[best.kwargs["BLOCK_M"], best.kwargs["BLOCK_N"], best.kwargs["BLOCK_K"],
+                                best.num_warps, best.num_stages])))
+"""
+    done = run_offline(tmp_path, code=code)
+    assert done.returncode == 0, done.stderr[-4000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["first_runs"] == 1 and out["direct"] == out["tuned_launch"]  # the autotuner's tile, launched as is
+    assert out["went_on"], "a tuned call waited for the tuner lock another thread held"
+    assert out["waited"], "an untuned call must wait its turn at the autotuner"
+    assert out["done"] == [32, 48] and out["after_new"] == 2  # the new shape tuned once the lock was free
+    # the traced call: its shapes tuned once on real tensors, that tile handed to the trace
+    assert out["runs_total"] == 3 and out["traced"] == [out["best"]]
+    assert out["symbolic"] == {"runs": 0, "launches": 1}  # symbolic sizes: launched untuned, nothing timed

@@ -747,30 +747,6 @@ def test_choice_while_tracing_times_real_tensors_of_the_traced_shapes(monkeypatc
     assert tb.choose_algorithm(real, timing=True) == "cudnn_epilogue" and len(seen) == 2  # same key
 
 
-def test_traced_call_takes_the_tile_the_autotuner_picks_on_real_tensors(gen):
-    """Under torch.compile implicit_gemm hands Inductor one plain kernel: the config the
-    autotuner picks when the same shapes run for real (here a stand-in algorithm)."""
-    from types import SimpleNamespace
-
-    from torch._subclasses.fake_tensor import FakeTensorMode, is_fake
-
-    from resnet_fused.backends import triton_backend as tb
-
-    tuner = SimpleNamespace(best_config=None)
-    ran = []
-
-    def algorithm(x, weight, bias, residual, *rest):
-        ran.append((is_fake(x), tuple(x.shape), x.stride(), residual is None, rest))
-        tuner.best_config = tb.CONFIGS[5]
-
-    x, weight, bias, _ = make_case(gen, 2, 8, 6, 6, 16, 3, 1, 1, 1, 1, torch.float16, False, channels_last=True)
-    with FakeTensorMode() as mode:
-        fx, fw, fb = (mode.from_tensor(t) for t in (x, weight, bias))
-        cfg = tb._autotuned_config_for(algorithm, tuner, fx, fw, fb, None, [1, 1], [1, 1], [1, 1], 1, True)
-    assert cfg is tb.CONFIGS[5]
-    assert ran == [(False, (2, 8, 6, 6), x.stride(), True, ([1, 1], [1, 1], [1, 1], 1, True))]
-
-
 def test_triton_op_eager_autograd_and_opcheck(gen):
     """``resnet_fused::triton_conv_bias_act`` (a torch.library.triton_op): the Triton backend
     as an op torch.compile can trace into; eagerly it runs the same kernels."""

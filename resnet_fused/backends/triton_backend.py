@@ -379,7 +379,7 @@ _tuned = _make_tuned()
 #: the autotuner object while it prunes, times and launches (``self.nargs``), so two
 #: threads in it at once (one model served from several threads) could read each
 #: other's, or None
-_tuner_lock = threading.RLock()  # (re-entered: _autotuned_config_for)
+_tuner_lock = threading.RLock()
 
 
 # ---------------------------------------------------------------------------------
@@ -445,21 +445,41 @@ def implicit_gemm(
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_N"]), groups)
 
+    flags = dict(common, UPCAST=False, GROUPS=groups)
     with torch.cuda.device(x.device):
-        if config is None and AUTOTUNE and tune and not _traced(x):
-            with _tuner_lock:
-                _tuned[grid](*args, **common, UPCAST=False, GROUPS=groups)
-        else:
-            cfg = config
-            if cfg is None and AUTOTUNE and tune:  # torch.compile: the autotuner's tile for these shapes, traced
-                cfg = _autotuned_config_for(implicit_gemm, _tuned, *original)
-            cfg = cfg or heuristic_config(m, k, c, r, s, groups, x.element_size(),
-                                          _device_limits(x.device.index or 0)[1])
-            _launchable(_conv_bias_act_kernel, x)[grid(cfg.kwargs)](
-                *args, **common, UPCAST=False, GROUPS=groups, **cfg.kwargs, num_warps=cfg.num_warps,
-                num_stages=cfg.num_stages,
-            )
+        cfg = config
+        if cfg is None and AUTOTUNE and tune:
+            key = _tile_memo_key(args, flags)
+            cfg = _implicit_gemm_tiles.get(key)
+            if cfg is None and not _traced(x):
+                with _tuner_lock:
+                    _tuned[grid](*args, **flags)
+                    _implicit_gemm_tiles[key] = _tuned.best_config
+                return y
+            if cfg is None and key is not None:  # torch.compile: the autotuner's tile for these shapes, traced
+                _tune_on_real_tensors(implicit_gemm, *original)
+                cfg = _implicit_gemm_tiles.get(key)
+        cfg = cfg or heuristic_config(m, k, c, r, s, groups, x.element_size(),
+                                      _device_limits(x.device.index or 0)[1])
+        _launchable(_conv_bias_act_kernel, x)[grid(cfg.kwargs)](*args, **flags, **cfg.all_kwargs())
     return y
+
+
+#: the autotuner's winner per implicit-GEMM launch (:func:`_tile_memo_key`), so a tuned
+#: call launches its tile directly: past Triton's Autotuner.run (~30 us of host time a
+#: call) and past ``_tuner_lock``, which one thread's first-call tuning (seconds of
+#: compiles) holds while another thread's tuned calls go on
+_implicit_gemm_tiles: dict = {}
+
+
+def _tile_memo_key(args: tuple, flags: dict) -> Optional[tuple]:
+    """Every integer argument, tensor dtype and constexpr of one launch: finer than the
+    autotuner's key (a subset of these), so one memo entry is one autotuner choice.
+    None where a size is symbolic (a trace with dynamic shapes: nothing to tune)."""
+    sizes = tuple(a for a in args if not isinstance(a, Tensor))
+    if not all(type(a) is int for a in sizes):
+        return None
+    return sizes, tuple(a.dtype for a in args if isinstance(a, Tensor)), tuple(flags.items())
 
 
 #: the implicit GEMM's output-pixel index and its element offsets within one image are
@@ -626,18 +646,15 @@ def _packed_weight(weight: Tensor, cp: int) -> Tensor:
     return _cached_weight(weight, ("packed", cp), make)
 
 
-def _autotuned_config_for(algorithm, tuner, *args):
+def _tune_on_real_tensors(algorithm, *args) -> None:
     """For a call being traced (fake tensors): run ``algorithm`` once on real tensors of
-    the same shapes, so ``tuner`` picks (or recalls) its config, and return that config;
-    None for symbolic shapes. Inductor then gets one plain kernel with that tile instead
-    of an autotuner to tune again."""
+    the same shapes, so its autotuner picks (or recalls) the config and the algorithm
+    keeps it; nothing for symbolic shapes. Inductor then gets one plain kernel with that
+    tile instead of an autotuner to tune again."""
     with _disable_current_modes():
         real = _real_like(args)
-        if real is None:
-            return None
-        with _tuner_lock:  # (the best config of this call, not of another thread's)
+        if real is not None:
             algorithm(*real)
-            return tuner.best_config
 
 
 @triton.jit
