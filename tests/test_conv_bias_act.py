@@ -181,6 +181,87 @@ def test_grouped_1xn_weight_with_an_odd_size_one_stride(gen, backend, kernel, gr
         assert relative_error(y, ref) <= TOLERANCES[torch.float32]
 
 
+#: convs whose every output pixel reads only padding, in width or height: (x shape,
+#: weight shape, stride, padding, dilation, groups). The first two made aten's CPU conv
+#: (oneDNN's brgemm kernels, torch 2.11 and 2.14) read address 0 on an NHWC input with a
+#: bias (a fuzz found the first; one call in a few segfaulted the process).
+PADDING_ONLY = [
+    ((3, 48, 7, 1), (32, 12, 3, 1), (2, 2), (2, 1), (2, 2), 4),
+    ((2, 4, 6, 1), (8, 2, 3, 1), (2, 2), (1, 1), (1, 2), 2),
+    ((3, 48, 1, 7), (32, 12, 1, 3), (2, 2), (1, 2), (2, 2), 4),  # every output row
+    ((2, 8, 1, 1), (16, 8, 1, 1), (2, 2), (1, 1), (1, 1), 1),  # a 1x1 conv: positions -1 and 1
+    ((1, 8, 7, 1), (8, 4, 1, 2), (3, 2), (2, 3), (2, 2), 2),
+]
+
+
+@pytest.mark.parametrize("backend", ["torch", "native", "triton"])
+@pytest.mark.parametrize("case", PADDING_ONLY, ids=[f"x{c[0][2]}x{c[0][3]}_k{c[1][2]}x{c[1][3]}" for c in PADDING_ONLY])
+@pytest.mark.parametrize("channels_last", [True, False], ids=["nhwc", "nchw"])
+def test_a_conv_that_reads_only_padding(gen, backend, case, channels_last):
+    """Every output pixel's taps lie in the zero padding: the conv is zero, the output is
+    relu?(bias + residual?). The torch and native backends compute it without a conv
+    (``explain`` says so), which keeps such calls from aten's CPU conv and its segfault."""
+    if backend not in resnet_fused.available_backends("cpu"):
+        pytest.skip(f"{backend} does not run on this machine's CPU: {backends.unavailable_reason(backend)}")
+    from resnet_fused.backends.reference import reads_only_padding
+
+    x_shape, w_shape, stride, padding, dilation, groups = case
+    assert reads_only_padding(x_shape[2:], w_shape[2:], stride, padding, dilation)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(x_shape, generator=gen).contiguous(memory_format=fmt)
+    weight = torch.randn(w_shape, generator=gen)
+    out_shape = reference_conv_bias_act(x, weight, None, None, stride, padding, dilation, groups).shape
+    for bias, residual, relu in ((True, False, False), (True, True, True), (False, True, False), (True, False, True)):
+        b = torch.randn(w_shape[0], generator=gen) if bias else None
+        r = torch.randn(out_shape, generator=gen).contiguous(memory_format=fmt) if residual else None
+        ref = reference_conv_bias_act(x, weight, b, r, stride, padding, dilation, groups, relu)
+        for _ in range(5):  # (the fault struck one call in a few)
+            out = ops.conv_bias_act(x, weight, b, r, stride, padding, dilation, groups, relu, backend=backend)
+            assert relative_error(out, ref) <= TOLERANCES[torch.float32]
+        assert out.is_contiguous(memory_format=ops.output_memory_format(x))
+        with torch.no_grad():
+            out_fmt = ops.output_memory_format(x)  # (NCHW for a 1x1 map: both layouts)
+            target = r.clone(memory_format=out_fmt) if r is not None else x.new_empty(ref.shape).contiguous(
+                memory_format=out_fmt)
+            into = ops.conv_bias_act(x, weight, b, target if r is not None else None, stride, padding, dilation,
+                                     groups, relu, backend=backend, out=target)
+        assert into is target and relative_error(into, ref) <= TOLERANCES[torch.float32]
+    zero = ops.conv_bias_act(x, weight, None, None, stride, padding, dilation, groups, backend=backend)
+    assert torch.equal(zero, torch.zeros(out_shape))
+    if backend == "native":
+        assert "no conv" in ops.explain(x, weight, None, None, stride, padding, dilation, groups, backend=backend)
+
+
+def test_reads_only_padding_agrees_with_counting_the_taps():
+    """The closed form (one test per tap) against every output position and tap, in
+    Python and C++ (the native backend's ``explain``)."""
+    import random
+
+    from resnet_fused.backends.reference import reads_only_padding
+
+    def brute(n, taps, st, pad, dil):
+        out = (n + 2 * pad - dil * (taps - 1) - 1) // st + 1
+        return all(not 0 <= o * st - pad + t * dil < n for o in range(out) for t in range(taps))
+
+    rng = random.Random(0)
+    native = "native" in resnet_fused.available_backends("cpu")
+    seen = {True: 0, False: 0}
+    for _ in range(3000):
+        dims = [(rng.randint(1, 9), rng.randint(1, 4), rng.randint(1, 3), rng.randint(0, 7), rng.randint(1, 3))
+                for _ in range(2)]
+        if any((n + 2 * pad - dil * (taps - 1) - 1) // st + 1 < 1 for n, taps, st, pad, dil in dims):
+            continue
+        (h, r, sh, ph, dh), (w, s, sw, pw, dw) = dims
+        want = brute(*dims[0]) or brute(*dims[1])
+        seen[want] += 1
+        assert reads_only_padding((h, w), (r, s), (sh, sw), (ph, pw), (dh, dw)) == want, dims
+        if native and seen[want] <= 200:
+            why = ops.explain(torch.empty(1, 2, h, w), torch.empty(2, 2, r, s), None, None, (sh, sw), (ph, pw),
+                              (dh, dw), backend="native")
+            assert ("no conv" in why) == want, (dims, why)
+    assert min(seen.values()) >= 50  # both answers drawn often
+
+
 #: how an operand of the view fuzz below is laid out in memory
 LAYOUTS = ["contiguous", "channels_last", "permuted", "sliced", "odd_size_one", "offset"]
 

@@ -32,6 +32,14 @@ inline std::string shape_str(at::IntArrayRef sizes) {
   return s + (sizes.size() == 1 ? ",)" : ")");
 }
 
+// The output's size in one dimension (0: no window fits).
+inline int64_t conv_output_size(int64_t in, int64_t taps, int64_t stride, int64_t pad, int64_t dil) {
+  // the input's reach past the first window; C++'s / rounds a negative one toward zero,
+  // where torch's size rule (Python's //) rounds it down: no window fits either way
+  const int64_t span = in + 2 * pad - dil * (taps - 1) - 1;
+  return span < 0 ? 0 : span / stride + 1;
+}
+
 // Validates one call and returns (geometry, output sizes N, K, P, Q).
 inline std::pair<ConvGeometry, std::array<int64_t, 4>> check_conv_bias_act_args(
     const at::Tensor& x,
@@ -64,10 +72,7 @@ inline std::pair<ConvGeometry, std::array<int64_t, 4>> check_conv_bias_act_args(
               shape_str(x.sizes()));
   std::array<int64_t, 2> out_hw{};
   for (int i = 0; i < 2; ++i) {
-    // the input's reach past the first window; C++'s / rounds a negative one toward zero,
-    // where torch's size rule (Python's //) rounds it down: no window fits either way
-    const int64_t span = x.size(2 + i) + 2 * padding[i] - dilation[i] * (weight.size(2 + i) - 1) - 1;
-    out_hw[i] = span < 0 ? 0 : span / stride[i] + 1;
+    out_hw[i] = conv_output_size(x.size(2 + i), weight.size(2 + i), stride[i], padding[i], dilation[i]);
   }
   TORCH_CHECK(out_hw[0] >= 1 && out_hw[1] >= 1, "the convolution output would be empty (", out_hw[0], "x", out_hw[1],
               "): input ", shape_str(x.sizes().slice(2)), ", kernel ", shape_str(weight.sizes().slice(2)),
@@ -163,6 +168,29 @@ inline at::Tensor with_canonical_strides(const at::Tensor& t) {
     return t;
   }
   return t.strides() == at::IntArrayRef(want) ? t : t.as_strided(sizes, want);
+}
+
+// True when, in one dimension, no output position o and tap t meet
+// 0 <= o*stride - pad + t*dil < in: every output pixel's taps lie in the zero padding.
+inline bool reads_only_padding_1d(int64_t in, int64_t taps, int64_t stride, int64_t pad, int64_t dil) {
+  const int64_t out = conv_output_size(in, taps, stride, pad, dil);
+  for (int64_t t = 0; t < taps; ++t) {
+    const int64_t lo = pad - t * dil;  // o * stride must reach lo ...
+    const int64_t first = lo <= 0 ? 0 : (lo + stride - 1) / stride;
+    if (first < out && first * stride - lo < in) {  // ... and stay below lo + in
+      return false;
+    }
+  }
+  return true;
+}
+
+// Such a conv is zero everywhere (padding taps are skipped, as oneDNN and cuDNN skip
+// them), so its output is the epilogue alone. aten's CPU conv (oneDNN's brgemm kernels,
+// torch 2.11 and 2.14) dereferences a null pointer on some of these calls: NHWC input,
+// every output column in the padding, a bias or a post-op (benchmarks/NOTES.md).
+inline bool reads_only_padding(const at::Tensor& x, const at::Tensor& weight, const ConvGeometry& g) {
+  return reads_only_padding_1d(x.size(2), weight.size(2), g.stride[0], g.padding[0], g.dilation[0]) ||
+         reads_only_padding_1d(x.size(3), weight.size(3), g.stride[1], g.padding[1], g.dilation[1]);
 }
 
 }  // namespace ops

@@ -29,13 +29,48 @@ class TorchBackend(Backend):
         groups: int,
         relu: bool,
     ) -> Tensor:
-        y = F.conv2d(x, with_canonical_strides(weight), bias, stride, padding, dilation, groups)
-        y = y.contiguous(memory_format=output_memory_format(x))
+        fmt = output_memory_format(x)
+        if reads_only_padding(x.shape[2:], weight.shape[2:], stride, padding, dilation):
+            y = _zero_conv(x, weight, bias, stride, padding, dilation).contiguous(memory_format=fmt)
+        else:
+            y = F.conv2d(x, with_canonical_strides(weight), bias, stride, padding, dilation, groups)
+            y = y.contiguous(memory_format=fmt)
         if residual is not None:
             y.add_(residual)
         if relu:
             y.relu_()
         return y
+
+
+def reads_only_padding(size: Sequence[int], kernel: Sequence[int], stride: Sequence[int], padding: Sequence[int],
+                       dilation: Sequence[int]) -> bool:
+    """True when every output pixel's taps lie in the zero padding (in height or in
+    width, no output position o and tap t meet ``0 <= o*stride - pad + t*dil < size``), so
+    the conv is zero everywhere. aten's CPU conv (oneDNN's brgemm kernels, torch 2.11 and
+    2.14) dereferences a null pointer on some such calls (an NHWC input whose every
+    output column is padding, with a bias or a post-op: benchmarks/NOTES.md), so they
+    never reach it. (The C++ twin: ``reads_only_padding`` in csrc/ops/conv_bias_act.h.)"""
+    return any(not _reads_input(*dims) for dims in zip(size, kernel, stride, padding, dilation))
+
+
+def _reads_input(n: int, taps: int, stride: int, pad: int, dil: int) -> bool:
+    """Whether some output position reads some input row in one dimension."""
+    out = (n + 2 * pad - dil * (taps - 1) - 1) // stride + 1
+    for t in range(taps):
+        lo = pad - t * dil  # output position o reads row o*stride - lo with this tap
+        first = max(0, -(-lo // stride))  # the first o with o*stride >= lo
+        if first < out and first * stride - lo < n:
+            return True
+    return False
+
+
+def _zero_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding, dilation) -> Tensor:
+    """The output of a conv that reads only padding: its bias (padding taps skipped, as
+    aten's CPU and GPU convs skip them), zeros without one."""
+    size = [(n + 2 * pad - dil * (taps - 1) - 1) // st + 1
+            for n, taps, st, pad, dil in zip(x.shape[2:], weight.shape[2:], stride, padding, dilation)]
+    y = x.new_zeros((x.shape[0], weight.shape[0], *size))
+    return y if bias is None else y.add_(bias.view(1, -1, 1, 1))
 
 
 register(TorchBackend())

@@ -50,7 +50,7 @@ namespace resnet_fused {
 namespace ops {
 namespace {
 
-enum class CpuPath { kWinograd, kConv1x1, kGrouped, kOneDnn, kOneDnnFloat32, kConvThenEpilogue };
+enum class CpuPath { kWinograd, kConv1x1, kGrouped, kOneDnn, kOneDnnFloat32, kConvThenEpilogue, kPaddingOnly };
 
 // ---- ATen's oneDNN fused conv ops, looked up once ----------------------------------
 
@@ -119,6 +119,10 @@ std::pair<CpuPath, std::string> choose_path(const at::Tensor& x, const at::Tenso
   }
   if (x.numel() == 0 || weight.numel() == 0) {
     return {CpuPath::kConvThenEpilogue, "conv then one epilogue pass: empty input or weight"};
+  }
+  if (reads_only_padding(x, weight, g)) {
+    return {CpuPath::kPaddingOnly, "no conv: every output pixel's taps lie in the zero padding, so only " +
+                                       fused_epilogue(residual) + " run, in one pass"};
   }
   const std::string not_winograd = winograd::refusal(x, weight, g);
   if (not_winograd.empty()) {
@@ -408,12 +412,22 @@ at::Tensor onednn_conv_bias_act(const at::Tensor& x, const at::Tensor& weight, c
   return y.is_contiguous(fmt) ? y : y.contiguous(fmt);
 }
 
+// ``conv_is_zero``: the conv reads only padding (reads_only_padding): zeros, no conv.
 at::Tensor conv_then_epilogue(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                               const std::optional<at::Tensor>& residual, const ConvGeometry& g, bool relu,
-                              at::MemoryFormat fmt) {
-  at::Tensor y = at::convolution(x, with_canonical_strides(weight), std::nullopt, g.stride, g.padding, g.dilation,
-                                 false, {0, 0}, g.groups);
-  y = y.contiguous(fmt);
+                              at::MemoryFormat fmt, bool conv_is_zero = false) {
+  at::Tensor y;
+  if (conv_is_zero) {
+    const std::array<int64_t, 4> shape{
+        x.size(0), weight.size(0),
+        conv_output_size(x.size(2), weight.size(2), g.stride[0], g.padding[0], g.dilation[0]),
+        conv_output_size(x.size(3), weight.size(3), g.stride[1], g.padding[1], g.dilation[1])};
+    y = at::empty(shape, x.options().memory_format(fmt)).zero_();  // (at::zeros drops a memory format)
+  } else {
+    y = at::convolution(x, with_canonical_strides(weight), std::nullopt, g.stride, g.padding, g.dilation, false,
+                        {0, 0}, g.groups);
+    y = y.contiguous(fmt);
+  }
   if (!bias.has_value() && !residual.has_value() && !relu) {
     return y;
   }
@@ -456,6 +470,8 @@ at::Tensor native_conv_bias_act_cpu(const at::Tensor& x, const at::Tensor& weigh
       return onednn_conv_bias_act(x, weight, bias, residual, g, relu, x.scalar_type(), fmt);
     case CpuPath::kOneDnnFloat32:
       return onednn_conv_bias_act(x, weight, bias, residual, g, relu, at::kFloat, fmt);
+    case CpuPath::kPaddingOnly:
+      return conv_then_epilogue(x, weight, bias, residual, g, relu, fmt, /*conv_is_zero=*/true);
     case CpuPath::kConvThenEpilogue:
       break;
   }
