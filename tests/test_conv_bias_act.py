@@ -232,6 +232,26 @@ def test_a_conv_that_reads_only_padding(gen, backend, case, channels_last):
         assert "no conv" in ops.explain(x, weight, None, None, stride, padding, dilation, groups, backend=backend)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("case", PADDING_ONLY, ids=[f"x{c[0][2]}x{c[0][3]}_k{c[1][2]}x{c[1][3]}" for c in PADDING_ONLY])
+def test_gpu_a_conv_that_reads_only_padding(gen, case, dtype):
+    """The same convs on the GPU, every backend there (the native one's CUTLASS kernels
+    or cuDNN, Triton's masked loads): relu(bias + residual) against float64."""
+    x_shape, w_shape, stride, padding, dilation, groups = case
+    x = torch.randn(x_shape, generator=gen).to(dtype).cuda().contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(w_shape, generator=gen).to(dtype).cuda().contiguous(memory_format=torch.channels_last)
+    bias = torch.randn(w_shape[0], generator=gen).to(dtype).cuda()
+    shape = reference_conv_bias_act(x, weight, None, None, stride, padding, dilation, groups).shape
+    res = torch.randn(shape, generator=gen).to(dtype).cuda().contiguous(memory_format=ops.output_memory_format(x))
+    # (the reference on the CPU: float64 there is aten's own loop, neither oneDNN nor cuDNN)
+    ref = reference_conv_bias_act(x, weight, bias, res, stride, padding, dilation, groups, True)
+    for backend in resnet_fused.available_backends("cuda"):
+        out = ops.conv_bias_act(x, weight, bias, res, stride, padding, dilation, groups, True, backend=backend)
+        assert relative_error(out.cpu(), ref) <= TOLERANCES[dtype], (backend, ops.explain(
+            x, weight, bias, res, stride, padding, dilation, groups, backend=backend))
+
+
 def test_reads_only_padding_agrees_with_counting_the_taps():
     """The closed form (one test per tap) against every output position and tap, in
     Python and C++ (the native backend's ``explain``)."""
