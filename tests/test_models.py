@@ -218,6 +218,43 @@ def test_fold_cache_is_read_whole_by_concurrent_forwards(monkeypatch, gen):
     assert all(torch.equal(a, b) for a, b in zip(got[0], want))
 
 
+@pytest.mark.parametrize("backend", ["torch", "native"])
+def test_concurrent_forwards_match_sequential_ones(gen, backend):
+    """One fused model served from four threads at once, its caches cold (the folds, the
+    native backend's packed weights: the first calls race to fill them), NCHW and NHWC
+    inputs mixed: every output equals the one a lone thread computes."""
+    import threading
+
+    if backend not in resnet_fused.available_backends("cpu"):
+        pytest.skip(f"{backend} does not run on this machine's CPU")
+    tv_model = seeded_torchvision_model("resnet18", seed=3, calibration_size=8)
+    xs = [torch.randn(2, 3, 48, 48, generator=gen) for _ in range(8)]
+    xs = [x.contiguous(memory_format=torch.channels_last) if i % 2 else x for i, x in enumerate(xs)]
+    with torch.inference_mode():
+        alone = resnet_fused.fuse(tv_model, backend=backend).eval()
+        want = [alone(x) for x in xs]
+    shared = resnet_fused.fuse(tv_model, backend=backend).eval()
+    got, errors = {}, []
+
+    def serve(thread):
+        try:
+            with torch.inference_mode():
+                for rep in range(2):
+                    for i in range(thread % 2, len(xs), 2):
+                        got[thread, rep, i] = shared(xs[i])
+        except Exception as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=serve, args=(t,)) for t in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(got) == 4 * 2 * 4
+    for (_, _, i), out in got.items():
+        assert relative_error(out, want[i]) <= FP32 and relative_error(want[i], tv_model(xs[i])) <= FP32
+
+
 def test_fold_cache_refreshes_after_in_place_edits(gen):
     tv_model = seeded_torchvision_model("resnet50", seed=22, calibration_size=32)
     fused = fused_twin(tv_model, arch="resnet50")
