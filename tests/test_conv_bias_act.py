@@ -228,7 +228,7 @@ def test_a_conv_that_reads_only_padding(gen, backend, case, channels_last):
         assert into is target and relative_error(into, ref) <= TOLERANCES[torch.float32]
     zero = ops.conv_bias_act(x, weight, None, None, stride, padding, dilation, groups, backend=backend)
     assert torch.equal(zero, torch.zeros(out_shape))
-    if backend == "native":
+    if backend != "triton":  # (Triton's kernels mask the padding themselves)
         assert "no conv" in ops.explain(x, weight, None, None, stride, padding, dilation, groups, backend=backend)
 
 

@@ -17,6 +17,11 @@ from .._layout import output_memory_format, with_canonical_strides
 class TorchBackend(Backend):
     name = "torch"
 
+    def describe(self, x, weight, residual, stride, padding, dilation, groups) -> Optional[str]:
+        if reads_only_padding(x.shape[2:], weight.shape[2:], stride, padding, dilation):
+            return "no conv: every output pixel's taps lie in the zero padding, so only the bias, residual and ReLU run"
+        return None
+
     def run(
         self,
         x: Tensor,
