@@ -258,10 +258,15 @@ with offline_compile.offline_gpu(90, analyse=False) as fake:
     new.join(120)
     after_new = len(runs)
     seen = []
-    class Recorder:
-        def __init__(self, x): self.x = x
-        def __getitem__(self, grid): return lambda *args, **kw: seen.append((tb._traced(self.x), kw))
-    tb._launchable = lambda kernel, x: Recorder(x)
+    launchable = tb._launchable
+    class Recorder:  # each launch's arguments, then the launch itself (traced: through wrap_triton)
+        def __init__(self, kernel, x): self.kernel, self.x = kernel, x
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                seen.append((tb._traced(self.x), kw))
+                return launchable(self.kernel, self.x)[grid](*args, **kw)
+            return launch
+    tb._launchable = Recorder
     c = case(24)
     with FakeTensorMode() as mode:
         fake_args = tuple(mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in c)

@@ -804,6 +804,7 @@ def fresh_tuning_state(fresh_choices, monkeypatch):
     "Fake GPU" for the tuning table (so the table logic runs without a GPU)."""
     tb = fresh_choices
     monkeypatch.setattr(tb._tuned, "cache", {})
+    monkeypatch.setattr(tb, "_implicit_gemm_tiles", {})  # (the tiles it chose, as launched)
     monkeypatch.setattr(tb, "_tma_tiles", {})
     monkeypatch.setattr(tb, "_table_device", lambda: "Fake GPU")
     return tb

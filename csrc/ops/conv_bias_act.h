@@ -184,8 +184,9 @@ inline bool reads_only_padding_1d(int64_t in, int64_t taps, int64_t stride, int6
   return true;
 }
 
-// Such a conv is zero everywhere (padding taps are skipped, as oneDNN and cuDNN skip
-// them), so its output is the epilogue alone. aten's CPU conv (oneDNN's brgemm kernels,
+// Such a conv is zero everywhere (the padding's taps add nothing, even a NaN or Inf
+// weight's, as in oneDNN's NHWC conv and our CPU kernels; aten's NCHW CPU conv gives NaN
+// there), so its output is the epilogue alone. aten's CPU conv (oneDNN's brgemm kernels,
 // torch 2.11 and 2.14) dereferences a null pointer on some of these calls: NHWC input,
 // every output column in the padding, a bias or a post-op (benchmarks/NOTES.md).
 inline bool reads_only_padding(const at::Tensor& x, const at::Tensor& weight, const ConvGeometry& g) {

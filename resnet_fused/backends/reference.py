@@ -18,7 +18,7 @@ class TorchBackend(Backend):
     name = "torch"
 
     def describe(self, x, weight, residual, stride, padding, dilation, groups) -> Optional[str]:
-        if reads_only_padding(x.shape[2:], weight.shape[2:], stride, padding, dilation):
+        if x.device.type == "cpu" and reads_only_padding(x.shape[2:], weight.shape[2:], stride, padding, dilation):
             return "no conv: every output pixel's taps lie in the zero padding, so only the bias, residual and ReLU run"
         return None
 
@@ -35,7 +35,7 @@ class TorchBackend(Backend):
         relu: bool,
     ) -> Tensor:
         fmt = output_memory_format(x)
-        if reads_only_padding(x.shape[2:], weight.shape[2:], stride, padding, dilation):
+        if x.device.type == "cpu" and reads_only_padding(x.shape[2:], weight.shape[2:], stride, padding, dilation):
             y = _zero_conv(x, weight, bias, stride, padding, dilation).contiguous(memory_format=fmt)
         else:
             y = F.conv2d(x, with_canonical_strides(weight), bias, stride, padding, dilation, groups)
@@ -53,8 +53,9 @@ def reads_only_padding(size: Sequence[int], kernel: Sequence[int], stride: Seque
     width, no output position o and tap t meet ``0 <= o*stride - pad + t*dil < size``), so
     the conv is zero everywhere. aten's CPU conv (oneDNN's brgemm kernels, torch 2.11 and
     2.14) dereferences a null pointer on some such calls (an NHWC input whose every
-    output column is padding, with a bias or a post-op: benchmarks/NOTES.md), so they
-    never reach it. (The C++ twin: ``reads_only_padding`` in csrc/ops/conv_bias_act.h.)"""
+    output column is padding, with a bias or a post-op: benchmarks/NOTES.md), so on the
+    CPU they never reach it. (The C++ twin: ``reads_only_padding`` in
+    csrc/ops/conv_bias_act.h.)"""
     return any(not _reads_input(*dims) for dims in zip(size, kernel, stride, padding, dilation))
 
 
@@ -70,8 +71,10 @@ def _reads_input(n: int, taps: int, stride: int, pad: int, dil: int) -> bool:
 
 
 def _zero_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding, dilation) -> Tensor:
-    """The output of a conv that reads only padding: its bias (padding taps skipped, as
-    aten's CPU and GPU convs skip them), zeros without one."""
+    """The output of a conv that reads only padding: its bias, zeros without one. The
+    padding's taps add nothing even where the weight is NaN or Inf there, as in oneDNN's
+    NHWC conv and the native backend's own kernels (aten's NCHW CPU conv and the float64
+    reference multiply the padding's zeros: NaN)."""
     size = [(n + 2 * pad - dil * (taps - 1) - 1) // st + 1
             for n, taps, st, pad, dil in zip(x.shape[2:], weight.shape[2:], stride, padding, dilation)]
     y = x.new_zeros((x.shape[0], weight.shape[0], *size))

@@ -461,14 +461,19 @@ def implicit_gemm(
                 cfg = _implicit_gemm_tiles.get(key)
         cfg = cfg or heuristic_config(m, k, c, r, s, groups, x.element_size(),
                                       _device_limits(x.device.index or 0)[1])
-        _launchable(_conv_bias_act_kernel, x)[grid(cfg.kwargs)](*args, **flags, **cfg.all_kwargs())
+        # (not cfg.all_kwargs(): its num_ctas=1 is refused by torch.library.wrap_triton when traced)
+        _launchable(_conv_bias_act_kernel, x)[grid(cfg.kwargs)](*args, **flags, **cfg.kwargs,
+                                                                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return y
 
 
 #: the autotuner's winner per implicit-GEMM launch (:func:`_tile_memo_key`), so a tuned
 #: call launches its tile directly: past Triton's Autotuner.run (~30 us of host time a
 #: call) and past ``_tuner_lock``, which one thread's first-call tuning (seconds of
-#: compiles) holds while another thread's tuned calls go on
+#: compiles) holds while another thread's tuned calls go on. (Those calls may then run
+#: on the GPU while the tuning thread times its candidates, as any other op of theirs
+#: could before. Like the autotuner's own key, this one names no device: in a process
+#: with two kinds of GPU, a tile tuned on one is launched on the other.)
 _implicit_gemm_tiles: dict = {}
 
 
