@@ -340,6 +340,38 @@ def test_any_memory_layout_of_x_weight_and_residual_on_every_backend(n, c_per_gr
         assert relative_error(out, ref) <= TOLERANCES[dtype], (backend, x.stride(), weight.stride())
 
 
+@settings(max_examples=80, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@example(n=3, c_per_group=12, k_per_group=8, groups=4, h=7, w=1, kernel=(3, 1), stride=(2, 2), padding=(2, 1),
+         dilation=(2, 2), channels_last=True, residual=False, relu=False, seed=0)  # the segfault it guards
+@given(
+    n=st.integers(1, 3), c_per_group=st.sampled_from([1, 3, 4, 8, 12]), k_per_group=st.sampled_from([1, 4, 8]),
+    groups=st.sampled_from([1, 2, 4]), h=st.integers(1, 10), w=st.integers(1, 10),
+    kernel=st.tuples(st.integers(1, 5), st.integers(1, 5)), stride=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+    padding=st.tuples(st.integers(0, 4), st.integers(0, 4)), dilation=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+    channels_last=st.booleans(), residual=st.booleans(), relu=st.booleans(), seed=st.integers(0, 2**31 - 1),
+)
+def test_any_geometry_on_every_backend(n, c_per_group, k_per_group, groups, h, w, kernel, stride, padding, dilation,
+                                       channels_last, residual, relu, seed):
+    """Random kernel, stride, padding and dilation per side, small maps (where padding can
+    cover whole rows or columns of the output), through every backend on this CPU with a
+    bias, against float64: the geometry twin of the layout test above."""
+    p, q = ((size + 2 * pad - dil * (taps - 1) - 1) // step + 1
+            for size, taps, step, pad, dil in zip((h, w), kernel, stride, padding, dilation))
+    if p < 1 or q < 1:
+        return
+    gen = torch.Generator().manual_seed(seed)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    c, k = c_per_group * groups, k_per_group * groups
+    x = torch.randn(n, c, h, w, generator=gen).contiguous(memory_format=fmt)
+    weight = torch.randn(k, c_per_group, *kernel, generator=gen) / (c_per_group * kernel[0] * kernel[1]) ** 0.5
+    bias = torch.randn(k, generator=gen)
+    res = torch.randn(n, k, p, q, generator=gen).contiguous(memory_format=fmt) if residual else None
+    ref = reference_conv_bias_act(x, weight, bias, res, stride, padding, dilation, groups, relu)
+    for backend in resnet_fused.available_backends("cpu"):
+        out = ops.conv_bias_act(x, weight, bias, res, stride, padding, dilation, groups, relu, backend=backend)
+        assert relative_error(out, ref) <= TOLERANCES[torch.float32], backend
+
+
 def test_gradient_of_a_grouped_1xn_weight_with_an_odd_size_one_stride(gen):
     """The op's backward hands the weight to aten's convolution_backward, whose grad_x
     had the same fault (float32 on the CPU: oneDNN; float64 does not go there)."""
