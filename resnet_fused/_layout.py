@@ -1,6 +1,12 @@
-"""Memory-format conventions shared by the op, its backends and the modules."""
+"""Memory-format and shape conventions shared by the op, its backends and the modules."""
 import torch
 from torch import Tensor
+
+
+def conv_output_size(size: int, taps: int, stride: int, pad: int, dil: int) -> int:
+    """A conv's output size in one dimension, torch's rule (below 1: no window fits).
+    (The C++ twin, clamped at 0: ``conv_output_size`` in csrc/ops/conv_bias_act.h.)"""
+    return (size + 2 * pad - dil * (taps - 1) - 1) // stride + 1
 
 
 def is_channels_last(x: Tensor) -> bool:

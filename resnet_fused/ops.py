@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from . import backends
-from ._layout import output_memory_format, with_canonical_strides
+from ._layout import conv_output_size, output_memory_format, with_canonical_strides
 
 __all__ = ["conv_bias_act", "explain", "available_backends", "check_conv_bias_act_args"]
 
@@ -140,8 +140,8 @@ def check_conv_bias_act_args(
             f"x should have {c_per_group * groups} channels (weight {tuple(w_shape)} with groups={groups}), "
             f"got {c} channels in x of shape {tuple(x_shape)}"
         )
-    p = (h + 2 * padding[0] - dilation[0] * (r - 1) - 1) // stride[0] + 1
-    q = (w + 2 * padding[1] - dilation[1] * (s - 1) - 1) // stride[1] + 1
+    p = conv_output_size(h, r, stride[0], padding[0], dilation[0])
+    q = conv_output_size(w, s, stride[1], padding[1], dilation[1])
     if p < 1 or q < 1:
         raise ValueError(
             f"the convolution output would be empty ({p}x{q}): input {tuple(x_shape[2:])}, kernel "

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from . import Backend, register
-from .._layout import output_memory_format, with_canonical_strides
+from .._layout import conv_output_size, output_memory_format, with_canonical_strides
 
 
 class TorchBackend(Backend):
@@ -36,7 +37,7 @@ class TorchBackend(Backend):
     ) -> Tensor:
         fmt = output_memory_format(x)
         if x.device.type == "cpu" and reads_only_padding(x.shape[2:], weight.shape[2:], stride, padding, dilation):
-            y = _zero_conv(x, weight, bias, stride, padding, dilation).contiguous(memory_format=fmt)
+            y = _zero_conv(x, weight, bias, stride, padding, dilation, fmt)
         else:
             y = F.conv2d(x, with_canonical_strides(weight), bias, stride, padding, dilation, groups)
             y = y.contiguous(memory_format=fmt)
@@ -61,7 +62,7 @@ def reads_only_padding(size: Sequence[int], kernel: Sequence[int], stride: Seque
 
 def _reads_input(n: int, taps: int, stride: int, pad: int, dil: int) -> bool:
     """Whether some output position reads some input row in one dimension."""
-    out = (n + 2 * pad - dil * (taps - 1) - 1) // stride + 1
+    out = conv_output_size(n, taps, stride, pad, dil)
     for t in range(taps):
         lo = pad - t * dil  # output position o reads row o*stride - lo with this tap
         first = max(0, -(-lo // stride))  # the first o with o*stride >= lo
@@ -70,14 +71,13 @@ def _reads_input(n: int, taps: int, stride: int, pad: int, dil: int) -> bool:
     return False
 
 
-def _zero_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding, dilation) -> Tensor:
+def _zero_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding, dilation, fmt) -> Tensor:
     """The output of a conv that reads only padding: its bias, zeros without one. The
     padding's taps add nothing even where the weight is NaN or Inf there, as in oneDNN's
     NHWC conv and the native backend's own kernels (aten's NCHW CPU conv and the float64
     reference multiply the padding's zeros: NaN)."""
-    size = [(n + 2 * pad - dil * (taps - 1) - 1) // st + 1
-            for n, taps, st, pad, dil in zip(x.shape[2:], weight.shape[2:], stride, padding, dilation)]
-    y = x.new_zeros((x.shape[0], weight.shape[0], *size))
+    size = map(conv_output_size, x.shape[2:], weight.shape[2:], stride, padding, dilation)
+    y = torch.empty((x.shape[0], weight.shape[0], *size), dtype=x.dtype, device=x.device, memory_format=fmt).zero_()
     return y if bias is None else y.add_(bias.view(1, -1, 1, 1))
 
 

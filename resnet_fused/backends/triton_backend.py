@@ -83,7 +83,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from . import Backend, log, register, select
 from .. import _env
 from .._env import conv_allows_tf32
-from .._layout import output_memory_format, with_canonical_strides
+from .._layout import conv_output_size, output_memory_format, with_canonical_strides
 
 import triton
 import triton.language as tl
@@ -496,8 +496,8 @@ INT32_MAX = 2**31 - 1
 def _output_hw(x: Tensor, weight: Tensor, stride, padding, dilation) -> tuple[int, int]:
     """The conv's output height and width (P, Q)."""
     (h, w), (r, s) = x.shape[2:], weight.shape[2:]
-    return ((h + 2 * padding[0] - dilation[0] * (r - 1) - 1) // stride[0] + 1,
-            (w + 2 * padding[1] - dilation[1] * (s - 1) - 1) // stride[1] + 1)
+    return (conv_output_size(h, r, stride[0], padding[0], dilation[0]),
+            conv_output_size(w, s, stride[1], padding[1], dilation[1]))
 
 
 def _image_span(t: Tensor, pad: Sequence[int] = (0, 0)) -> int:

@@ -412,22 +412,9 @@ at::Tensor onednn_conv_bias_act(const at::Tensor& x, const at::Tensor& weight, c
   return y.is_contiguous(fmt) ? y : y.contiguous(fmt);
 }
 
-// ``conv_is_zero``: the conv reads only padding (reads_only_padding): zeros, no conv.
-at::Tensor conv_then_epilogue(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                              const std::optional<at::Tensor>& residual, const ConvGeometry& g, bool relu,
-                              at::MemoryFormat fmt, bool conv_is_zero = false) {
-  at::Tensor y;
-  if (conv_is_zero) {
-    const std::array<int64_t, 4> shape{
-        x.size(0), weight.size(0),
-        conv_output_size(x.size(2), weight.size(2), g.stride[0], g.padding[0], g.dilation[0]),
-        conv_output_size(x.size(3), weight.size(3), g.stride[1], g.padding[1], g.dilation[1])};
-    y = at::empty(shape, x.options().memory_format(fmt)).zero_();  // (at::zeros drops a memory format)
-  } else {
-    y = at::convolution(x, with_canonical_strides(weight), std::nullopt, g.stride, g.padding, g.dilation, false,
-                        {0, 0}, g.groups);
-    y = y.contiguous(fmt);
-  }
+// y <- relu?(y + bias + residual?) in place, y dense in ``fmt``; returns y.
+at::Tensor epilogue_(at::Tensor y, const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
+                     bool relu, at::MemoryFormat fmt) {
   if (!bias.has_value() && !residual.has_value() && !relu) {
     return y;
   }
@@ -445,11 +432,18 @@ at::Tensor conv_then_epilogue(const at::Tensor& x, const at::Tensor& weight, con
   return y;
 }
 
+at::Tensor conv_then_epilogue(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                              const std::optional<at::Tensor>& residual, const ConvGeometry& g, bool relu,
+                              at::MemoryFormat fmt) {
+  const at::Tensor y = at::convolution(x, with_canonical_strides(weight), std::nullopt, g.stride, g.padding,
+                                       g.dilation, false, {0, 0}, g.groups);
+  return epilogue_(y.contiguous(fmt), bias, residual, relu, fmt);
+}
+
 at::Tensor native_conv_bias_act_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                                     const std::optional<at::Tensor>& residual, at::IntArrayRef stride,
                                     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool relu) {
   const auto [g, out] = check_conv_bias_act_args(x, weight, bias, residual, stride, padding, dilation, groups);
-  (void)out;
   const at::MemoryFormat fmt = output_memory_format(x);
   switch (choose_path(x, weight, g, residual.has_value()).first) {
     case CpuPath::kWinograd: {
@@ -470,8 +464,8 @@ at::Tensor native_conv_bias_act_cpu(const at::Tensor& x, const at::Tensor& weigh
       return onednn_conv_bias_act(x, weight, bias, residual, g, relu, x.scalar_type(), fmt);
     case CpuPath::kOneDnnFloat32:
       return onednn_conv_bias_act(x, weight, bias, residual, g, relu, at::kFloat, fmt);
-    case CpuPath::kPaddingOnly:
-      return conv_then_epilogue(x, weight, bias, residual, g, relu, fmt, /*conv_is_zero=*/true);
+    case CpuPath::kPaddingOnly:  // the conv is zero (reads_only_padding): the epilogue on zeros
+      return epilogue_(at::empty(out, x.options().memory_format(fmt)).zero_(), bias, residual, relu, fmt);
     case CpuPath::kConvThenEpilogue:
       break;
   }
